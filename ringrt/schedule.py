@@ -1,0 +1,171 @@
+"""The TokenRing schedule: which block every rank computes at every step, and what it sends where.
+
+Pure integers; no tensors, no process groups. Tested as a (rank x step) table.
+
+Note [TokenRing]
+----------------
+Each rank keeps its own K/V. Queries travel one way round the ring (rank r -> r-1), so at step s
+rank r holds the queries of owner o = (r + s) mod W. It computes the partial attention of those
+queries against its own K/V and sends the partial (out, lse) straight back to the owner, who merges
+it. Q goes one way, results go the other way: both directions of every link carry traffic.
+
+Causal, zigzag layout, W = 2 (chunks c0..c3; rank 0 holds [c0|c3], rank 1 holds [c1|c2])::
+
+                 keys ->  c0  c1  c2  c3          step 0: diagonal blocks, local top-left causal
+     queries  c0          d   .   .   .           step 1: rank 0 gets rank 1's q [c1|c2]:
+              c1          1   d   .   .                   owner 1 > rank 0 -> whole q vs k[c0]  ("1")
+              c2          1   1   d   .                   rank 1 gets rank 0's q, owner 0 < rank 1
+              c3          1   1   1   d                   -> only q[c3] vs whole k [c1|c2]       ("1")
+
+Every step then costs 2*C^2 score entries per rank: the work is balanced. A query that will only
+need its back half later travels as its back half only.
+
+Rows are given in chunk units of the local shard: (0, 2) is the whole zigzag shard, (1, 2) its
+second chunk, (0, 1) its first.
+
+In ``topology="ring"`` (no direct links between distant ranks) partial results cannot go straight
+back. Instead the query heads are split in two halves that travel in opposite directions, each
+carrying its running (out, lse) accumulator; after W-1 hops the bundle is one hop from its owner and
+goes home. Every transfer is then between neighbours and both link directions stay busy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .layout import local_chunks, rank_chunks
+
+Rows = tuple[int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    """The (query rows x key rows) rectangle one rank computes for one owner.
+
+    ``diagonal`` means owner == rank: the block is the local causal block, for which a top-left
+    causal mask is exact because local order follows global order.
+    """
+
+    q_rows: Rows
+    k_rows: Rows
+    diagonal: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """``rows`` of a tensor going to (or coming from) ``peer``."""
+
+    peer: int
+    rows: Rows
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """What rank ``rank`` does at step ``step`` of a TokenRing pass (direct topology)."""
+
+    step: int
+    owner: int
+    held: Rows | None  # rows of the owner's queries held at this step (None: nothing to do)
+    block: Block | None  # None: the mask leaves this (owner, rank) pair empty
+    q_send: Transfer | None
+    q_recv: Transfer | None
+    out_send: Transfer | None
+    out_recv: Transfer | None
+
+
+def block_for(owner: int, rank: int, world: int, causal: bool, layout: str) -> Block | None:
+    """The non-empty rectangle of (owner's queries) x (rank's keys), or None if it is empty."""
+    n = local_chunks(layout)
+    qc, kc = rank_chunks(layout, owner, world), rank_chunks(layout, rank, world)
+    if owner == rank:
+        return Block((0, n), (0, n), diagonal=causal)
+    live = [(i, j) for i in range(n) for j in range(n) if not causal or qc[i] > kc[j]]
+    if not live:
+        return None
+    qi = [i for i, _ in live]
+    kj = [j for _, j in live]
+    q_rows, k_rows = (min(qi), max(qi) + 1), (min(kj), max(kj) + 1)
+    full = {(i, j) for i in range(*q_rows) for j in range(*k_rows)}
+    if full != set(live):  # cannot happen for contiguous / zigzag; guards a future layout
+        raise ValueError(f"layout {layout!r} gives a non-rectangular block for owner {owner}, rank {rank}")
+    return Block(q_rows, k_rows, diagonal=False)
+
+
+def _union(rows: list[Rows]) -> Rows | None:
+    if not rows:
+        return None
+    return (min(a for a, _ in rows), max(b for _, b in rows))
+
+
+def rows_needed_after(owner: int, step: int, world: int, causal: bool, layout: str) -> Rows | None:
+    """Rows of ``owner``'s queries still needed by the ranks it visits after ``step``."""
+    rows = []
+    for s in range(step + 1, world):
+        b = block_for(owner, (owner - s) % world, world, causal, layout)
+        if b is not None:
+            rows.append(b.q_rows)
+    return _union(rows)
+
+
+def tokenring_schedule(rank: int, world: int, causal: bool, layout: str) -> list[Step]:
+    """The W steps of rank ``rank`` (direct topology: partials go straight back to their owner)."""
+    steps = []
+    held: Rows | None = (0, local_chunks(layout))
+    for s in range(world):
+        owner = (rank + s) % world
+        block = block_for(owner, rank, world, causal, layout) if held is not None else None
+        q_send = q_recv = None
+        if s < world - 1:
+            send_rows = rows_needed_after(owner, s, world, causal, layout)
+            if send_rows is not None:
+                q_send = Transfer((rank - 1) % world, send_rows)
+            nxt = (rank + s + 1) % world
+            recv_rows = rows_needed_after(nxt, s, world, causal, layout)
+            if recv_rows is not None:
+                q_recv = Transfer((rank + 1) % world, recv_rows)
+        out_send = out_recv = None
+        if s > 0:
+            if block is not None:
+                out_send = Transfer(owner, block.q_rows)
+            src = (rank - s) % world
+            back = block_for(rank, src, world, causal, layout)
+            if back is not None:
+                out_recv = Transfer(src, back.q_rows)
+        steps.append(Step(s, owner, held, block, q_send, q_recv, out_send, out_recv))
+        held = q_recv.rows if q_recv is not None else None
+    return steps
+
+
+@dataclass(frozen=True, slots=True)
+class RelayStep:
+    """One step of one direction of the neighbour-relay pass (``topology="ring"``).
+
+    The bundle (whole query of ``owner`` + its running accumulator) is computed on, then sent to
+    ``send_to``; the next bundle arrives from ``recv_from``. At the last step the bundle sent is
+    the finished result going home and the one received is this rank's own.
+    """
+
+    step: int
+    owner: int
+    block: Block | None
+    send_to: int
+    recv_from: int
+
+
+def relay_schedule(rank: int, world: int, causal: bool, layout: str, direction: int) -> list[RelayStep]:
+    """Steps of one direction (-1: bundles move r -> r-1; +1: r -> r+1)."""
+    if direction not in (-1, 1):
+        raise ValueError(f"direction={direction} must be -1 or +1")
+    out = []
+    for s in range(world):
+        owner = (rank - direction * s) % world
+        out.append(
+            RelayStep(
+                s,
+                owner,
+                block_for(owner, rank, world, causal, layout),
+                (rank + direction) % world,
+                (rank - direction) % world,
+            )
+        )
+    return out

@@ -1,0 +1,116 @@
+"""Input checks for the attention entry points, agreed on by every rank before any P2P starts.
+
+Each rank first checks its own inputs without raising. Then all ranks exchange a small vector of
+(ok flag, shapes, dtype, settings) in one all_gather. If any rank found a problem, or the ranks
+disagree, every rank raises the same ``ValueError``, so no rank is left waiting on a peer that gave
+up. On a single process the local problem is raised directly.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+
+import torch
+import torch.distributed as dist
+
+from .groups import RingGroups
+from .layout import LAYOUTS, local_chunks
+
+_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "meta")
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FIELDS = ("batch", "local_seq", "heads", "kv_heads", "head_dim", "dtype", "device type", "causal",
+           "algorithm", "layout", "topology", "softmax_scale")
+
+
+def local_problem(
+    q, k, v, *, causal, algorithm: str, algorithms, layout: str, topology: str, topologies, softmax_scale, world: int
+) -> str | None:
+    """The first problem with this rank's inputs, as a message, or None."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            return f"{name} must be a torch.Tensor, got {type(t).__name__}"
+        if t.dim() != 4:
+            return f"{name} must be 4-D (batch, local_seq, heads, head_dim), got shape {tuple(t.shape)}"
+        if t.dtype not in DTYPES:
+            return f"{name}.dtype={t.dtype} is not supported; valid: float16, bfloat16, float32, float64"
+    if algorithm not in algorithms:
+        return f"algorithm={algorithm!r} is not a known algorithm; valid: {', '.join(algorithms)}"
+    if layout not in LAYOUTS:
+        return f"layout={layout!r} is not a known layout; valid: {', '.join(LAYOUTS)}"
+    if topology not in topologies:
+        return f"topology={topology!r} is not a known topology; valid: {', '.join(topologies)}"
+    if not isinstance(causal, bool):
+        return f"causal={causal!r} must be True or False"
+    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale) and softmax_scale > 0):
+        return f"softmax_scale={softmax_scale!r} must be a positive finite number or None (1/sqrt(head_dim))"
+    if k.shape != v.shape:
+        return f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}"
+    if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1]:
+        return f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch and local_seq (dims 0 and 1)"
+    if q.shape[3] != k.shape[3]:
+        return f"q head_dim={q.shape[3]} and k/v head_dim={k.shape[3]} must be equal"
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
+        return f"heads={q.shape[2]} must be a positive multiple of kv_heads={k.shape[2]} (GQA/MQA)"
+    if len({q.dtype, k.dtype, v.dtype}) != 1:
+        return f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
+    if len({q.device, k.device, v.device}) != 1:
+        return f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}"
+    n = local_chunks(layout)
+    if q.shape[1] == 0 or q.shape[1] % n:
+        return (
+            f"local_seq={q.shape[1]} cannot be used with layout={layout!r}: it cuts each rank's shard into {n} "
+            f"equal chunks, so the full sequence length must be a multiple of {n * world} (= {n} x world size {world}). "
+            f"Pad the full sequence with ringrt.pad_to_multiple(x, {n * world}, dim=1) before ringrt.shard "
+            f"(exact under causal attention: padding at the end is never seen by real tokens)"
+        )
+    return None
+
+
+def _meta(q, k, causal, algorithm, algorithms, layout, topology, topologies, softmax_scale, ok: bool) -> list[float]:
+    dims = list(q.shape[:2]) + [q.shape[2], k.shape[2], q.shape[3]] if ok else [-1] * 5
+    return [
+        1.0 if ok else 0.0, *map(float, dims),
+        float(DTYPES.index(q.dtype)) if ok else -1.0,
+        float(_DEVICE_TYPES.index(q.device.type)) if ok and q.device.type in _DEVICE_TYPES else -1.0,
+        float(bool(causal)) if ok else -1.0,
+        float(list(algorithms).index(algorithm)) if ok else -1.0,
+        float(LAYOUTS.index(layout)) if ok else -1.0,
+        float(list(topologies).index(topology)) if ok else -1.0,
+        float(softmax_scale) if (ok and softmax_scale is not None) else -1.0,
+    ]
+
+
+def agree(groups: RingGroups, problem: str | None, meta_args: tuple, what: str, timeout_s: float, device) -> None:
+    """Raise ``ValueError`` on every rank if any rank has a problem or the ranks disagree."""
+    if groups.world == 1:
+        if problem:
+            raise ValueError(f"{what}: {problem}")
+        return
+    g = groups.base
+    meta = torch.tensor(_meta(*meta_args, ok=problem is None), dtype=torch.float64)
+    if dist.get_backend(g) == "nccl":
+        meta = meta.to(device)
+    gathered = [torch.empty_like(meta) for _ in range(groups.world)]
+    work = dist.all_gather(gathered, meta, group=g, async_op=True)
+    work.wait(timeout=datetime.timedelta(seconds=timeout_s))
+    rows = [t.cpu().tolist() for t in gathered]
+    bad = [r for r, row in enumerate(rows) if row[0] == 0.0]
+    if bad:
+        msgs: list = [None] * groups.world
+        dist.all_gather_object(msgs, problem, group=g)
+        detail = "; ".join(f"rank {r}: {msgs[r]}" for r in bad)
+        raise ValueError(f"{what}: invalid input on rank(s) {', '.join(map(str, bad))}: {detail}")
+    for i, name in enumerate(_FIELDS, start=1):
+        vals = [row[i] for row in rows]
+        if len(set(vals)) > 1:
+            shown = ", ".join(f"rank {r}: {_show(name, val)}" for r, val in enumerate(vals))
+            raise ValueError(f"{what}: the ranks disagree on {name} ({shown}); every rank must call it with the same settings and shard shapes")
+
+
+def _show(name: str, val: float):
+    if name == "dtype":
+        return str(DTYPES[int(val)])
+    if name == "softmax_scale":
+        return "None" if val < 0 else val
+    return int(val) if name != "causal" else bool(val)
