@@ -1,0 +1,22 @@
+"""``ringrt bench <name>``: dispatch to one benchmark module (``add_arguments`` / ``main``)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCHES: dict[str, tuple[str, str]] = {
+    "attention": ("ringrt.bench.attention", "TokenRing fwd+bwd at W ranks vs one process with W threads"),
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", choices=sorted(BENCHES), help="which benchmark")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of that benchmark")
+
+
+def main(args: argparse.Namespace) -> int:
+    module = importlib.import_module(BENCHES[args.name][0])
+    p = argparse.ArgumentParser(prog=f"ringrt bench {args.name}", description=BENCHES[args.name][1])
+    module.add_arguments(p)
+    return int(module.main(p.parse_args(args.rest)) or 0)

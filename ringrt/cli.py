@@ -1,0 +1,34 @@
+"""The ``ringrt`` command line: ``ringrt <command> ...``.
+
+Each command lives in its own module exposing ``add_arguments(parser)`` and ``main(args) -> int``;
+this file only maps names to modules (imported lazily, so ``ringrt --help`` stays fast).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "bench": ("ringrt.bench.cli", "benchmarks that print a table and write JSON (and PNG plots)"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="ringrt", description="Sequence-parallel long-context runtime")
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    for name, (_, help_) in COMMANDS.items():
+        sub.add_parser(name, help=help_, add_help=False)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        parser.print_help() if not argv or argv[0] in ("-h", "--help") else parser.parse_args(argv[:1])
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    p = argparse.ArgumentParser(prog=f"ringrt {argv[0]}", description=COMMANDS[argv[0]][1])
+    module.add_arguments(p)
+    return int(module.main(p.parse_args(argv[1:])) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

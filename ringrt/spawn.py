@@ -1,0 +1,83 @@
+"""Run a function on W local processes joined by a gloo process group (benchmarks, tests, demos).
+
+No ports: the processes meet through a ``file://`` store. Results come back through a queue; a
+worker that raises fails the caller with its traceback, and workers still running after
+``timeout`` seconds are killed so a deadlock becomes an error instead of a hang.
+"""
+
+from __future__ import annotations
+
+import os
+import queue as _queue
+import tempfile
+import time
+import traceback
+
+import torch
+import torch.multiprocessing as mp
+
+_CTX = mp.get_context("spawn")
+
+
+def _worker(fn, rank, world, init_file, q, args, threads):
+    try:
+        torch.set_num_threads(threads)
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+        result = fn(rank, world, *args)
+        q.put((rank, "ok", result))
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:  # report everything, assertion errors included, to the parent
+        q.put((rank, "error", traceback.format_exc()))
+    finally:
+        q.close()
+        q.join_thread()
+        os._exit(0)  # skip interpreter teardown, where gloo threads can abort the process
+
+
+def run_local(fn, world: int, *args, timeout: float = 240.0, threads: int = 1) -> list:
+    """fn(rank, world, *args) on ``world`` processes (``threads`` intra-op threads each).
+
+    ``fn`` must be importable (module level) and return something picklable. Returns the results
+    indexed by rank.
+    """
+    fd, init_file = tempfile.mkstemp(prefix="ringrt_pg_")
+    os.close(fd)
+    os.unlink(init_file)
+    q = _CTX.Queue()
+    procs = [_CTX.Process(target=_worker, args=(fn, r, world, init_file, q, args, threads), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    results: dict[int, object] = {}
+    errors: list[str] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(results) + len(errors) < world:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{world - len(results) - len(errors)} of {world} workers did not finish within {timeout:g} s")
+            try:
+                rank, status, payload = q.get(timeout=min(left, 1.0))
+            except _queue.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"worker(s) {dead} died without reporting (exit codes {[procs[r].exitcode for r in dead]})")
+                continue
+            if status == "ok":
+                results[rank] = payload
+            else:
+                errors.append(f"--- rank {rank} ---\n{payload}")
+                if len(errors) == 1:
+                    deadline = min(deadline, time.monotonic() + 30)  # let the others report or time out
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+        if os.path.exists(init_file):
+            os.unlink(init_file)
+    if errors:
+        raise RuntimeError("worker failure:\n" + "\n".join(errors))
+    return [results[r] for r in range(world)]
