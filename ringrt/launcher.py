@@ -1,0 +1,145 @@
+"""The one module that knows launcher facts: torchrun, Slurm and MPI environments.
+
+``detect()`` reads who we are from the environment:
+
+* torchrun / torch.distributed.run: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT
+* Slurm (one task per rank, ``srun``): SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID,
+  SLURM_NTASKS_PER_NODE / SLURM_TASKS_PER_NODE, SLURM_JOB_NODELIST (first node is the master)
+* MPI (mpirun / srun --mpi=pmix): OMPI_COMM_WORLD_* or PMI_RANK/PMI_SIZE or PMIX_RANK; the master
+  address and port are agreed through mpi4py (rank 0 broadcasts its IP and a free port) unless
+  MASTER_ADDR/MASTER_PORT are set.
+
+torchrun's variables win when present (a Slurm job that runs torchrun per node has both).
+``init_distributed()`` turns that into an initialised default process group.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import socket
+import subprocess
+from dataclasses import dataclass
+from typing import Literal, Mapping
+
+import torch
+import torch.distributed as dist
+
+Source = Literal["torchrun", "slurm", "mpi", "single"]
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str | None
+    master_port: int | None
+    source: Source
+
+
+def _int(env: Mapping[str, str], *names: str) -> int | None:
+    for n in names:
+        if env.get(n, "") != "":
+            return int(env[n])
+    return None
+
+
+def first_slurm_node(nodelist: str) -> str:
+    """First host of a Slurm node list: 'n[1-3,7],gpu5' -> 'n1'. Uses scontrol when available."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.split()[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if not m:
+        raise ValueError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
+    prefix, ranges = m.group(1), m.group(2)
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def resolve_ip(host: str) -> str:
+    """An IPv4 address for ``host`` (a bare node name is not always resolvable by every rank's stack)."""
+    return socket.gethostbyname(host)
+
+
+def _slurm_local_world(env: Mapping[str, str]) -> int:
+    v = _int(env, "SLURM_NTASKS_PER_NODE")
+    if v is not None:
+        return v
+    tpn = env.get("SLURM_TASKS_PER_NODE", "1")  # e.g. "2(x3),1"
+    return int(re.match(r"(\d+)", tpn).group(1))
+
+
+def detect(env: Mapping[str, str] | None = None) -> LaunchEnv:
+    """Who this process is, from the launcher's environment variables."""
+    env = os.environ if env is None else env
+    if _int(env, "RANK") is not None and _int(env, "WORLD_SIZE") is not None:
+        return LaunchEnv(
+            rank=_int(env, "RANK"), world_size=_int(env, "WORLD_SIZE"),
+            local_rank=_int(env, "LOCAL_RANK") or 0, local_world_size=_int(env, "LOCAL_WORLD_SIZE") or 1,
+            master_addr=env.get("MASTER_ADDR"), master_port=_int(env, "MASTER_PORT"), source="torchrun",
+        )
+    mpi_rank = _int(env, "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")
+    if mpi_rank is not None:
+        return LaunchEnv(
+            rank=mpi_rank, world_size=_int(env, "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS") or 1,
+            local_rank=_int(env, "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID") or 0,
+            local_world_size=_int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS") or 1,
+            master_addr=env.get("MASTER_ADDR"), master_port=_int(env, "MASTER_PORT"), source="mpi",
+        )
+    if _int(env, "SLURM_PROCID") is not None and _int(env, "SLURM_NTASKS") is not None:
+        addr = env.get("MASTER_ADDR") or resolve_ip(first_slurm_node(env.get("SLURM_JOB_NODELIST", socket.gethostname())))
+        port = _int(env, "MASTER_PORT") or 20000 + (_int(env, "SLURM_JOB_ID") or 0) % 20000
+        return LaunchEnv(
+            rank=_int(env, "SLURM_PROCID"), world_size=_int(env, "SLURM_NTASKS"),
+            local_rank=_int(env, "SLURM_LOCALID") or 0, local_world_size=_slurm_local_world(env),
+            master_addr=addr, master_port=port, source="slurm",
+        )
+    return LaunchEnv(0, 1, 0, 1, None, None, "single")
+
+
+def _mpi_rendezvous(le: LaunchEnv) -> LaunchEnv:
+    if le.master_addr and le.master_port:
+        return le
+    from mpi4py import MPI  # the optional `mpi` extra
+
+    comm = MPI.COMM_WORLD
+    info = None
+    if comm.Get_rank() == 0:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        info = (resolve_ip(socket.gethostname()), port)
+    addr, port = comm.bcast(info, root=0)
+    return LaunchEnv(le.rank, le.world_size, le.local_rank, le.local_world_size, addr, port, "mpi")
+
+
+def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> LaunchEnv:
+    """Initialise the default process group from the launcher's environment (no-op for one process).
+
+    backend ``auto``: nccl when CUDA is available, else gloo. Sets the CUDA device to the local rank.
+    """
+    le = detect()
+    if le.source == "mpi":
+        le = _mpi_rendezvous(le)
+    if le.world_size == 1 or dist.is_initialized():
+        return le
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(le.local_rank)
+    if not le.master_addr or not le.master_port:
+        raise ValueError(f"launcher {le.source!r} gave no MASTER_ADDR/MASTER_PORT; set them in the environment")
+    dist.init_process_group(
+        backend, init_method=f"tcp://{le.master_addr}:{le.master_port}", rank=le.rank, world_size=le.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    return le
