@@ -1,0 +1,125 @@
+"""Configs of the jobs (train, eval, generate, demo). Plain dataclasses, filled in by the CLI flags,
+by Hydra (``launch/``) or by Python; each job is a function ``run_<job>(cfg) -> result``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..data.config import DataConfig
+from ..model.config import AttentionConfig, ModelConfig
+
+Precision = Literal["fp32", "bf16"]
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    steps: int = 200
+    """Optimizer steps."""
+    lr: float = 3e-3
+    """Peak learning rate (after warm-up)."""
+    min_lr: float = 3e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    data_parallel: int = 1
+    """Replicas in the (data x sequence) mesh; the sequence-parallel size is world / data_parallel."""
+    precision: Precision = "fp32"
+    """``bf16``: bf16 autocast with fp32 weights and optimizer state."""
+    out_dir: str = "outputs/train"
+    """Checkpoints go to ``<out_dir>/checkpoints``, metrics to ``<out_dir>/metrics.jsonl``, the final
+    model (Hugging Face format) to ``<out_dir>/hf``."""
+    ckpt_every: int = 100
+    """Save a checkpoint every this many steps (and at the end); 0 = only at the end."""
+    keep_last: int = 2
+    """Checkpoints kept on disk."""
+    resume: bool = True
+    """Continue from the latest checkpoint in ``out_dir`` when there is one."""
+    init_from: str | None = None
+    """Start from a Hugging Face Llama directory instead of random weights."""
+    log_every: int = 10
+    progress: bool = True
+    """Show a progress bar (rank 0, only on a terminal)."""
+    seed: int = 0
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainJobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass(kw_only=True, slots=True)
+class EvalConfig:
+    checkpoint: str = "outputs/train/hf"
+    """A Hugging Face Llama directory (config.json + safetensors) or a training ``out_dir``."""
+    train_len: int | None = None
+    """The length the model was trained at; None = read from the checkpoint (``ringrt.json``) or data.seq_len."""
+    multiples: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    """Perplexity is measured at these multiples of ``train_len``."""
+    tokens: int = 16384
+    """Validation tokens scored per length (whole sequences, at least one)."""
+    modes: list[str] = field(default_factory=lambda: ["vanilla", "lambda"])
+    """``vanilla`` (plain causal attention) and/or ``lambda`` (Λ-mask)."""
+    passkey_multiples: list[int] = field(default_factory=list)
+    """Passkey retrieval at these multiples of ``train_len``; empty = skip."""
+    passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
+    """Where the key sits in the filler (0 = start, 1 = end)."""
+    passkey_trials: int = 4
+    out_dir: str = "outputs/eval"
+    """``results.json`` and ``perplexity.png`` (and ``passkey.png``) go here."""
+    precision: Precision = "fp32"
+    seed: int = 0
+
+
+@dataclass(kw_only=True, slots=True)
+class EvalJobConfig:
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass(kw_only=True, slots=True)
+class GenerateConfig:
+    checkpoint: str = "outputs/train/hf"
+    prompt: str = ""
+    prompt_file: str | None = None
+    """Read the prompt from this file (wins over ``prompt``)."""
+    max_prompt_tokens: int = 1 << 20
+    """Longer prompts are refused."""
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    """0 = greedy; otherwise sample from softmax(logits / temperature)."""
+    top_k: int = 0
+    """Sample only among the k most likely tokens; 0 = all."""
+    seed: int = 0
+    precision: Precision = "fp32"
+
+
+@dataclass(kw_only=True, slots=True)
+class GenerateJobConfig:
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+
+@dataclass(kw_only=True, slots=True)
+class DemoConfig:
+    """The embedded default job: train short, evaluate long, vanilla vs Λ-mask, on local CPU ranks."""
+
+    world: int = 2
+    threads: int = 1
+    """Intra-op threads per rank."""
+    out_dir: str = "outputs/demo"
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2))
+    data: DataConfig = field(default_factory=lambda: DataConfig(seq_len=256, batch_size=8))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, ckpt_every=0, log_every=25))
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(tokens=8192))
+    attention: AttentionConfig = field(default_factory=AttentionConfig)

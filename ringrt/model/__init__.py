@@ -1,0 +1,1 @@
+"""The Llama-family decoder, its attention layer and Hugging Face loading/saving."""
