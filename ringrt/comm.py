@@ -9,7 +9,8 @@ Every message is one uint8 tensor: several tensors of mixed dtypes (an fp16 bloc
 fp32 log-sum-exp, say) are packed into one buffer so each transfer costs one operation.
 
 Each channel counts what it moves (bytes and operations, sent and received) into per-process
-counters that tests and benchmarks read with :func:`stats` and clear with :func:`reset_stats`.
+counters that tests and benchmarks read with :func:`stats` and clear with :func:`reset_stats`;
+collectives issued elsewhere add their traffic with :func:`count`.
 """
 
 from __future__ import annotations
@@ -58,6 +59,17 @@ def stats() -> dict[str, ChannelStats]:
 
 def reset_stats() -> None:
     _COUNTERS.channels.clear()
+
+
+def count(channel: str, *, sent: int, recv: int, sends: int = 1, recvs: int = 1) -> None:
+    """Add traffic moved outside :class:`P2P` (a collective: all_gather, all_to_all, ...) to the
+    counters of ``channel``: ``sent``/``recv`` bytes this rank put on / took off the wire and the
+    number of messages each way (W - 1 for a collective over W ranks)."""
+    c = _COUNTERS.get(channel)
+    c.bytes_sent += int(sent)
+    c.bytes_recv += int(recv)
+    c.sends += int(sends)
+    c.recvs += int(recvs)
 
 
 def nbytes(specs: Sequence[Spec]) -> int:
