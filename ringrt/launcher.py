@@ -40,10 +40,32 @@ class LaunchEnv:
     source: Source
 
 
+@dataclass(kw_only=True, slots=True)
+class LaunchConfig:
+    """How ``init_distributed`` joins the ranks (the ``launcher`` config group)."""
+
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """``auto``: nccl when CUDA is available, else gloo."""
+    timeout_s: float = 1800.0
+    """Seconds a collective may wait for a peer before the process group raises."""
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"launcher.backend={self.backend!r} is not valid; valid: {', '.join(BACKENDS)}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"launcher.timeout_s={self.timeout_s!r} must be a positive number of seconds")
+
+
+BACKENDS = ("auto", "gloo", "nccl")
+
+
 def _int(env: Mapping[str, str], *names: str) -> int | None:
     for n in names:
         if env.get(n, "") != "":
-            return int(env[n])
+            try:
+                return int(env[n])
+            except ValueError:
+                raise ValueError(f"environment variable {n}={env[n]!r} must be an integer") from None
     return None
 
 
@@ -68,6 +90,24 @@ def first_slurm_node(nodelist: str) -> str:
 def resolve_ip(host: str) -> str:
     """An IPv4 address for ``host`` (a bare node name is not always resolvable by every rank's stack)."""
     return socket.gethostbyname(host)
+
+
+def slurm_node_addr(node: str) -> str:
+    """An IPv4 address of a Slurm node: its ``NodeAddr`` from scontrol (resolved), else DNS.
+
+    Slurm node names need not be DNS names (``NodeName=n1 NodeAddr=10.0.0.5``); the controller knows.
+    """
+    try:
+        out = subprocess.run(["scontrol", "show", "node", "-o", node], capture_output=True, text=True, timeout=10)
+        m = re.search(r"\bNodeAddr=(\S+)", out.stdout) if out.returncode == 0 else None
+        if m:
+            return resolve_ip(m.group(1))
+    except (OSError, subprocess.SubprocessError, socket.gaierror):
+        pass
+    try:
+        return resolve_ip(node)
+    except socket.gaierror:
+        raise ValueError(f"cannot resolve Slurm node {node!r} to an IP; set MASTER_ADDR to the first node's address") from None
 
 
 def _slurm_local_world(env: Mapping[str, str]) -> int:
@@ -96,7 +136,7 @@ def detect(env: Mapping[str, str] | None = None) -> LaunchEnv:
             master_addr=env.get("MASTER_ADDR"), master_port=_int(env, "MASTER_PORT"), source="mpi",
         )
     if _int(env, "SLURM_PROCID") is not None and _int(env, "SLURM_NTASKS") is not None:
-        addr = env.get("MASTER_ADDR") or resolve_ip(first_slurm_node(env.get("SLURM_JOB_NODELIST", socket.gethostname())))
+        addr = env.get("MASTER_ADDR") or slurm_node_addr(first_slurm_node(env.get("SLURM_JOB_NODELIST", socket.gethostname())))
         port = _int(env, "MASTER_PORT") or 20000 + (_int(env, "SLURM_JOB_ID") or 0) % 20000
         return LaunchEnv(
             rank=_int(env, "SLURM_PROCID"), world_size=_int(env, "SLURM_NTASKS"),
@@ -122,11 +162,20 @@ def _mpi_rendezvous(le: LaunchEnv) -> LaunchEnv:
     return LaunchEnv(le.rank, le.world_size, le.local_rank, le.local_world_size, addr, port, "mpi")
 
 
+def global_rank() -> int:
+    """This process's global rank: from the process group once initialised, else the environment."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return detect().rank
+
+
 def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> LaunchEnv:
     """Initialise the default process group from the launcher's environment (no-op for one process).
 
     backend ``auto``: nccl when CUDA is available, else gloo. Sets the CUDA device to the local rank.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not valid; valid: {', '.join(BACKENDS)}")
     le = detect()
     if le.source == "mpi":
         le = _mpi_rendezvous(le)

@@ -1,0 +1,146 @@
+"""``ringrt probe``: a tiny distributed job that proves a launch works end to end.
+
+Every rank joins the process group through :func:`ringrt.launcher.init_distributed` (torchrun,
+Slurm, MPI or a single process), builds the same random q/k/v from a seed, runs ``ringrt.attention``
+forward and backward on its shard, and compares output and gradients against a single-process fp64
+reference. Rank 0 writes the result as JSON atomically; the exit code is 0 only if every rank passed.
+
+    torchrun --standalone --nproc-per-node=2 -m ringrt.probe --out probe.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+from .launcher import init_distributed
+
+
+@dataclass(kw_only=True, slots=True)
+class ProbeConfig:
+    """Shape of the probe problem and where its result goes."""
+
+    batch: int = 1
+    seq_len: int = 64
+    """Full sequence length; a multiple of 2 x world size (zigzag layout)."""
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 16
+    causal: bool = True
+    seed: int = 0
+    out: str = ""
+    """JSON result written by rank 0 (empty: print only)."""
+    backend: str = "auto"
+    timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        for name in ("batch", "seq_len", "heads", "kv_heads", "head_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"probe.{name}={getattr(self, name)} must be >= 1")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"probe.heads={self.heads} must be a multiple of probe.kv_heads={self.kv_heads}")
+
+
+def _reference(q, k, v, causal: bool) -> torch.Tensor:
+    """softmax(q kᵀ / sqrt(d) + mask) v in the dtype of the inputs; (B, S, H, D) layout, GQA repeated."""
+    rep = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    if causal:
+        n = q.shape[1]
+        s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, dim=-1), v)
+
+
+def _ref_with_grads(q, k, v, dout, causal: bool, dtype: torch.dtype):
+    leaves = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+    out = _reference(*leaves, causal)
+    out.backward(dout.to(dtype))
+    return out.detach(), [x.grad for x in leaves]
+
+
+def run_probe(cfg: ProbeConfig) -> dict:
+    """Run the probe on every rank; returns the result (identical on every rank)."""
+    import ringrt
+
+    env = init_distributed(cfg.backend, cfg.timeout_s)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if cfg.seq_len % (2 * world):
+        raise ValueError(f"probe.seq_len={cfg.seq_len} must be a multiple of 2 x world size = {2 * world}")
+    g = torch.Generator().manual_seed(cfg.seed)
+    shape_q = (cfg.batch, cfg.seq_len, cfg.heads, cfg.head_dim)
+    shape_kv = (cfg.batch, cfg.seq_len, cfg.kv_heads, cfg.head_dim)
+    q, k, v = (torch.randn(s, generator=g) for s in (shape_q, shape_kv, shape_kv))
+    dout = torch.randn(shape_q, generator=g)
+    layout = "zigzag" if cfg.causal else "contiguous"
+
+    local = [ringrt.shard(x, layout=layout).clone().requires_grad_() for x in (q, k, v)]
+    out = ringrt.attention(*local, causal=cfg.causal, layout=layout)
+    out.backward(ringrt.shard(dout, layout=layout))
+    got = [out.detach()] + [x.grad for x in local]
+
+    ref64_out, ref64_grads = _ref_with_grads(q, k, v, dout, cfg.causal, torch.float64)
+    ref32_out, ref32_grads = _ref_with_grads(q, k, v, dout, cfg.causal, torch.float32)
+    names = ("out", "dq", "dk", "dv")
+    errs, tols = {}, {}
+    for name, x, r64, r32 in zip(names, got, [ref64_out, *ref64_grads], [ref32_out, *ref32_grads]):
+        r64_local, r32_local = ringrt.shard(r64, layout=layout), ringrt.shard(r32, layout=layout)
+        errs[name] = (x.double() - r64_local).abs().max().item()
+        # An fp32 computation may be off by at most twice what plain fp32 PyTorch is off by (+ one ulp-ish floor).
+        tols[name] = 2 * (r32_local.double() - r64_local).abs().max().item() + 1e-6
+    me = {
+        "rank": rank, "local_rank": env.local_rank, "host": socket.gethostname(), "pid": os.getpid(),
+        "launcher": env.source, "ok": all(errs[n] <= tols[n] for n in names), "max_abs_err": errs, "tolerance": tols,
+    }
+    ranks = [me]
+    if world > 1:
+        ranks = [None] * world
+        dist.all_gather_object(ranks, me)
+    result = {
+        "ok": all(r["ok"] for r in ranks), "world_size": world, "launcher": env.source,
+        "config": asdict(cfg), "ranks": ranks,
+    }
+    if rank == 0 and cfg.out:
+        from .rundir import atomic_write_json
+
+        atomic_write_json(cfg.out, result)
+    return result
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    for name, default in asdict(ProbeConfig()).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, bool):
+            p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=default, metavar="BOOL")
+        else:
+            p.add_argument(flag, type=type(default), default=default)
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = ProbeConfig(**vars(args))
+    result = run_probe(cfg)
+    if dist.is_initialized():
+        dist.barrier()
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(json.dumps({k: result[k] for k in ("ok", "world_size", "launcher")}), flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    _p = argparse.ArgumentParser(prog="python -m ringrt.probe", description=__doc__.splitlines()[0])
+    add_arguments(_p)
+    _code = main(_p.parse_args())
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_code)  # skip interpreter teardown, where gloo threads can abort the process
