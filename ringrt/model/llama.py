@@ -1,0 +1,153 @@
+"""A Llama-family decoder, readable top to bottom: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+The model knows nothing about processes. It runs on one shard of a long sequence: ``positions``
+are the absolute positions of the shard's tokens (any layout, see ``ringrt.layout.positions``), and
+the attention over the whole sequence is injected as ``attend`` (see ``ringrt/model/parallel.py``
+for TokenRing / the other ring algorithms / the Λ-mask / a sharded decode cache). Without
+``attend`` it is plain causal attention on one process.
+
+Module names follow Hugging Face's ``LlamaForCausalLM`` (without its ``model.`` prefix), so a
+checkpoint maps onto it one name at a time (``ringrt/model/hf.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..rope import apply_rope, cos_sin
+from .config import ModelConfig
+
+
+class Attend(Protocol):
+    """Attention over the whole (sharded) sequence, for one layer.
+
+    ``rotates``: False -> called with q, k already rotated (RoPE at their absolute positions);
+    True -> called with q, k before RoPE (the Λ-mask rotates them itself: its global branch needs
+    unrotated keys) and ``positions``.
+    """
+
+    rotates: bool
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layer: int, positions: torch.Tensor) -> torch.Tensor:
+        """q (B, S, H, D), k/v (B, S, H_kv, D) -> (B, S, H, D)."""
+        ...
+
+
+class LocalAttention:
+    """Plain causal attention over an unsharded sequence (the one-process path and the reference)."""
+
+    rotates = False
+
+    def __call__(self, q, k, v, *, layer, positions):
+        groups = q.shape[2] // k.shape[2]
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, S, D)
+        return y.transpose(1, 2)  # (B, S, H, D)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.n_heads, self.n_kv_heads, self.head_dim = layer, cfg.n_heads, cfg.kv_heads, cfg.head_size
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_size, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_size, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_size, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_size, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, positions, attend: Attend) -> torch.Tensor:
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim)  # (B, S, H, D)
+        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim)  # (B, S, H_kv, D)
+        v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim)  # (B, S, H_kv, D)
+        if not attend.rotates:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = attend(q, k, v, layer=self.layer, positions=positions)  # (B, S, H, D)
+        return self.o_proj(y.reshape(B, S, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_size, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_size, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden_size, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = SelfAttention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, positions, attend: Attend) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, attend)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    """``Llama(cfg)(input_ids)`` -> logits. input_ids (B, S) int64 -> (B, S, vocab)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.apply(self._init)
+        for name, p in self.named_parameters():  # GPT-2 style: residual outputs scaled by depth
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        attend: Attend | None = None,
+        hidden_only: bool = False,
+    ) -> torch.Tensor:
+        """input_ids (B, S): this shard's tokens; positions (S,) or (B, S): their absolute positions
+        (default 0..S-1); attend: attention over the whole sequence (default one process, causal).
+        Returns logits (B, S, vocab), or the final hidden states (B, S, dim) with ``hidden_only``."""
+        B, S = input_ids.shape
+        if positions is None:
+            positions = torch.arange(S, device=input_ids.device)
+        attend = LocalAttention() if attend is None else attend
+        x = self.embed_tokens(input_ids)  # (B, S, dim)
+        cos, sin = cos_sin(positions, self.config.head_size, self.config.rope_theta)  # (S|B,S, D) fp32
+        for block in self.layers:
+            x = block(x, cos, sin, positions, attend)
+        x = self.norm(x)  # (B, S, dim)
+        return x if hidden_only else self.lm_head(x)  # (B, S, vocab)

@@ -1,0 +1,170 @@
+"""Running the model over a sharded sequence: the attention it is given, how a batch is sharded,
+the loss over the whole sequence, and the gradient all-reduce. The model file itself
+(``llama.py``) never touches ``torch.distributed``; everything here is injected into it.
+
+Shapes: a batch of token sequences is (B, S + 1); the model reads tokens [0, S) and predicts
+[1, S + 1). Both are sharded in the same layout, so every rank scores exactly its own tokens and
+no label crosses a shard boundary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .. import api
+from ..groups import base_group
+from ..layout import num_chunks, positions as layout_positions, shard_of
+from .config import AttentionConfig, ModelConfig
+
+
+class RingAttend:
+    """Exact causal attention over the sharded sequence with one of ``ringrt.ALGORITHMS``."""
+
+    rotates = False
+
+    def __init__(self, *, algorithm: str, layout: str, group: dist.ProcessGroup | None = None):
+        self.algorithm, self.layout, self.group = algorithm, layout, group
+
+    def __call__(self, q, k, v, *, layer, positions):
+        return api.attention(q, k, v, causal=True, algorithm=self.algorithm, layout=self.layout, group=self.group)
+
+
+class LambdaAttend:
+    """LM-Infinite Λ-mask attention over contiguous shards; rotates q/k itself (HF RoPE)."""
+
+    rotates = True
+
+    def __init__(self, *, mask, rope_theta: float, group: dist.ProcessGroup | None = None):
+        self.mask, self.rope_theta, self.group = mask, rope_theta, group
+
+    def __call__(self, q, k, v, *, layer, positions):
+        from .. import lambda_attention
+
+        return lambda_attention(q, k, v, mask=self.mask, rope_theta=self.rope_theta, group=self.group)
+
+
+def lambda_mask(attn: AttentionConfig, train_len: int):
+    """The ``ringrt.LambdaMask`` of these settings (n_local defaults to the training length)."""
+    from .. import LambdaMask
+
+    n_local = attn.n_local or train_len
+    return LambdaMask(n_global=attn.n_global, n_local=n_local, limit_distance=attn.limit_distance or n_local)
+
+
+def make_attend(attn: AttentionConfig, model: ModelConfig, *, train_len: int, group: dist.ProcessGroup | None = None):
+    """The attention the model runs with under ``attn`` (plain ring or Λ-mask) over ``group``."""
+    layout = attn.resolved_layout()
+    if attn.lambda_mask:
+        if layout != "contiguous":
+            raise ValueError(f"attention.layout={layout!r} cannot be used with attention.lambda_mask=true; valid: 'contiguous'")
+        return LambdaAttend(mask=lambda_mask(attn, train_len), rope_theta=model.rope_theta, group=group)
+    return RingAttend(algorithm=attn.algorithm, layout=layout, group=group)
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    input_ids: torch.Tensor  # (B, S_local) int64
+    labels: torch.Tensor  # (B, S_local) int64, -100 where nothing is scored
+    positions: torch.Tensor  # (S_local,) int64 absolute positions
+
+
+def shard_batch(tokens: torch.Tensor, *, layout: str, group: dist.ProcessGroup | None = None) -> Shard:
+    """This rank's shard of a batch ``tokens`` (B, S + 1) held in full by every rank of ``group``.
+
+    S must be a multiple of W (contiguous) or 2W (zigzag); ValueError otherwise.
+    """
+    _, rank, world = base_group(group)
+    seq = tokens.shape[1] - 1
+    n = num_chunks(layout, world)
+    if seq < 1 or seq % n:
+        raise ValueError(
+            f"sequence length {seq} cannot be split by layout={layout!r} over {world} ranks: it must be a "
+            f"positive multiple of {n}; choose a length such as {max(n, seq - seq % n)}"
+        )
+    ids = shard_of(tokens[:, :-1], layout, rank, world, dim=1)
+    labels = shard_of(tokens[:, 1:], layout, rank, world, dim=1)
+    return Shard(ids, labels, layout_positions(layout, rank, world, ids.shape[1]))
+
+
+class _GroupSum(torch.autograd.Function):
+    """Sum over the ranks of a group; the gradient passes through unchanged (every rank's copy of
+    the sum receives the same upstream gradient, which is d sum / d own term)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        y = x.detach().clone()
+        dist.all_reduce(y, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+def group_sum(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    g, _, world = base_group(group)
+    return x if world == 1 else _GroupSum.apply(x, g)
+
+
+def sequence_loss(logits: torch.Tensor, labels: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over every scored token of the whole sharded sequence.
+
+    logits (B, S_local, V), labels (B, S_local) with -100 = not scored. Every rank returns the same
+    value, equal to the one-process loss; backward leaves on each rank the gradient of its own
+    tokens' share, so summing parameter gradients over the group gives the full gradient.
+    """
+    logits = logits if logits.dtype == torch.float64 else logits.float()  # (B, S_local, V), at least fp32
+    total = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    count = (labels != -100).sum().to(total.dtype)
+    return group_sum(total, group) / group_sum(count, group).clamp_min(1)
+
+
+def sum_gradients(params, group: dist.ProcessGroup | None = None, *, divide_by: int = 1) -> None:
+    """All-reduce (sum) the gradients of ``params`` over ``group`` in one flat buffer, then divide."""
+    g, _, world = base_group(group)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    if world > 1:
+        flat = torch.cat([t.reshape(-1) for t in grads])
+        dist.all_reduce(flat, group=g)
+        offset = 0
+        for t in grads:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+    if divide_by != 1:
+        for t in grads:
+            t.div_(divide_by)
+
+
+def mesh(data_parallel: int) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None, int, int]:
+    """(sequence group, data group, data rank, sequence world) of a (data x sequence) mesh.
+
+    Ranks [i*sp, (i+1)*sp) shard one sequence (sp = world / data_parallel); rank r is replica
+    r // sp. Every rank must call this (group creation is collective). Without distributed: all None.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        if data_parallel != 1:
+            raise ValueError(f"train.data_parallel={data_parallel} needs a process group of a multiple of {data_parallel} ranks; this is one process")
+        return None, None, 0, 1
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if data_parallel < 1 or world % data_parallel:
+        raise ValueError(f"train.data_parallel={data_parallel} must divide the world size {world}; valid: "
+                         f"{[d for d in range(1, world + 1) if world % d == 0]}")
+    sp = world // data_parallel
+    if data_parallel == 1:
+        return dist.group.WORLD, None, 0, sp
+    seq_group = data_group = None
+    for i in range(data_parallel):
+        g = dist.new_group(list(range(i * sp, (i + 1) * sp)))
+        if rank // sp == i:
+            seq_group = g
+    for j in range(sp):
+        g = dist.new_group(list(range(j, world, sp)))
+        if rank % sp == j:
+            data_group = g
+    return seq_group, data_group, rank // sp, sp
