@@ -7,6 +7,7 @@ Read first: ``api.py`` (public entry points), ``schedule.py`` (Note [TokenRing])
 from .api import ALGORITHMS, attention, shard, unshard
 from .comm import CommTimeout
 from .layout import pad_to_multiple, positions
+from .model.hf import load_pretrained, save_pretrained
 
-__all__ = ["ALGORITHMS", "CommTimeout", "attention", "pad_to_multiple", "positions", "shard", "unshard"]
+__all__ = ["ALGORITHMS", "CommTimeout", "attention", "load_pretrained", "pad_to_multiple", "positions", "save_pretrained", "shard", "unshard"]
 __version__ = "0.1.0"
