@@ -14,7 +14,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from .groups import RingGroups
+from .comm import CommTimeout
 from .layout import LAYOUTS, local_chunks
 
 _DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "meta")
@@ -81,30 +81,47 @@ def _meta(q, k, causal, algorithm, algorithms, layout, topology, topologies, sof
     ]
 
 
-def agree(groups: RingGroups, problem: str | None, meta_args: tuple, what: str, timeout_s: float, device) -> None:
-    """Raise ``ValueError`` on every rank if any rank has a problem or the ranks disagree."""
-    if groups.world == 1:
+def agree(group: dist.ProcessGroup | None, rank: int, world: int, problem: str | None, meta_args: tuple, what: str, timeout_s: float, device) -> None:
+    """Raise ``ValueError`` on every rank if any rank has a problem or the ranks disagree.
+
+    Uses one all_gather on ``group`` (None on a single process); a rank that never arrives makes
+    the others raise ``CommTimeout`` after ``timeout_s``.
+    """
+    fields = [] if world == 1 else list(zip(_FIELDS, _meta(*meta_args, ok=problem is None)[1:]))
+    agree_fields(groups, problem, fields, what, timeout_s, device, show=_show)
+
+
+def agree_fields(
+    groups: RingGroups, problem: str | None, fields: list[tuple[str, float]], what: str, timeout_s: float, device, show=None
+) -> None:
+    """:func:`agree` for any named numeric settings: raise the same ``ValueError`` on every rank if any
+    rank has a problem or the ranks' ``fields`` values differ (values matter only where problem is None).
+    ``show(name, value)`` formats a value for the message."""
+    if world == 1:
         if problem:
             raise ValueError(f"{what}: {problem}")
         return
-    g = groups.base
-    meta = torch.tensor(_meta(*meta_args, ok=problem is None), dtype=torch.float64)
+    g = group
+    meta = torch.tensor([1.0 if problem is None else 0.0, *(float(v) for _, v in fields)], dtype=torch.float64)
     if dist.get_backend(g) == "nccl":
         meta = meta.to(device)
-    gathered = [torch.empty_like(meta) for _ in range(groups.world)]
+    gathered = [torch.empty_like(meta) for _ in range(world)]
     work = dist.all_gather(gathered, meta, group=g, async_op=True)
     work.wait(timeout=datetime.timedelta(seconds=timeout_s))
     rows = [t.cpu().tolist() for t in gathered]
     bad = [r for r, row in enumerate(rows) if row[0] == 0.0]
     if bad:
-        msgs: list = [None] * groups.world
+        msgs: list = [None] * world
         dist.all_gather_object(msgs, problem, group=g)
+        if len(set(msgs[r] for r in bad)) == 1:
+            where = f"rank {bad[0]}" if len(bad) == 1 else f"ranks {', '.join(map(str, bad))}"
+            raise ValueError(f"{what}: invalid input on {where}: {msgs[bad[0]]}")
         detail = "; ".join(f"rank {r}: {msgs[r]}" for r in bad)
-        raise ValueError(f"{what}: invalid input on rank(s) {', '.join(map(str, bad))}: {detail}")
-    for i, name in enumerate(_FIELDS, start=1):
+        raise ValueError(f"{what}: invalid input on ranks {', '.join(map(str, bad))}: {detail}")
+    for i, (name, _) in enumerate(fields, start=1):
         vals = [row[i] for row in rows]
         if len(set(vals)) > 1:
-            shown = ", ".join(f"rank {r}: {_show(name, val)}" for r, val in enumerate(vals))
+            shown = ", ".join(f"rank {r}: {show(name, val) if show else val}" for r, val in enumerate(vals))
             raise ValueError(f"{what}: the ranks disagree on {name} ({shown}); every rank must call it with the same settings and shard shapes")
 
 
