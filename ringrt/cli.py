@@ -13,6 +13,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("ringrt.bench.cli", "benchmarks that print a table and write JSON (and PNG plots)"),
     "probe": ("ringrt.probe", "check a distributed launch: attention across all ranks vs a reference"),
+    "train": ("ringrt.jobs.train", "train a Llama-family model on a sharded sequence (checkpoints, resume)"),
 }
 
 
