@@ -62,6 +62,10 @@ def make_attend(attn: AttentionConfig, model: ModelConfig, *, train_len: int, gr
         if layout != "contiguous":
             raise ValueError(f"attention.layout={layout!r} cannot be used with attention.lambda_mask=true; valid: 'contiguous'")
         return LambdaAttend(mask=lambda_mask(attn, train_len), rope_theta=model.rope_theta, group=group)
+    if attn.algorithm not in api.ALGORITHMS:
+        raise ValueError(f"attention.algorithm={attn.algorithm!r} is not known; valid: {', '.join(api.ALGORITHMS)}")
+    if base_group(group)[2] == 1:
+        return None  # the whole sequence is here: the model's own causal attention
     return RingAttend(algorithm=attn.algorithm, layout=layout, group=group)
 
 

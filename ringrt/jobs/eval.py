@@ -1,0 +1,203 @@
+"""``ringrt eval``: perplexity at several multiples of the training length, with plain causal
+attention ("vanilla") and with the LM-Infinite Λ-mask ("lambda"), and passkey retrieval by length
+and depth. Prints tables, writes ``results.json`` and PNG plots (rank 0).
+
+Every sequence is sharded over all ranks (one sequence-parallel group): vanilla with the
+configured ring algorithm (zigzag), lambda over contiguous shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..data.batching import eval_sequences
+from ..data.tokenizer import check_tokenizer, load_tokenizer
+from ..model.hf import load_pretrained
+from ..model.parallel import group_sum, make_attend, sequence_loss, shard_batch
+from .config import EvalJobConfig
+from .flags import add_dataclass_arguments, build
+from .passkey import passkey_example
+
+MODES = ("vanilla", "lambda")
+
+
+def resolve_checkpoint(path: str) -> tuple[str, dict]:
+    """(HF directory, ringrt.json extras) for a HF directory or a training out_dir (uses its ``hf/``)."""
+    p = Path(path)
+    if not (p / "config.json").is_file() and (p / "hf" / "config.json").is_file():
+        p = p / "hf"
+    extra = json.loads((p / "ringrt.json").read_text()) if (p / "ringrt.json").is_file() else {}
+    return str(p), extra
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _attend(cfg: EvalJobConfig, model, mode: str, train_len: int):
+    attn = dataclasses.replace(cfg.attention, lambda_mask=(mode == "lambda"), layout=None if mode == "lambda" else cfg.attention.layout)
+    return make_attend(attn, model.config, train_len=train_len, group=None), attn.resolved_layout()
+
+
+@torch.no_grad()
+def perplexity(model, seqs: torch.Tensor, attend, layout: str) -> float:
+    """exp(mean next-token NLL) over every token of ``seqs`` (N, L + 1), each sharded over all ranks."""
+    nll, count = 0.0, 0
+    for seq in seqs:
+        sh = shard_batch(seq[None], layout=layout)
+        logits = model(sh.input_ids, positions=sh.positions, attend=attend)  # (1, L_local, V)
+        n = seq.numel() - 1
+        nll += sequence_loss(logits, sh.labels).item() * n
+        count += n
+    return math.exp(nll / count)
+
+
+@torch.no_grad()
+def passkey_accuracy(model, tok, length: int, depth: float, trials: int, attend, layout: str, seed: int) -> float:
+    """Fraction of ``trials`` prompts whose key the model reproduces exactly (greedy)."""
+    rng = random.Random(f"{seed}-{length}-{depth}")
+    hits = 0
+    for _ in range(trials):
+        ids, n_ans = passkey_example(tok, length, depth, rng)
+        labels = torch.full_like(ids, -100)
+        labels[-n_ans:] = ids[-n_ans:]
+        sh = shard_batch(ids[None], layout=layout)
+        lab = shard_batch(labels[None], layout=layout).labels
+        logits = model(sh.input_ids, positions=sh.positions, attend=attend)
+        scored = lab != -100
+        wrong = ((logits.argmax(-1) != lab) & scored).sum().to(torch.float64)
+        hits += int(group_sum(wrong).item() == 0)
+    return hits / trials
+
+
+def _table(title: str, rows: list[str], cols: list[str], cell) -> str:
+    w = max(10, *(len(c) + 2 for c in cols))
+    lines = [title, f"{'':>10}" + "".join(f"{c:>{w}}" for c in cols)]
+    for r in rows:
+        lines.append(f"{r:>10}" + "".join(f"{cell(r, c):>{w}}" for c in cols))
+    return "\n".join(lines)
+
+
+def _plot(results: dict, out_dir: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode, row in results["perplexity"].items():
+        xs = sorted(int(L) for L in row)
+        ax.plot(xs, [row[str(L)] for L in xs], marker="o", label="Λ-mask" if mode == "lambda" else "vanilla")
+    ax.axvline(results["train_len"], color="grey", linestyle="--", linewidth=1, label="training length")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("perplexity")
+    ax.set_title("Perplexity beyond the training length")
+    ax.legend()
+    fig.tight_layout()
+    written.append(_save_fig(fig, os.path.join(out_dir, "perplexity.png")))
+    if results.get("passkey"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for mode, row in results["passkey"].items():
+            xs = sorted(int(L) for L in row)
+            ax.plot(xs, [sum(row[str(L)].values()) / len(row[str(L)]) for L in xs], marker="o", label=mode)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("passkey accuracy (mean over depths)")
+        ax.legend()
+        fig.tight_layout()
+        written.append(_save_fig(fig, os.path.join(out_dir, "passkey.png")))
+    plt.close("all")
+    return written
+
+
+def _save_fig(fig, path: str) -> str:
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+    return path
+
+
+def _write_json(obj: dict, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def run_eval(cfg: EvalJobConfig, model=None, print_fn=print) -> dict:
+    """Evaluate; returns the results dict (also written to ``<out_dir>/results.json`` by rank 0)."""
+    e = cfg.eval
+    bad = [m for m in e.modes if m not in MODES]
+    if bad or not e.modes:
+        raise ValueError(f"eval.modes={e.modes} must be a non-empty list of {', '.join(MODES)}")
+    if any(m < 1 for m in e.multiples + e.passkey_multiples):
+        raise ValueError(f"eval.multiples={e.multiples} / eval.passkey_multiples={e.passkey_multiples} must be positive integers")
+    hf_dir, extra = resolve_checkpoint(e.checkpoint)
+    train_len = e.train_len or extra.get("train_len") or cfg.data.seq_len
+    tok = load_tokenizer(cfg.data.tokenizer if cfg.data.tokenizer is not None else extra.get("tokenizer"))
+    if model is None:
+        model = load_pretrained(hf_dir)
+    model.eval()
+    check_tokenizer(tok, model.config)
+    world = _world()
+    for m in e.multiples + e.passkey_multiples:  # every length must split over the ranks in both layouts
+        if (m * train_len) % (2 * world):
+            raise ValueError(f"eval length {m * train_len} (= {m} x train_len {train_len}) is not a multiple of "
+                             f"{2 * world} (2 x world size), which the zigzag layout needs")
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    results: dict = {"train_len": train_len, "world": world, "checkpoint": hf_dir, "perplexity": {}, "passkey": {}}
+    for mode in e.modes:
+        attend, layout = _attend(cfg, model, mode, train_len)
+        results["perplexity"][mode] = {}
+        for m in e.multiples:
+            L = m * train_len
+            seqs = eval_sequences(cfg.data, tok, L, max(1, e.tokens // L))
+            results["perplexity"][mode][str(L)] = perplexity(model, seqs, attend, layout)
+        if e.passkey_multiples:
+            results["passkey"][mode] = {
+                str(m * train_len): {str(d): passkey_accuracy(model, tok, m * train_len, d, e.passkey_trials, attend, layout, e.seed)
+                                     for d in e.passkey_depths}
+                for m in e.passkey_multiples
+            }
+    lengths = [str(m * train_len) for m in e.multiples]
+    text = _table(f"perplexity (trained at {train_len} tokens; rows: attention, columns: context length)",
+                  e.modes, lengths, lambda r, c: f"{results['perplexity'][r][c]:.3f}")
+    if results["passkey"]:
+        for mode in e.modes:
+            pk = results["passkey"][mode]
+            text += "\n\n" + _table(f"passkey accuracy, {mode} (rows: depth, columns: context length)",
+                                    [str(d) for d in e.passkey_depths], list(pk), lambda r, c: f"{pk[c][r]:.2f}")
+    results["table"] = text
+    if rank0:
+        os.makedirs(e.out_dir, exist_ok=True)
+        results["plots"] = _plot(results, e.out_dir)
+        _write_json(results, os.path.join(e.out_dir, "results.json"))
+        print_fn(text)
+        print_fn(f"wrote {os.path.join(e.out_dir, 'results.json')} and {', '.join(results['plots'])}")
+    return results
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_dataclass_arguments(p, EvalJobConfig)
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..launcher import init_distributed
+
+    cfg = build(EvalJobConfig, args)
+    init_distributed()
+    run_eval(cfg)
+    return 0

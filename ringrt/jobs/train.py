@@ -1,0 +1,160 @@
+"""``ringrt train``: AdamW with warm-up + cosine, clipping, accumulation, a (data x sequence) mesh,
+fp32/bf16, periodic atomic checkpoints and resume, progress bar, loss and tokens/s logged.
+
+One process, ``torchrun --nproc-per-node N -m ringrt train ...``, Slurm or MPI: the same command.
+``run_train(cfg)`` is the job; ``main(args)`` only parses flags into a :class:`TrainJobConfig`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from .. import checkpoint
+from ..layout import num_chunks
+from ..metrics import ConsoleSink, JsonlSink, MetricsLogger
+from ..data.batching import train_batches
+from ..data.tokenizer import check_tokenizer, load_tokenizer
+from ..model.hf import load_pretrained, save_pretrained
+from ..model.llama import Llama
+from ..model.parallel import make_attend, mesh, sequence_loss, shard_batch, sum_gradients
+from .config import TrainConfig, TrainJobConfig
+from .flags import add_dataclass_arguments, build
+
+
+def lr_at(step: int, t: TrainConfig) -> float:
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``steps``."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    frac = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1.0 + math.cos(math.pi * frac))
+
+
+def _validate(cfg: TrainJobConfig, sp: int) -> None:
+    t = cfg.train
+    for name in ("steps", "grad_accum"):
+        if getattr(t, name) < 1:
+            raise ValueError(f"train.{name}={getattr(t, name)} must be a positive integer")
+    if t.precision not in ("fp32", "bf16"):
+        raise ValueError(f"train.precision={t.precision!r}; valid: 'fp32', 'bf16'")
+    if not (t.lr > 0 and 0 <= t.min_lr <= t.lr):
+        raise ValueError(f"train.lr={t.lr} and train.min_lr={t.min_lr} must satisfy 0 <= min_lr <= lr, lr > 0")
+    cfg.data.validate()
+    layout = cfg.attention.resolved_layout()
+    n = num_chunks(layout, sp)
+    if cfg.data.seq_len % n:
+        raise ValueError(
+            f"data.seq_len={cfg.data.seq_len} cannot be split by layout={layout!r} over {sp} sequence-parallel "
+            f"ranks: it must be a multiple of {n}; e.g. {max(n, cfg.data.seq_len - cfg.data.seq_len % n)}"
+        )
+
+
+def _optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    plain = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay}, {"params": plain, "weight_decay": 0.0}],
+                             lr=t.lr, betas=t.betas, fused=False)
+
+
+def run_train(cfg: TrainJobConfig, logger: MetricsLogger | None = None) -> dict:
+    """Train; returns {"step", "loss", "losses", "tokens_per_s", "hf_dir", "checkpoint"}.
+
+    Works on one process or on an initialised default process group (every rank calls it).
+    """
+    t = cfg.train
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    seq_group, data_group, dp_rank, sp = mesh(t.data_parallel)
+    _validate(cfg, sp)
+    tok = load_tokenizer(cfg.data.tokenizer)
+    torch.manual_seed(t.seed)
+    model = load_pretrained(t.init_from) if t.init_from else Llama(cfg.model)
+    model.train()
+    check_tokenizer(tok, model.config)
+    layout = cfg.attention.resolved_layout()
+    attend = make_attend(cfg.attention, model.config, train_len=cfg.data.seq_len, group=seq_group)
+    opt = _optimizer(model, t)
+
+    ckpt_root = os.path.join(t.out_dir, "checkpoints")
+    step, position = 0, 0
+    found = checkpoint.latest(ckpt_root) if t.resume else None
+    if found is not None:
+        meta = checkpoint.load(found, model=model, optimizer=opt)
+        step, position = meta["step"], meta["data_position"]
+    if logger is None:
+        logger = MetricsLogger([ConsoleSink(), JsonlSink(os.path.join(t.out_dir, "metrics.jsonl"))], enabled=rank == 0)
+    if found is not None:
+        logger.log(step, resumed_from=str(found))
+
+    batches = train_batches(cfg.data, tok, replicas=t.data_parallel, replica=dp_rank, skip=position)
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if t.precision == "bf16" else contextlib.nullcontext
+    tokens_per_step = t.data_parallel * cfg.data.batch_size * cfg.data.seq_len * t.grad_accum
+    params = list(model.parameters())
+    bar = None
+    if rank == 0 and t.progress and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=t.steps, initial=step, desc="train", unit="step")
+    losses: list[float] = []
+    tps = 0.0
+    meta = lambda: {"data_position": position, "train_len": cfg.data.seq_len, "tokenizer": cfg.data.tokenizer}  # noqa: E731
+    while step < t.steps:
+        t0 = time.perf_counter()
+        lr = lr_at(step, t)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        total = torch.zeros((), dtype=torch.float64)
+        for _ in range(t.grad_accum):
+            sh = shard_batch(next(batches), layout=layout, group=seq_group)
+            position += 1
+            with autocast():
+                logits = model(sh.input_ids, positions=sh.positions, attend=attend)  # (B, S_local, V)
+            loss = sequence_loss(logits, sh.labels, seq_group) / t.grad_accum
+            loss.backward()
+            total += loss.detach().double()
+        sum_gradients(params, None, divide_by=t.data_parallel)
+        gnorm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip) if t.grad_clip > 0 else torch.tensor(float("nan"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if data_group is not None:
+            dist.all_reduce(total, group=data_group)
+            total /= t.data_parallel
+        step += 1
+        dt = time.perf_counter() - t0
+        tps = tokens_per_step / dt
+        losses.append(total.item())
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{total.item():.3f}", tok_s=f"{tps:.0f}")
+        if step % t.log_every == 0 or step == t.steps:
+            logger.log(step, loss=total.item(), lr=lr, grad_norm=float(gnorm), tokens_per_s=tps)
+        if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.steps:
+            checkpoint.save(ckpt_root, step, model=model, optimizer=opt, meta=meta(), keep_last=t.keep_last)
+    if bar is not None:
+        bar.close()
+    hf_dir = os.path.join(t.out_dir, "hf")
+    if rank == 0:
+        save_pretrained(model, hf_dir, extra={"train_len": cfg.data.seq_len, "tokenizer": cfg.data.tokenizer, "step": step})
+    if dist.is_initialized():
+        dist.barrier()
+    return {"step": step, "loss": losses[-1] if losses else None, "losses": losses, "tokens_per_s": tps,
+            "hf_dir": hf_dir, "checkpoint": str(checkpoint.latest(ckpt_root))}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_dataclass_arguments(p, TrainJobConfig)
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..launcher import init_distributed
+
+    cfg = build(TrainJobConfig, args)
+    init_distributed()
+    run_train(cfg)
+    return 0

@@ -1,0 +1,65 @@
+"""A small metrics logger: ``log(step, **metrics)`` to pluggable sinks, on rank 0 only.
+
+Sinks are callables ``sink(step: int, metrics: dict) -> None`` with an optional ``close()``;
+``ConsoleSink`` prints one line, ``JsonlSink`` appends one JSON object per call.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Callable, Protocol
+
+
+class Sink(Protocol):
+    def __call__(self, step: int, metrics: dict) -> None: ...
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e5 or not math.isfinite(v) else f"{v:.3e}"
+    return str(v)
+
+
+class ConsoleSink:
+    def __init__(self, stream=None, write: Callable[[str], None] | None = None):
+        self._write = write or (lambda s: print(s, file=stream or sys.stdout, flush=True))
+
+    def __call__(self, step, metrics):
+        self._write(f"step {step:>6d} | " + " | ".join(f"{k} {_fmt(v)}" for k, v in metrics.items()))
+
+
+class JsonlSink:
+    def __init__(self, path: str):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self._f = open(path, "a", encoding="utf-8")
+
+    def __call__(self, step, metrics):
+        self._f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+        self._f.flush()
+
+    def close(self):
+        self._f.close()
+
+
+class MetricsLogger:
+    """Fans ``log(step, **metrics)`` out to ``sinks``; does nothing unless ``enabled`` (rank 0)."""
+
+    def __init__(self, sinks: list[Sink] | None = None, *, enabled: bool = True):
+        self.sinks = list(sinks or []) if enabled else []
+        self.enabled = enabled
+
+    def add(self, sink: Sink) -> None:
+        if self.enabled:
+            self.sinks.append(sink)
+
+    def log(self, step: int, **metrics) -> None:
+        for s in self.sinks:
+            s(step, metrics)
+
+    def close(self) -> None:
+        for s in self.sinks:
+            getattr(s, "close", lambda: None)()
