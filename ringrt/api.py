@@ -12,6 +12,7 @@ from . import layout as _layout
 from .comm import DEFAULT_TIMEOUT_S
 from .groups import base_group, ring_groups
 from .kernels import get_kernel
+from .schedules import SCHEDULES
 from .tokenring import TOPOLOGIES, RingPlan, TokenRingAttention
 from .validate import agree, local_problem
 
@@ -21,7 +22,7 @@ def _tokenring(q, k, v, plan: RingPlan) -> torch.Tensor:
 
 
 # name -> fn(q, k, v, plan) on (B, S, H, D) shards. Other schedules register here.
-ALGORITHMS: dict[str, Callable[..., torch.Tensor]] = {"tokenring": _tokenring}
+ALGORITHMS: dict[str, Callable[..., torch.Tensor]] = {"tokenring": _tokenring, **SCHEDULES}
 
 
 def attention(
@@ -45,7 +46,8 @@ def attention(
         k, v: (batch, local_seq, kv_heads, head_dim); ``heads`` a multiple of ``kv_heads``
             (GQA; 1 kv head is MQA). K/V heads are never replicated.
         causal: token i attends to tokens j <= i of the full sequence.
-        algorithm: ``"tokenring"``.
+        algorithm: ``"tokenring"``, ``"ring"``, ``"allgather"``, ``"ulysses"``, ``"hybrid"`` or ``"auto"``
+            (chosen per call by the cost model; see ``ringrt/schedules/``).
         layout: how the full sequence was sharded (see :func:`shard`). Default ``"zigzag"`` when
             causal (balanced work), ``"contiguous"`` otherwise.
         softmax_scale: default 1/sqrt(head_dim).
@@ -68,11 +70,11 @@ def attention(
     """
     if layout is None:
         layout = "zigzag" if causal else "contiguous"
-    groups = ring_groups(group)
+    base, rank, world = base_group(group)
     to = DEFAULT_TIMEOUT_S if timeout is None else float(timeout)
     problem = local_problem(
         q, k, v, causal=causal, algorithm=algorithm, algorithms=ALGORITHMS, layout=layout,
-        topology=topology, topologies=TOPOLOGIES, softmax_scale=softmax_scale, world=groups.world,
+        topology=topology, topologies=TOPOLOGIES, softmax_scale=softmax_scale, world=world,
     )
     if problem is None:
         try:
@@ -80,11 +82,12 @@ def attention(
         except ValueError as e:
             problem = str(e)
     agree(
-        groups, problem,
+        base, rank, world, problem,
         (q, k, causal, algorithm, ALGORITHMS, layout, topology, TOPOLOGIES, softmax_scale),
         "ringrt.attention", to, q.device if isinstance(q, torch.Tensor) else None,
     )
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    groups = ring_groups(group)  # after the agreement: creating groups needs every rank present
     plan = RingPlan(causal=causal, layout=layout, scale=float(scale), kernel=kern, groups=groups,
                     topology=topology, timeout=to)
     return ALGORITHMS[algorithm](q, k, v, plan)

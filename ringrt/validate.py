@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from .comm import CommTimeout
+from .groups import RingGroups
 from .layout import LAYOUTS, local_chunks
 
 _DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "meta")
@@ -88,7 +89,7 @@ def agree(group: dist.ProcessGroup | None, rank: int, world: int, problem: str |
     the others raise ``CommTimeout`` after ``timeout_s``.
     """
     fields = [] if world == 1 else list(zip(_FIELDS, _meta(*meta_args, ok=problem is None)[1:]))
-    agree_fields(groups, problem, fields, what, timeout_s, device, show=_show)
+    agree_fields(RingGroups(group, None, None, rank, world), problem, fields, what, timeout_s, device, show=_show)
 
 
 def agree_fields(
@@ -96,18 +97,24 @@ def agree_fields(
 ) -> None:
     """:func:`agree` for any named numeric settings: raise the same ``ValueError`` on every rank if any
     rank has a problem or the ranks' ``fields`` values differ (values matter only where problem is None).
-    ``show(name, value)`` formats a value for the message."""
+    ``show(name, value)`` formats a value for the message. Only ``groups.base/rank/world`` are used."""
+    g, rank, world = groups.base, groups.rank, groups.world
     if world == 1:
         if problem:
             raise ValueError(f"{what}: {problem}")
         return
-    g = group
     meta = torch.tensor([1.0 if problem is None else 0.0, *(float(v) for _, v in fields)], dtype=torch.float64)
     if dist.get_backend(g) == "nccl":
         meta = meta.to(device)
     gathered = [torch.empty_like(meta) for _ in range(world)]
     work = dist.all_gather(gathered, meta, group=g, async_op=True)
-    work.wait(timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        work.wait(timeout=datetime.timedelta(seconds=timeout_s))
+    except RuntimeError as e:
+        raise CommTimeout(
+            f"{what}: rank {rank} (of {world}) waited {timeout_s:g} s for the other ranks to check "
+            f"their inputs; did every rank of the group call it? ({e})"
+        ) from e
     rows = [t.cpu().tolist() for t in gathered]
     bad = [r for r, row in enumerate(rows) if row[0] == 0.0]
     if bad:
