@@ -7,6 +7,7 @@ worker that raises fails the caller with its traceback, and workers still runnin
 
 from __future__ import annotations
 
+import io
 import os
 import queue as _queue
 import tempfile
@@ -26,7 +27,9 @@ def _worker(fn, rank, world, init_file, q, args, threads):
 
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
         result = fn(rank, world, *args)
-        q.put((rank, "ok", result))
+        buf = io.BytesIO()
+        torch.save(result, buf)  # by value: shared-memory tensors would die with this process
+        q.put((rank, "ok", buf.getvalue()))
         dist.barrier()
         dist.destroy_process_group()
     except BaseException:  # report everything, assertion errors included, to the parent
@@ -66,7 +69,7 @@ def run_local(fn, world: int, *args, timeout: float = 240.0, threads: int = 1) -
                     raise RuntimeError(f"worker(s) {dead} died without reporting (exit codes {[procs[r].exitcode for r in dead]})")
                 continue
             if status == "ok":
-                results[rank] = payload
+                results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
             else:
                 errors.append(f"--- rank {rank} ---\n{payload}")
                 if len(errors) == 1:
