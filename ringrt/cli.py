@@ -14,6 +14,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("ringrt.bench.cli", "benchmarks that print a table and write JSON (and PNG plots)"),
     "probe": ("ringrt.probe", "check a distributed launch: attention across all ranks vs a reference"),
     "train": ("ringrt.jobs.train", "train a Llama-family model on a sharded sequence (checkpoints, resume)"),
+    "eval": ("ringrt.jobs.eval", "perplexity at several lengths (vanilla and Λ-mask) and passkey retrieval; table + PNG"),
+    "demo": ("ringrt.jobs.demo", "train short, evaluate long on 2 local CPU ranks: the Λ-mask keeps perplexity flat"),
 }
 
 
