@@ -1,0 +1,165 @@
+"""Public entry points: ``lambda_attention`` and ``sliding_window_attention``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from ..comm import DEFAULT_TIMEOUT_S
+from ..groups import ring_groups
+from ..kernels import get_kernel
+from ..rope import apply_rope, inv_freq
+from ..validate import DTYPES, agree_fields, local_problem
+from .mask import LambdaMask, sliding_window, stationary_positions
+from .plan import halo_plan
+from .ring import LambdaPlan, LambdaRingAttention
+
+ALGORITHMS = ("ring",)
+DEFAULT_BLOCK = 512
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (*positions.shape, head_dim) for the Hugging Face Llama RoPE.
+
+    Angles are computed in fp32 as Hugging Face does, or in fp64 for fp64 inputs (so that an fp64
+    reference check is not limited by fp32 angles at large positions).
+    """
+    adt = torch.float64 if dtype == torch.float64 else torch.float32
+    freqs = positions.to(adt).unsqueeze(-1) * inv_freq(head_dim, theta, positions.device).to(adt)  # (..., D/2)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def lambda_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: LambdaMask,
+    rope_theta: float = 10000.0,
+    softmax_scale: float | None = None,
+    algorithm: str = "ring",
+    position_offset: int = 0,
+    block_size: int | None = None,
+    kernel: str = "auto",
+    timeout: float | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """LM-Infinite Λ-mask attention over a sequence cut into contiguous shards across ``group``.
+
+    Query i attends to keys i - n_local < j <= i with normal RoPE (local branch) and to the first
+    n_global keys further back (global branch: key not rotated, query rotated to
+    min(limit_distance, i), so a far global key sits at distance limit_distance); one softmax over
+    both. n_global = 2, n_local = 3 (1 = attended)::
+
+        1 . . . . . .
+        1 1 . . . . .
+        1 1 1 . . . .
+        1 1 1 1 . . .        rows: queries 0..6
+        1 1 1 1 1 . .        columns: keys 0..6
+        1 1 . 1 1 1 .
+        1 1 . . 1 1 1
+
+    Each rank computes only its non-empty blocks (local tiles of ``block_size`` rows; dense ones
+    without a mask), receives only the halo K/V its window reaches from its predecessors (at most
+    n_local - 1 tokens) and the n_global global tokens through a relay, so time grows linearly with
+    the sequence and bytes per rank do not grow with the sequence or the number of ranks. With one
+    process this is exactly LM-Infinite's attention (see ``mask.py`` for the one deliberate choice
+    when limit_distance > n_local).
+
+    Args:
+        q: (batch, local_seq, heads, head_dim) pre-RoPE queries: this rank's contiguous shard
+            (rank r holds tokens r*local_seq .. (r+1)*local_seq - 1; see ``ringrt.shard(...,
+            layout="contiguous")``).
+        k, v: (batch, local_seq, kv_heads, head_dim), k pre-RoPE; heads a multiple of kv_heads.
+        mask: a :class:`ringrt.LambdaMask`.
+        rope_theta: RoPE base (Hugging Face Llama ``rope_theta``), rotate_half convention.
+        softmax_scale: default 1/sqrt(head_dim).
+        algorithm: ``"ring"``: the halo K/V travel to the queries' rank (the KV-ring way of
+            moving data, restricted to the neighbours the window reaches).
+        position_offset: RoPE position of token 0 (token i is at position_offset + i). The mask,
+            the global tokens and the cap are defined on token indices, so the output does not
+            depend on it (up to rounding): only relative positions enter the local branch.
+        block_size: query rows per kernel call; default min(local_seq, 512).
+        kernel: local block kernel, ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"math"``.
+        timeout: seconds a transfer may wait for a peer before raising ``CommTimeout``.
+        group: process group the sequence is sharded over (default: the default group; none
+            initialised or one rank: single-process attention).
+
+    Returns:
+        (batch, local_seq, heads, head_dim): this rank's output shard, dtype of q, differentiable
+        w.r.t. q, k, v. Accumulation in fp32 (fp64 for fp64 inputs).
+
+    Raises:
+        ValueError on every rank, before any transfer, if any rank's inputs or settings are invalid
+        or the ranks disagree.
+    """
+    groups = ring_groups(group)
+    to = DEFAULT_TIMEOUT_S if timeout is None else float(timeout)
+    problem = local_problem(
+        q, k, v, causal=True, algorithm="ring", algorithms=ALGORITHMS, layout="contiguous",
+        topology="full", topologies=("full",), softmax_scale=softmax_scale, world=groups.world,
+    )
+    problem = problem or _settings_problem(q, mask, rope_theta, algorithm, position_offset, block_size)
+    kern = None
+    if problem is None:
+        try:
+            kern = get_kernel(q.device, kernel)
+        except ValueError as e:
+            problem = str(e)
+    ok = problem is None
+    fields = [
+        ("batch", q.shape[0] if ok else -1), ("local_seq", q.shape[1] if ok else -1), ("heads", q.shape[2] if ok else -1),
+        ("kv_heads", k.shape[2] if ok else -1), ("head_dim", q.shape[3] if ok else -1),
+        ("dtype", DTYPES.index(q.dtype) if ok else -1),
+        ("n_global", mask.n_global if ok else -1), ("n_local", mask.n_local if ok else -1), ("limit_distance", mask.limit if ok else -1),
+        ("rope_theta", rope_theta if ok else -1), ("softmax_scale", softmax_scale if ok and softmax_scale is not None else -1),
+        ("algorithm", ALGORITHMS.index(algorithm) if ok else -1), ("position_offset", position_offset if ok else -1),
+        ("block_size", block_size if ok and block_size is not None else -1),
+    ]
+    agree_fields(groups, problem, fields, "ringrt.lambda_attention", to, q.device if isinstance(q, torch.Tensor) else None)
+
+    b, s, h, d = q.shape
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    index = torch.arange(groups.rank * s, (groups.rank + 1) * s, device=q.device)  # token indices of this shard
+    cos, sin = rope_cos_sin(index + position_offset, d, rope_theta, q.dtype)  # (S, D)
+    qr, kr = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    cos_s, sin_s = rope_cos_sin(stationary_positions(index, mask), d, rope_theta, q.dtype)
+    qs = apply_rope(q, cos_s, sin_s)
+    plan = LambdaPlan(
+        mask=mask, scale=float(scale), kernel=kern, groups=groups, halo=halo_plan(groups.rank, groups.world, s, mask),
+        block=min(s, block_size or DEFAULT_BLOCK), timeout=to,
+    )
+    return LambdaRingAttention.apply(qr, qs, kr, k, v, plan)
+
+
+def sliding_window_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, group: dist.ProcessGroup | None = None, **kwargs
+) -> torch.Tensor:
+    """Causal sliding-window attention (query i sees keys i - window + 1 .. i) on contiguous shards.
+
+    ``lambda_attention`` with ``mask=sliding_window(window)``; q, k, v pre-RoPE, same shapes and
+    keyword arguments (``rope_theta``, ``softmax_scale``, ...).
+    """
+    return lambda_attention(q, k, v, mask=sliding_window(window), group=group, **kwargs)
+
+
+def _settings_problem(q, mask, rope_theta, algorithm, position_offset, block_size) -> str | None:
+    if not isinstance(mask, LambdaMask):
+        return f"mask must be a ringrt.LambdaMask, got {type(mask).__name__}"
+    p = mask.problem()
+    if p:
+        return p
+    if algorithm not in ALGORITHMS:
+        return f"algorithm={algorithm!r} is not a known Λ-mask algorithm; valid: {', '.join(ALGORITHMS)}"
+    if q.shape[3] % 2:
+        return f"head_dim={q.shape[3]} must be even for rotary embeddings (rope_theta)"
+    if isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float)) or not math.isfinite(rope_theta) or rope_theta <= 0:
+        return f"rope_theta={rope_theta!r} must be a positive finite number (Hugging Face Llama: 10000.0 or 500000.0)"
+    if isinstance(position_offset, bool) or not isinstance(position_offset, int) or position_offset < 0:
+        return f"position_offset={position_offset!r} must be an int >= 0"
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
+        return f"block_size={block_size!r} must be a positive int or None (default {DEFAULT_BLOCK})"
+    return None
