@@ -1,0 +1,118 @@
+"""``ringrt generate``: sharded prefill of a long prompt, then token-by-token decoding with a
+sharded KV cache (``ringrt/model/kvcache.py``); greedy or temperature / top-k sampling. Every rank
+ends with the same tokens: the merged decode outputs are bit-identical across ranks and sampling
+uses one seeded generator per rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import torch
+import torch.distributed as dist
+
+from ..data.tokenizer import check_tokenizer, load_tokenizer
+from ..layout import num_chunks, pad_to_multiple
+from ..model.hf import load_pretrained
+from ..model.kvcache import ShardedKVCache
+from ..model.parallel import group_sum, make_attend, shard_batch
+from .config import GenerateConfig, GenerateJobConfig
+from .eval import resolve_checkpoint
+from .flags import add_dataclass_arguments, build
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _next_token(logits: torch.Tensor, g: GenerateConfig, gen: torch.Generator) -> torch.Tensor:
+    """logits (B, V) -> (B,) token ids."""
+    if g.temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.double() / g.temperature
+    if g.top_k > 0:
+        kth = logits.topk(min(g.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, -1), 1, generator=gen).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_ids(model, prompt: torch.Tensor, g: GenerateConfig, *, attention=None, train_len: int = 0,
+                 eos_id: int | None = None) -> torch.Tensor:
+    """prompt (B, P) int64 -> (B, max_new_tokens) new tokens (fewer if every row hit ``eos_id``).
+
+    The prompt is sharded over the default group (padded at the end to what the layout needs;
+    padding never enters the cache); ``attention`` is an :class:`AttentionConfig` (default ring,
+    zigzag).
+    """
+    from ..model.config import AttentionConfig
+
+    attn = attention or AttentionConfig()
+    if attn.lambda_mask:
+        raise ValueError("generate.lambda_mask=true needs the Λ-mask decode cache, which is not wired in yet; "
+                         "use attention.lambda_mask=false")
+    B, P = prompt.shape
+    if P < 1:
+        raise ValueError("the prompt is empty: give generate.prompt or generate.prompt_file")
+    if P > g.max_prompt_tokens:
+        raise ValueError(f"the prompt has {P} tokens, more than generate.max_prompt_tokens={g.max_prompt_tokens}")
+    world, layout = _world(), attn.resolved_layout()
+    padded = pad_to_multiple(prompt, num_chunks(layout, world), dim=1)
+    tokens = torch.cat([padded, padded[:, -1:]], dim=1)  # (B, P_pad + 1): shard_batch wants one extra target
+    sh = shard_batch(tokens, layout=layout)
+    prefill = make_attend(attn, model.config, train_len=train_len or P, group=None)
+    cache = ShardedKVCache(n_layers=model.config.n_layers, prefill_attend=prefill, real_len=P)
+    hidden = model(sh.input_ids, positions=sh.positions, attend=cache, hidden_only=True)  # (B, S_local, dim)
+    last = (sh.positions == P - 1).to(hidden.dtype)  # (S_local,) one-hot on the rank holding the last prompt token
+    h = group_sum(torch.einsum("bsd,s->bd", hidden, last))  # (B, dim)
+    logits = model.lm_head(h).float()  # (B, V)
+    cache.advance()
+    gen = torch.Generator().manual_seed(g.seed)
+    out, done = [], torch.zeros(B, dtype=torch.bool)
+    for t in range(g.max_new_tokens):
+        nxt = _next_token(logits, g, gen)  # (B,)
+        out.append(nxt)
+        if eos_id is not None:
+            done |= nxt == eos_id
+            if bool(done.all()):
+                break
+        if t + 1 == g.max_new_tokens:
+            break
+        logits = model(nxt[:, None], positions=torch.tensor([P + t]), attend=cache)[:, -1].float()  # (B, V)
+        cache.advance()
+    return torch.stack(out, dim=1)
+
+
+def run_generate(cfg: GenerateJobConfig, model=None) -> dict:
+    """Generate from ``cfg.generate.prompt`` (or ``prompt_file``); returns {"prompt_tokens", "text", "ids"}."""
+    g = cfg.generate
+    if g.max_new_tokens < 1:
+        raise ValueError(f"generate.max_new_tokens={g.max_new_tokens} must be a positive integer")
+    if g.temperature < 0 or g.top_k < 0:
+        raise ValueError(f"generate.temperature={g.temperature} and generate.top_k={g.top_k} must be >= 0")
+    hf_dir, extra = resolve_checkpoint(g.checkpoint)
+    tok = load_tokenizer(cfg.data.tokenizer if cfg.data.tokenizer is not None else extra.get("tokenizer"))
+    if model is None:
+        model = load_pretrained(hf_dir)
+    model.eval()
+    check_tokenizer(tok, model.config)
+    text = open(g.prompt_file, encoding="utf-8").read() if g.prompt_file else g.prompt
+    ids = torch.tensor([tok.encode(text)], dtype=torch.int64)
+    new = generate_ids(model, ids, g, attention=cfg.attention, train_len=extra.get("train_len", 0), eos_id=tok.eos_id)
+    return {"prompt_tokens": ids.shape[1], "ids": new[0].tolist(), "text": tok.decode(new[0].tolist())}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_dataclass_arguments(p, GenerateJobConfig)
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..launcher import init_distributed
+
+    cfg = build(GenerateJobConfig, args)
+    init_distributed()
+    out = run_generate(cfg)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(out["text"], flush=True)
+    return 0

@@ -1,0 +1,84 @@
+"""A sharded KV cache for generation: prefill shards the prompt over the ranks (ring attention)
+and each rank keeps the K/V of its own prompt tokens; each decoded token's K/V is kept by one rank
+(round robin). A decode step computes, on every rank, the new query's partial attention over the
+local cache, all-gathers the (out, lse) partials and merges them in rank order, so every rank
+ends with the same, bit-identical output.
+
+K/V are stored after RoPE (positions are absolute), in the order the layout gave them: order does
+not matter to a query that sees every cached key.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..comm import count
+from ..groups import base_group
+from ..merge import empty_accumulator, merge_
+
+
+class ShardedKVCache:
+    """Injected as the model's ``attend`` for a prefill call and then for each decode call."""
+
+    rotates = False
+
+    def __init__(self, *, n_layers: int, prefill_attend=None, real_len: int, group: dist.ProcessGroup | None = None):
+        self.group, self.rank, self.world = base_group(group)
+        self.prefill_attend = prefill_attend
+        self.real_len = real_len  # prompt tokens that are real (the rest is padding for the layout)
+        self.k: list[torch.Tensor | None] = [None] * n_layers
+        self.v: list[torch.Tensor | None] = [None] * n_layers
+        self.decoding = False
+        self.step = 0  # decoded tokens so far; token t's K/V live on rank t % world
+
+    def _append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.k[layer] is None:
+            self.k[layer], self.v[layer] = k, v
+        else:
+            self.k[layer] = torch.cat([self.k[layer], k], dim=1)
+            self.v[layer] = torch.cat([self.v[layer], v], dim=1)
+
+    def __call__(self, q, k, v, *, layer, positions):
+        """Prefill: q/k/v (B, S_local, H|H_kv, D) -> ring attention. Decode: (B, 1, ...) -> (B, 1, H, D)."""
+        if not self.decoding:
+            keep = positions < self.real_len  # (S_local,) padding never enters the cache
+            self._append(layer, k[:, keep], v[:, keep])
+            if self.prefill_attend is None:  # one process: the model's own causal attention
+                from .llama import LocalAttention
+
+                return LocalAttention()(q, k, v, layer=layer, positions=positions)
+            return self.prefill_attend(q, k, v, layer=layer, positions=positions)
+        if self.step % self.world == self.rank:
+            self._append(layer, k, v)
+        return self._decode_attention(q, layer)
+
+    def advance(self) -> None:
+        """Call after each decode forward (the next token's K/V go to the next rank)."""
+        if self.decoding:
+            self.step += 1
+        self.decoding = True
+
+    def _decode_attention(self, q: torch.Tensor, layer: int) -> torch.Tensor:
+        B, _, H, D = q.shape
+        qh = q.transpose(1, 2)  # (B, H, 1, D)
+        out, lse = empty_accumulator(qh)  # (B, H, 1, D), (B, H, 1) fp32 (fp64 for fp64)
+        k, v = self.k[layer], self.v[layer]
+        if k is not None and k.shape[1] > 0:
+            g = H // k.shape[2]
+            kh = k.transpose(1, 2).repeat_interleave(g, dim=1).to(out.dtype)  # (B, H, S_c, D)
+            vh = v.transpose(1, 2).repeat_interleave(g, dim=1).to(out.dtype)
+            scores = (qh.to(out.dtype) @ kh.transpose(-1, -2)) / D**0.5  # (B, H, 1, S_c)
+            lse = torch.logsumexp(scores, dim=-1)  # (B, H, 1)
+            out = torch.softmax(scores, dim=-1) @ vh  # (B, H, 1, D)
+        if self.world > 1:
+            packed = torch.cat([out.flatten(), lse.flatten()])
+            parts = [torch.empty_like(packed) for _ in range(self.world)]
+            dist.all_gather(parts, packed, group=self.group)
+            count("kvcache", sent=packed.numel() * packed.element_size() * (self.world - 1),
+                  recv=packed.numel() * packed.element_size() * (self.world - 1), sends=self.world - 1, recvs=self.world - 1)
+            n = out.numel()
+            out, lse = empty_accumulator(qh)
+            for p in parts:  # rank order on every rank: identical results everywhere
+                merge_(out, lse, p[:n].view_as(out), p[n:].view_as(lse))
+        return out.to(q.dtype).transpose(1, 2)  # (B, 1, H, D)
