@@ -5,6 +5,8 @@
 * torchrun / torch.distributed.run: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT
 * Slurm (one task per rank, ``srun``): SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID,
   SLURM_NTASKS_PER_NODE / SLURM_TASKS_PER_NODE, SLURM_JOB_NODELIST (first node is the master)
+* submitit's local executor (Hydra ``submitit_local``): SUBMITIT_LOCAL_GLOBALID, SUBMITIT_LOCAL_NTASKS
+  (its Slurm executor runs one Slurm task per rank, read as Slurm)
 * MPI (mpirun / srun --mpi=pmix): OMPI_COMM_WORLD_* or PMI_RANK/PMI_SIZE or PMIX_RANK; the master
   address and port are agreed through mpi4py (rank 0 broadcasts its IP and a free port) unless
   MASTER_ADDR/MASTER_PORT are set.
@@ -20,13 +22,14 @@ import os
 import re
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Literal, Mapping
 
 import torch
 import torch.distributed as dist
 
-Source = Literal["torchrun", "slurm", "mpi", "single"]
+Source = Literal["torchrun", "slurm", "mpi", "submitit", "single"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +146,16 @@ def detect(env: Mapping[str, str] | None = None) -> LaunchEnv:
             local_rank=_int(env, "SLURM_LOCALID") or 0, local_world_size=_slurm_local_world(env),
             master_addr=addr, master_port=port, source="slurm",
         )
+    if _int(env, "SUBMITIT_LOCAL_GLOBALID") is not None and _int(env, "SUBMITIT_LOCAL_NTASKS") is not None:
+        # submitit's local executor (Hydra's submitit_local launcher): tasks of one job on this machine.
+        ntasks = _int(env, "SUBMITIT_LOCAL_NTASKS")
+        return LaunchEnv(
+            rank=_int(env, "SUBMITIT_LOCAL_GLOBALID"), world_size=ntasks,
+            local_rank=_int(env, "SUBMITIT_LOCAL_LOCALID") or 0, local_world_size=ntasks,
+            master_addr=env.get("MASTER_ADDR") or "127.0.0.1",
+            master_port=_int(env, "MASTER_PORT") or 20000 + (_int(env, "SUBMITIT_LOCAL_JOB_ID") or 0) % 20000,
+            source="submitit",
+        )
     return LaunchEnv(0, 1, 0, 1, None, None, "single")
 
 
@@ -160,6 +173,21 @@ def _mpi_rendezvous(le: LaunchEnv) -> LaunchEnv:
         info = (resolve_ip(socket.gethostname()), port)
     addr, port = comm.bcast(info, root=0)
     return LaunchEnv(le.rank, le.world_size, le.local_rank, le.local_world_size, addr, port, "mpi")
+
+
+_RUN_ID_VARS = ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SUBMITIT_LOCAL_JOB_ID", "PMIX_NAMESPACE", "OMPI_MCA_ess_base_jobid")
+
+
+def run_id(env: Mapping[str, str] | None = None) -> str | None:
+    """An id every rank of one launch shares (torchrun run id, Slurm job id, ...), or None.
+
+    Used to name a shared output directory when the user gave none; stable across torchrun restarts.
+    """
+    env = os.environ if env is None else env
+    for name in _RUN_ID_VARS:
+        if env.get(name):
+            return re.sub(r"[^A-Za-z0-9_.-]", "_", env[name])
+    return None
 
 
 def global_rank() -> int:
@@ -192,3 +220,16 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> Launch
         timeout=datetime.timedelta(seconds=timeout_s),
     )
     return le
+
+
+def shutdown() -> None:
+    """Leave the launch cleanly: destroy the process group, then finalize MPI if it was started.
+
+    Call before ``os._exit`` (which skips interpreter teardown, where gloo threads can abort the
+    process); mpirun reports a rank that exits without MPI_Finalize as a failure.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()

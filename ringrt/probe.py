@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-from .launcher import init_distributed
+from .launcher import init_distributed, shutdown
 
 
 @dataclass(kw_only=True, slots=True)
@@ -132,8 +132,7 @@ def main(args: argparse.Namespace) -> int:
         dist.barrier()
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(json.dumps({k: result[k] for k in ("ok", "world_size", "launcher")}), flush=True)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    shutdown()
     return 0 if result["ok"] else 1
 
 
