@@ -1,0 +1,45 @@
+"""LambdaKVCache: decoding with n_global + n_local kept tokens gives the full-sequence formula."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ringrt.lambda_ import LambdaKVCache, LambdaMask
+from tests.test_lambda_reference import lambda_reference
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("ng,nl,lim,chunks", [
+    (2, 5, None, [7, 1, 1, 3, 1, 4, 1, 2]),  # prompt, then single tokens and small chunks
+    (3, 4, 9, [1] * 20),  # limit > n_local, token by token from the start
+    (0, 3, None, [5, 6, 1, 8]),  # sliding window
+    (4, 2, None, [3, 10, 7]),  # chunks longer than the window
+])
+def test_cache_matches_full_sequence_formula(ng, nl, lim, chunks):
+    n = sum(chunks)
+    g = torch.Generator().manual_seed(n)
+    q = torch.randn(2, n, 4, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(2, n, 2, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(2, n, 2, 8, generator=g, dtype=torch.float64)
+    mask = LambdaMask(n_global=ng, n_local=nl, limit_distance=lim)
+    ref = lambda_reference(q, k, v, n_global=ng, n_local=nl, limit=lim)
+    cache = LambdaKVCache(mask=mask, position_offset=5)  # RoPE offset: relative positions only
+    start, outs = 0, []
+    for c in chunks:
+        outs.append(cache.attend(q[:, start : start + c], k[:, start : start + c], v[:, start : start + c]))
+        start += c
+        assert len(cache) <= ng + nl  # bounded memory
+        assert cache.index.tolist() == sorted(set(range(min(ng, start))) | set(range(max(0, start - nl), start)))
+    torch.testing.assert_close(torch.cat(outs, 1), ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.timeout(30)
+def test_cache_rejects_positions_that_do_not_continue():
+    cache = LambdaKVCache(mask=LambdaMask(n_global=1, n_local=2))
+    x = torch.randn(1, 2, 1, 4)
+    cache.attend(x, x, x)
+    with pytest.raises(ValueError, match="must continue the cache: 2 .. 3"):
+        cache.attend(x, x, x, positions=torch.tensor([5, 6]))
+    with pytest.raises(ValueError, match="n_local=0"):
+        LambdaKVCache(mask=LambdaMask(n_global=1, n_local=0))
