@@ -13,7 +13,7 @@ from ringrt import comm
 from tests.distributed import run
 from tests.reference import reference_attention
 
-HEADS = [(4, 4), (4, 2), (4, 1)]  # MHA, GQA, MQA
+HEADS = [(4, 4), (4, 2), (4, 1), (6, 3)]  # MHA, GQA, MQA, GQA with an odd kv-head count
 D = 12  # not a power of two
 
 
@@ -69,9 +69,9 @@ def _worker_exactness(rank, world):
                     full, fwd, bwd = _ring_case(causal, heads, kv_heads, topology, dtype)
                     key = (causal, heads, kv_heads, topology, str(dtype))
                     results[key] = ([t.double() for t in full], fwd, bwd)
-    for causal in (True, False):
-        full, _, _ = _ring_case(causal, 4, 2, "full", torch.bfloat16)
-        results[(causal, 4, 2, "full", "torch.bfloat16")] = ([t.double() for t in full], None, None)
+    for causal, dtype in ((True, torch.bfloat16), (False, torch.bfloat16), (True, torch.float16)):
+        full, _, _ = _ring_case(causal, 4, 2, "full", dtype)
+        results[(causal, 4, 2, "full", str(dtype))] = ([t.double() for t in full], None, None)
     return results if rank == 0 else {k: (None, v[1], v[2]) for k, v in results.items()}
 
 
@@ -148,13 +148,13 @@ def test_tokenring_matches_fp64_reference(world):
     for (causal, heads, kv_heads, topology, dt), (full, _, _) in results.items():
         ref = _reference(world, causal, heads, kv_heads)
         names = ("out", "dq", "dk", "dv")
-        if dt == "torch.bfloat16":
+        if dt in ("torch.bfloat16", "torch.float16"):
             # tolerance measured, flash-attention style: at most 2x the error of PyTorch's own
-            # attention in bf16 against the same fp64 reference (measured here: <= 1.5x)
-            same = _reference(world, causal, heads, kv_heads, torch.bfloat16)
+            # attention in the same precision against the same fp64 reference (measured here: <= 1.5x)
+            same = _reference(world, causal, heads, kv_heads, getattr(torch, dt.split(".")[1]))
             for n, a, b, c in zip(names, full, ref, same):
                 err, base = (a - b).abs().max().item(), (c - b).abs().max().item()
-                assert err <= 2 * base, f"bf16 {n} causal={causal}: error {err:.3g} vs same-precision {base:.3g}"
+                assert err <= 2 * base, f"{dt} {n} causal={causal}: error {err:.3g} vs same-precision {base:.3g}"
             continue
         for n, a, b in zip(names, full, ref):
             err = (a - b).abs().max().item()
