@@ -7,6 +7,7 @@ import importlib
 
 BENCHES: dict[str, tuple[str, str]] = {
     "attention": ("ringrt.bench.attention", "TokenRing fwd+bwd at W ranks vs one process with W threads"),
+    "lambda": ("ringrt.bench.lambda_bench", "Λ-mask attention: time and bytes per rank as N and W grow, vs dense"),
 }
 
 
