@@ -63,6 +63,8 @@ class LocalSlurm:
         return {**os.environ, "SLURM_CONF": str(self.conf)}
 
     def _munge(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.chmod(0o755)  # munged (user munge) must reach its socket directory
         d = self.root / "munge"
         d.mkdir(parents=True)
         key = d / "munge.key"
@@ -76,7 +78,6 @@ class LocalSlurm:
              f"--log-file={d / 'munged.log'}", f"--seed-file={d / 'munged.seed'}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         ))
-        self.root.chmod(0o755)
         deadline = time.monotonic() + 20
         while not self.munge_socket.exists():
             if time.monotonic() > deadline or self.procs[-1].poll() is not None:
