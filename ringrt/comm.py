@@ -137,6 +137,7 @@ class P2P:
         self.timeout = DEFAULT_TIMEOUT_S if timeout is None else float(timeout)
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
+        self._batched = dist.get_backend(group) == "nccl"
 
     def post(
         self,
@@ -146,24 +147,37 @@ class P2P:
         recvs: Sequence[tuple[int, int]] = (),
         device: torch.device | None = None,
     ) -> Pending:
-        """Start sends of packed uint8 messages ``(peer, buf)`` and receives ``(peer, nbytes)``."""
-        works, bufs, keep = [], [], []
+        """Start sends of packed uint8 messages ``(peer, buf)`` and receives ``(peer, nbytes)``.
+
+        On gloo each transfer is a plain isend/irecv (batch_isend_irecv costs ~0.4-0.6 ms more per
+        exchange there); on NCCL they go out as one ``batch_isend_irecv`` group, which NCCL needs to
+        run a step's sends and receives concurrently without deadlock.
+        """
+        ops, bufs, keep = [], [], []
         counters = _COUNTERS.get(self.name)
         for peer, buf in sends:
             self._check_peer(peer, step)
             if buf.dtype != torch.uint8 or buf.dim() != 1:
                 raise ValueError(f"channel {self.name!r}: send a packed 1-D uint8 buffer, got {buf.dtype} {tuple(buf.shape)}")
-            works.append((dist.isend(buf, group=self.group, group_dst=peer), "send", peer))
+            ops.append((dist.isend, buf, "send", peer))
             keep.append(buf)
             counters.sends += 1
             counters.bytes_sent += buf.numel()
         for peer, n in recvs:
             self._check_peer(peer, step)
             buf = torch.empty(n, dtype=torch.uint8, device=device)
-            works.append((dist.irecv(buf, group=self.group, group_src=peer), "recv", peer))
+            ops.append((dist.irecv, buf, "recv", peer))
             bufs.append(buf)
             counters.recvs += 1
             counters.bytes_recv += n
+        if self._batched and ops:
+            p2p = [dist.P2POp(fn, buf, group=self.group, group_peer=peer) for fn, buf, _, peer in ops]
+            works = [(w, kind, peer) for w, (_, _, kind, peer) in zip(dist.batch_isend_irecv(p2p), ops)]
+        else:
+            works = [
+                (fn(buf, group=self.group, **({"group_dst": peer} if kind == "send" else {"group_src": peer})), kind, peer)
+                for fn, buf, kind, peer in ops
+            ]
         return Pending(self, step, works, bufs, keep)
 
     def _check_peer(self, peer: int, step: int) -> None:
