@@ -50,7 +50,7 @@ def _sbin(name: str) -> str:
 
 
 class LocalSlurm:
-    """Two emulated nodes ``n1``, ``n2`` (CPUs = nproc each) in partition ``debug``."""
+    """Two emulated nodes ``n1``, ``n2`` (8 CPUs each, whatever the machine has) in partition ``debug``."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -87,7 +87,6 @@ class LocalSlurm:
     def _write_conf(self) -> None:
         ctld_port, d1, d2 = _free_ports(3)
         host = socket.gethostname().split(".")[0]
-        cpus = os.cpu_count() or 1
         r = self.root
         for sub in ("state", "spool", "log"):
             (r / sub).mkdir(exist_ok=True)
@@ -116,13 +115,14 @@ SelectTypeParameters=CR_Core
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
+SlurmdParameters=config_overrides
 SchedulerType=sched/backfill
 SlurmctldTimeout=30
 SlurmdTimeout=30
 InactiveLimit=0
 KillWait=5
 MinJobAge=300
-NodeName=n[1-2] NodeHostname={host} NodeAddr=127.0.0.1 Port=[{d1}-{d2}] CPUs={cpus} RealMemory=4096 State=UNKNOWN
+NodeName=n[1-2] NodeHostname={host} NodeAddr=127.0.0.1 Port=[{d1}-{d2}] CPUs=8 RealMemory=4096 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 """)
 
@@ -146,10 +146,14 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
                 raise RuntimeError(f"Slurm did not come up (sinfo: {out.stdout!r} {out.stderr!r}); logs in {self.root}/log")
             time.sleep(0.5)
 
-    def sbatch_wait(self, args: list[str], timeout: float = 180.0, extra_env: dict | None = None) -> subprocess.CompletedProcess:
-        """``sbatch --wait`` (returns when the job ends; its exit code is the job's)."""
-        return subprocess.run(["sbatch", "--wait", *args], env={**self.env, **(extra_env or {})},
-                              capture_output=True, text=True, timeout=timeout)
+    def sbatch_wait(self, args: list[str], extra_env: dict | None = None) -> subprocess.Popen:
+        """Start ``sbatch --wait`` (it ends when the job ends, with the job's exit code).
+
+        Returns at once so several jobs can run together: sbatch polls the job with growing
+        intervals, so jobs waited for one after another cost tens of seconds each.
+        """
+        return subprocess.Popen(["sbatch", "--wait", *args], env={**self.env, **(extra_env or {})},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def stop(self) -> None:
         for p in reversed(self.procs):

@@ -1,12 +1,13 @@
 """A real Slurm cluster on this machine (munged, slurmctld, two emulated slurmd nodes), our sbatch
 templates submitted with ``sbatch --wait``: one task per node running torchrun, one task per rank,
-and srun --mpi=pmix with mpi4py."""
+srun --mpi=pmix with mpi4py, and a failing job. The jobs run concurrently; each test checks one."""
 
 from __future__ import annotations
 
 import importlib.util
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -15,56 +16,73 @@ from tests.launch_util import REPO, check_probe, free_port
 
 pytestmark = pytest.mark.skipif(not slurm_local.available(), reason="Slurm not installed (apt: slurm-wlm munge)")
 
+JOBS = {
+    # name: (template, sbatch options, probe options, environment)
+    "torchrun": ("torchrun.sbatch", ["--nodes=2"], [], "RDZV_PORT"),
+    "per_rank": ("per_rank.sbatch", ["--nodes=2", "--ntasks-per-node=1"], [], "MASTER_PORT"),
+    "pmix": ("mpi.sbatch", ["--nodes=1", "--ntasks=2"], [], None),
+    "bad": ("per_rank.sbatch", ["--nodes=2", "--ntasks-per-node=1"], ["--seq-len", "30"], "MASTER_PORT"),
+}
+
 
 @pytest.fixture(scope="module")
-def cluster():
+def jobs():
+    """Start the cluster, submit every job, yield {name: wait() -> (exit code, log text, result path)}."""
     # Not under pytest's tmp dir: that is mode 0700 and munged runs as the munge user.
-    root = tempfile.mkdtemp(prefix="ringrt-slurm-")
-    c = slurm_local.LocalSlurm(root).start()
-    yield c
-    c.stop()
-    shutil.rmtree(root, ignore_errors=True)
+    root = Path(tempfile.mkdtemp(prefix="ringrt-slurm-"))
+    cluster = slurm_local.LocalSlurm(root).start()
+    procs = {}
+    try:
+        for name, (template, opts, probe_opts, port_var) in JOBS.items():
+            env = {port_var: str(free_port())} if port_var else {}
+            out, log = root / f"{name}.json", root / f"{name}.out"
+            procs[name] = (cluster.sbatch_wait(
+                [*opts, f"--job-name={name}", f"--output={log}", f"--chdir={REPO}", str(REPO / "slurm" / template),
+                 "-m", "ringrt.probe", "--out", str(out), *probe_opts], extra_env=env), out, log)
+
+        def wait(name: str, timeout: float = 150):
+            proc, out, log = procs[name]
+            code = proc.wait(timeout=timeout)
+            return code, (log.read_text() if log.exists() else proc.stderr.read()), out
+
+        yield wait
+    finally:
+        for proc, _, _ in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
-def _submit(cluster, tmp_path, template, *sbatch_args, probe_args=(), env=None):
-    out, log = tmp_path / "probe.json", tmp_path / "job.out"
-    p = cluster.sbatch_wait([*sbatch_args, f"--output={log}", f"--chdir={REPO}", str(REPO / "slurm" / template),
-                             "-m", "ringrt.probe", "--out", str(out), *probe_args], extra_env=env)
-    return p, out, log.read_text() if log.exists() else ""
-
-
-@pytest.mark.timeout(120)
-def test_torchrun_per_node(cluster, tmp_path):
-    p, out, log = _submit(cluster, tmp_path, "torchrun.sbatch", "--nodes=2", env={"RDZV_PORT": str(free_port())})
-    assert p.returncode == 0, log[-4000:]
+@pytest.mark.timeout(200)
+def test_torchrun_per_node(jobs):
+    code, log, out = jobs("torchrun")
+    assert code == 0, log[-4000:]
     assert "nodes=2 nproc_per_node=1" in log
     result = check_probe(out, world=2, launcher="torchrun")
     assert len({r["pid"] for r in result["ranks"]}) == 2
 
 
-@pytest.mark.timeout(120)
-def test_task_per_rank(cluster, tmp_path):
-    p, out, log = _submit(cluster, tmp_path, "per_rank.sbatch", "--nodes=2", "--ntasks-per-node=1",
-                          env={"MASTER_PORT": str(free_port())})
-    assert p.returncode == 0, log[-4000:]
-    assert "master=127.0.0.1:" in log  # the node name n1 resolved to an IP through Slurm's NodeAddr
+@pytest.mark.timeout(200)
+def test_task_per_rank(jobs):
+    code, log, out = jobs("per_rank")
+    assert code == 0, log[-4000:]
+    assert "master=127.0.0.1:" in log  # node name n1 resolved to an IP through Slurm's NodeAddr
     check_probe(out, world=2, launcher="slurm")
 
 
-@pytest.mark.timeout(120)
-def test_srun_pmix_mpi4py(cluster, tmp_path):
-    if importlib.util.find_spec("mpi4py") is None:
-        pytest.fail("mpi4py missing: pip install 'ringrt[mpi]'")
-    p, out, log = _submit(cluster, tmp_path, "mpi.sbatch", "--nodes=1", "--ntasks=2")
-    assert p.returncode == 0, log[-4000:]
+@pytest.mark.timeout(200)
+def test_srun_pmix_mpi4py(jobs):
+    assert importlib.util.find_spec("mpi4py") is not None, "mpi4py missing: pip install 'ringrt[mpi]'"
+    code, log, out = jobs("pmix")
+    assert code == 0, log[-4000:]
     check_probe(out, world=2, launcher="mpi")
 
 
-@pytest.mark.timeout(120)
-def test_failed_job_fails_sbatch_wait(cluster, tmp_path):
+@pytest.mark.timeout(200)
+def test_failed_job_fails_sbatch_wait(jobs):
     """sbatch --wait returns the job's exit code: a rank that rejects its input fails the job."""
-    p, out, log = _submit(cluster, tmp_path, "per_rank.sbatch", "--nodes=2", "--ntasks-per-node=1",
-                          probe_args=("--seq-len", "30"), env={"MASTER_PORT": str(free_port())})
-    assert p.returncode != 0
+    code, log, out = jobs("bad")
+    assert code != 0
     assert "probe.seq_len=30 must be a multiple of 2 x world size = 4" in log
     assert not out.exists()
