@@ -63,3 +63,33 @@ class MetricsLogger:
     def close(self) -> None:
         for s in self.sinks:
             getattr(s, "close", lambda: None)()
+
+
+class WandbSink:
+    """Weights & Biases run (``mode``: ``offline`` default, ``online``, ``disabled``); rank 0 only.
+
+    Offline runs land in ``<dir>/wandb/offline-run-*``; ``wandb sync <that dir>`` uploads them later.
+    Keys are logged as given (``loss``, ``tokens_per_s``, ``flops_per_s``, ``peak_mem_bytes``,
+    ``comm_bytes``, ...) with ``step`` as the x-axis.
+    """
+
+    def __init__(self, *, mode: str = "offline", project: str = "ringrt", dir: str = ".", entity: str | None = None,
+                 name: str | None = None, group: str | None = None, tags: list[str] | None = None,
+                 config: dict | None = None):
+        if mode not in ("offline", "online", "disabled"):
+            raise ValueError(f"logging.wandb={mode!r} is not valid; valid: 'offline', 'online', 'disabled'")
+        import wandb  # optional: pip install wandb
+
+        os.makedirs(dir, exist_ok=True)
+        self._run = wandb.init(mode=mode, project=project, entity=entity, name=name, group=group, tags=tags,
+                               dir=dir, config=config, reinit="finish_previous")
+
+    @property
+    def run(self):
+        return self._run
+
+    def __call__(self, step, metrics):
+        self._run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+    def close(self):
+        self._run.finish()
