@@ -57,9 +57,13 @@ def _convert(tp, value, key: str):
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for a in args:
-            if a is type(None):
-                continue
+        arms = [a for a in args if a is not type(None)]
+        if len(arms) == 1:  # Optional[X]: X's own message, plus null
+            try:
+                return _convert(arms[0], value, key)
+            except ConfigError as e:
+                raise ConfigError(f"{e} (or null)" if type(None) in args else str(e)) from None
+        for a in arms:
             try:
                 return _convert(a, value, key)
             except ConfigError:
