@@ -18,9 +18,10 @@ from ringrt.data.config import DataConfig
 from ringrt.jobs.config import EvalConfig, EvalJobConfig, GenerateConfig, TrainConfig, TrainJobConfig
 from ringrt.jobs.passkey import QUESTION, passkey_example
 from ringrt.jobs.train import lr_at
-from ringrt.model.config import ModelConfig
+from ringrt.model.config import AttentionConfig, ModelConfig
 from tests.distributed import run
 
+LAMBDA = AttentionConfig(lambda_mask=True, n_global=4, n_local=16)
 MODEL = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2)
 DATA = DataConfig(seq_len=32, batch_size=4)
 
@@ -57,6 +58,7 @@ def _worker(rank, world, root):
     torch.manual_seed(5)
     prompt = torch.randint(0, 256, (2, 37))  # 37: padded to 40 for zigzag over 2 ranks
     out["greedy"] = generate_ids(model, prompt, GenerateConfig(max_new_tokens=10)).tolist()
+    out["greedy_lambda"] = generate_ids(model, prompt, GenerateConfig(max_new_tokens=10), attention=LAMBDA, train_len=16).tolist()
     out["sampled"] = generate_ids(model, prompt, GenerateConfig(max_new_tokens=10, temperature=1.0, top_k=20, seed=3)).tolist()
 
     errors = []
@@ -109,6 +111,14 @@ def test_jobs_on_two_ranks(tmp_path):
             x = torch.cat([x, model(x)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert r["greedy"] == res[1]["greedy"] == x[:, 37:].tolist()
     assert r["sampled"] == res[1]["sampled"]
+    from ringrt.model.parallel import make_attend
+
+    lam = make_attend(LAMBDA, model.config, train_len=16)  # one process, Λ-mask over the whole sequence
+    x = x[:, :37]
+    with torch.no_grad():
+        for _ in range(10):
+            x = torch.cat([x, model(x, attend=lam)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert r["greedy_lambda"] == res[1]["greedy_lambda"] == x[:, 37:].tolist()
     # bad input: the same ValueError on every rank, naming the setting
     for rr in res:
         assert "train.data_parallel=3 must divide the world size 2" in rr["errors"][0]

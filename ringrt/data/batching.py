@@ -21,14 +21,20 @@ def token_stream(files: list[Path], tok, jsonl_field: str = "text") -> Iterator[
             yield tok.eos_id
 
 
-def sequences(files: list[Path], tok, length: int, jsonl_field: str = "text") -> Iterator[torch.Tensor]:
-    """Consecutive windows of ``length`` tokens (int64) over the stream of ``files``."""
-    buf: list[int] = []
+def sequences(files: list[Path], tok, length: int, jsonl_field: str = "text", bos: int | None = None) -> Iterator[torch.Tensor]:
+    """Consecutive windows of ``length`` tokens (int64) over the stream of ``files``; with ``bos``,
+    each window starts with that token (then ``length - 1`` tokens of the stream)."""
+    start = [] if bos is None else [bos]
+    buf: list[int] = list(start)
     for t in token_stream(files, tok, jsonl_field):
         buf.append(t)
         if len(buf) == length:
             yield torch.tensor(buf, dtype=torch.int64)
-            buf = []
+            buf = list(start)
+
+
+def _bos(cfg: DataConfig, tok) -> int | None:
+    return getattr(tok, "bos_id", None) if cfg.add_bos else None
 
 
 def train_files(cfg: DataConfig) -> list[Path]:
@@ -54,7 +60,7 @@ def train_batches(cfg: DataConfig, tok, *, replicas: int = 1, replica: int = 0, 
         random.Random(cfg.seed + epoch).shuffle(order)
         group: list[torch.Tensor] = []
         produced = False
-        for seq in sequences(order, tok, cfg.seq_len + 1, cfg.jsonl_field):
+        for seq in sequences(order, tok, cfg.seq_len + 1, cfg.jsonl_field, _bos(cfg, tok)):
             group.append(seq)
             if len(group) == replicas * per:
                 produced = True
@@ -71,7 +77,7 @@ def train_batches(cfg: DataConfig, tok, *, replicas: int = 1, replica: int = 0, 
 def eval_sequences(cfg: DataConfig, tok, length: int, count: int) -> torch.Tensor:
     """The first ``count`` windows of ``length + 1`` validation tokens, (count, length + 1)."""
     out = []
-    for seq in sequences(val_files(cfg), tok, length + 1, cfg.jsonl_field):
+    for seq in sequences(val_files(cfg), tok, length + 1, cfg.jsonl_field, _bos(cfg, tok)):
         out.append(seq)
         if len(out) == count:
             return torch.stack(out)

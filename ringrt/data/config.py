@@ -20,6 +20,9 @@ class DataConfig:
     """Sequences per micro-batch on each data-parallel replica."""
     val_percent: float = 2.0
     """Percentage of documents kept for validation (chosen by a hash of the path, so deterministic)."""
+    add_bos: bool = True
+    """Start every sequence with the tokenizer's <bos> token (when it has one), as LLMs are trained;
+    it becomes the "attention sink" that the Λ-mask's global branch keeps in view."""
     seed: int = 0
     """Seeds the document order of each epoch."""
 

@@ -46,6 +46,8 @@ class HFTokenizer:
             raise ValueError(f"data.tokenizer={path!r} is not a readable tokenizer.json ({e})") from None
         self.name = file
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.bos_id = next((self._tok.token_to_id(t) for t in ("<s>", "<|begin_of_text|>", "<bos>")
+                            if self._tok.token_to_id(t) is not None), None)
         self.eos_id = next((self._tok.token_to_id(t) for t in ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
                             if self._tok.token_to_id(t) is not None), None)
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from ..data.tokenizer import check_tokenizer, load_tokenizer
 from ..layout import num_chunks, pad_to_multiple
 from ..model.hf import load_pretrained
-from ..model.kvcache import ShardedKVCache
+from ..model.kvcache import LambdaPrefillCache, ShardedKVCache
 from ..model.parallel import group_sum, make_attend, shard_batch
 from .config import GenerateConfig, GenerateJobConfig
 from .eval import resolve_checkpoint
@@ -49,9 +49,6 @@ def generate_ids(model, prompt: torch.Tensor, g: GenerateConfig, *, attention=No
     from ..model.config import AttentionConfig
 
     attn = attention or AttentionConfig()
-    if attn.lambda_mask:
-        raise ValueError("generate.lambda_mask=true needs the Λ-mask decode cache, which is not wired in yet; "
-                         "use attention.lambda_mask=false")
     B, P = prompt.shape
     if P < 1:
         raise ValueError("the prompt is empty: give generate.prompt or generate.prompt_file")
@@ -62,7 +59,11 @@ def generate_ids(model, prompt: torch.Tensor, g: GenerateConfig, *, attention=No
     tokens = torch.cat([padded, padded[:, -1:]], dim=1)  # (B, P_pad + 1): shard_batch wants one extra target
     sh = shard_batch(tokens, layout=layout)
     prefill = make_attend(attn, model.config, train_len=train_len or P, group=None)
-    cache = ShardedKVCache(n_layers=model.config.n_layers, prefill_attend=prefill, real_len=P)
+    if attn.lambda_mask:  # Λ-mask: bounded cache (first n_global + last n_local tokens) on every rank
+        cache = LambdaPrefillCache(n_layers=model.config.n_layers, prefill_attend=prefill, mask=prefill.mask,
+                                   rope_theta=model.config.rope_theta, real_len=P)
+    else:
+        cache = ShardedKVCache(n_layers=model.config.n_layers, prefill_attend=prefill, real_len=P)
     hidden = model(sh.input_ids, positions=sh.positions, attend=cache, hidden_only=True)  # (B, S_local, dim)
     last = (sh.positions == P - 1).to(hidden.dtype)  # (S_local,) one-hot on the rank holding the last prompt token
     h = group_sum(torch.einsum("bsd,s->bd", hidden, last))  # (B, dim)

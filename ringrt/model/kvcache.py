@@ -82,3 +82,44 @@ class ShardedKVCache:
             for p in parts:  # rank order on every rank: identical results everywhere
                 merge_(out, lse, p[:n].view_as(out), p[n:].view_as(lse))
         return out.to(q.dtype).transpose(1, 2)  # (B, 1, H, D)
+
+
+class LambdaPrefillCache:
+    """Λ-mask generation: sharded prefill with ``ringrt.lambda_attention`` (contiguous shards),
+    then decoding from one ``ringrt.LambdaKVCache`` per layer, replicated on every rank.
+
+    A Λ-mask query sees at most n_global + n_local keys, so after the prefill each rank gathers the
+    prompt's pre-RoPE K/V once, hands it to its cache (which keeps only the first n_global and the
+    last n_local tokens) and decodes without further communication; every rank computes the same
+    tokens.
+    """
+
+    rotates = True
+
+    def __init__(self, *, n_layers: int, prefill_attend, mask, rope_theta: float, real_len: int,
+                 group: dist.ProcessGroup | None = None):
+        from .. import LambdaKVCache
+
+        self.group, self.rank, self.world = base_group(group)
+        self.prefill_attend, self.real_len = prefill_attend, real_len
+        self.caches = [LambdaKVCache(mask=mask, rope_theta=rope_theta) for _ in range(n_layers)]
+        self.decoding = False
+
+    def _gather(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=1)  # contiguous layout: rank order is token order
+
+    def __call__(self, q, k, v, *, layer, positions):
+        if self.decoding:
+            return self.caches[layer].attend(q, k, v, positions)
+        out = self.prefill_attend(q, k, v, layer=layer, positions=positions)
+        kf, vf = self._gather(k)[:, : self.real_len], self._gather(v)[:, : self.real_len]  # (B, P, H_kv, D) pre-RoPE
+        qf = kf.new_zeros(kf.shape[0], kf.shape[1], q.shape[2], q.shape[3])  # outputs unused: fills the cache
+        self.caches[layer].attend(qf, kf, vf)
+        return out
+
+    def advance(self) -> None:
+        self.decoding = True
