@@ -26,6 +26,7 @@ CASES = [
     (4, 2, 3, 5, 4, 2, 2),  # limit > n_local, short window
 ]
 B, D = 2, 8
+ALGS = ("ring", "tokenring")
 ELT = 8  # fp64 bytes
 
 
@@ -53,12 +54,13 @@ def _stats():
 
 
 def _worker(rank, world, fp32_case):
-    res = {"cases": [], "errors": []}
-    for i, (ng, nl, lim, s, block, h, kvh) in enumerate(CASES):
-        q, k, v, dout = _full(world * s, h, kvh, seed=100 + i)
-        reset_stats()
-        r = _call(rank, s, q, k, v, dout, LambdaMask(n_global=ng, n_local=nl, limit_distance=lim), block)
-        res["cases"].append((r, _stats()))
+    res = {"cases": {}, "errors": []}
+    for alg in ALGS:
+        for i, (ng, nl, lim, s, block, h, kvh) in enumerate(CASES):
+            q, k, v, dout = _full(world * s, h, kvh, seed=100 + i)
+            reset_stats()
+            r = _call(rank, s, q, k, v, dout, LambdaMask(n_global=ng, n_local=nl, limit_distance=lim), block, algorithm=alg)
+            res["cases"][alg, i] = (r, _stats())
 
     # Invariance 1: change keys strictly between the global tokens and the last query's window.
     ng, nl, s = 2, 3, 4
@@ -117,27 +119,45 @@ def _halo_bytes(rank, world, s, ng, nl, kvh):
     return halo, glob
 
 
+def _tokenring_bytes(rank, world, s, nl, h):
+    """Expected (sent, recv, sends, recvs) per channel of the "tokenring" halo for one rank: rank t's
+    rows [tS, min((t+1)S, (p+1)S + n_local - 1)) visit each predecessor p whose keys they need."""
+    rows = lambda p, t: max(0, min(s, (p + 1) * s + nl - 1 - t * s))  # noqa: E731
+    down = [rows(p, rank) for p in range(rank) if rows(p, rank)]  # my rows visiting predecessors
+    up = [rows(rank, t) for t in range(rank + 1, world) if rows(rank, t)]  # successors' rows visiting me
+    per = lambda vals: B * h * vals * ELT  # noqa: E731  values per row (all heads) -> bytes
+    q = (per(D) * sum(down), per(D) * sum(up), len(down), len(up))  # q rows
+    out = (per(D + 1) * sum(up), per(D + 1) * sum(down), len(up), len(down))  # (out, lse) back
+    q_grad = (per(2 * D + 2) * sum(down), per(2 * D + 2) * sum(up), len(down), len(up))  # q, dout, lse, delta
+    dq = (per(D) * sum(up), per(D) * sum(down), len(up), len(down))
+    return {"lambda_q": q, "lambda_out": out, "lambda_q_grad": q_grad, "lambda_dq": dq}
+
+
 def _check(world, results, fp32_case):
-    for i, (ng, nl, lim, s, block, h, kvh) in enumerate(CASES):
+    for alg, i, (ng, nl, lim, s, block, h, kvh) in [(a, j, c) for a in ALGS for j, c in enumerate(CASES)]:
         n = world * s
         q, k, v, dout = _full(n, h, kvh, seed=100 + i)
         q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
         ref = lambda_reference(q, k, v, n_global=ng, n_local=nl, limit=lim)
         grads = torch.autograd.grad(ref, (q, k, v), dout)
-        got = [torch.cat([torch.from_numpy(r["cases"][i][0][j]) for r in results], 1) for j in range(4)]
+        got = [torch.cat([torch.from_numpy(r["cases"][alg, i][0][j]) for r in results], 1) for j in range(4)]
         for name, a, b in zip(("out", "dq", "dk", "dv"), got, (ref, *grads)):
             # fp64 throughout: only summation-order rounding, measured <= 2e-15 here
-            torch.testing.assert_close(a, b.detach(), rtol=0, atol=1e-12, msg=lambda m: f"case {i} {name} W={world}: {m}")
+            torch.testing.assert_close(a, b.detach(), rtol=0, atol=1e-12, msg=lambda m: f"{alg} case {i} {name} W={world}: {m}")
         for rank, r in enumerate(results):
-            st = r["cases"][i][1]
+            st = {name: c for name, c in r["cases"][alg, i][1].items() if any(c)}
             halo, glob = _halo_bytes(rank, world, s, ng, nl, kvh)
-            zero = (0, 0, 0, 0)
-            assert st.get("lambda_halo", zero) == halo, (i, rank, st)
-            assert st.get("lambda_global", zero) == glob, (i, rank, st)
-            # backward mirrors the forward: every received row's gradient goes back to its owner
-            assert st.get("lambda_halo_grad", zero) == (halo[1], halo[0], halo[3], halo[2]), (i, rank, st)
-            assert st.get("lambda_global_grad", zero) == (glob[1], glob[0], glob[3], glob[2]), (i, rank, st)
-            assert set(st) <= {"lambda_halo", "lambda_global", "lambda_halo_grad", "lambda_global_grad"}, st
+            want = {
+                "lambda_global": glob,
+                "lambda_global_grad": (glob[1], glob[0], glob[3], glob[2]),  # gradients retrace the relay
+            }
+            if alg == "ring":
+                # backward mirrors the forward: every received row's gradient goes back to its owner
+                want.update(lambda_halo=halo, lambda_halo_grad=(halo[1], halo[0], halo[3], halo[2]))
+            else:
+                want.update(_tokenring_bytes(rank, world, s, nl, h))
+            want = {name: c for name, c in want.items() if any(c)}  # pairs the mask leaves empty move nothing
+            assert st == want, (alg, i, rank, st, want)
 
     s, n = 4, world * 4
     base = torch.cat([torch.from_numpy(r["between"][0]) for r in results], 1)

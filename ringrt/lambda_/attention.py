@@ -16,7 +16,7 @@ from .mask import LambdaMask, sliding_window, stationary_positions
 from .plan import halo_plan
 from .ring import LambdaPlan, LambdaRingAttention
 
-ALGORITHMS = ("ring",)
+ALGORITHMS = ("ring", "tokenring")
 DEFAULT_BLOCK = 512
 
 
@@ -77,8 +77,13 @@ def lambda_attention(
         mask: a :class:`ringrt.LambdaMask`.
         rope_theta: RoPE base (Hugging Face Llama ``rope_theta``), rotate_half convention.
         softmax_scale: default 1/sqrt(head_dim).
-        algorithm: ``"ring"``: the halo K/V travel to the queries' rank (the KV-ring way of
-            moving data, restricted to the neighbours the window reaches).
+        algorithm: how the local window crosses shard boundaries (the global tokens always ride a
+            K/V relay). ``"ring"``: the halo K/V (at most n_local - 1 tokens) travel to the queries'
+            rank, their gradients back (the KV-ring way). ``"tokenring"``: the queries that need a
+            predecessor's keys travel to it and the partial (out, lse) comes back, K/V and dK/dV
+            never move (the TokenRing way). Both move the same number of tokens; per token "ring"
+            moves 2 x kv_heads x head_dim values and "tokenring" about 2 x heads x head_dim, so
+            "ring" is the cheaper one under GQA and the two tie for multi-head attention.
         position_offset: RoPE position of token 0 (token i is at position_offset + i). The mask,
             the global tokens and the cap are defined on token indices, so the output does not
             depend on it (up to rounding): only relative positions enter the local branch.
@@ -130,7 +135,7 @@ def lambda_attention(
     qs = apply_rope(q, cos_s, sin_s)
     plan = LambdaPlan(
         mask=mask, scale=float(scale), kernel=kern, groups=groups, halo=halo_plan(groups.rank, groups.world, s, mask),
-        block=min(s, block_size or DEFAULT_BLOCK), timeout=to,
+        block=min(s, block_size or DEFAULT_BLOCK), algorithm=algorithm, timeout=to,
     )
     return LambdaRingAttention.apply(qr, qs, kr, k, v, plan)
 

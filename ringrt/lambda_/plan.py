@@ -24,6 +24,11 @@ Rank r holds tokens [rS, (r+1)S). Its queries need, besides its own keys:
   Rank 1 also gets keys [0, 2) from the relay (they sit inside its halo too; that is at most
   n_global tokens counted twice, on the first ranks only).
 
+  With ``algorithm="tokenring"`` the halo K/V stay where they are: rank t sends each predecessor p
+  whose keys its window reaches the query rows that need them, [tS, min((t+1)S, (p+1)S + n_local - 1)),
+  and p sends back the partial (out, lse) of those rows over its keys (backward: q, dout, lse, delta
+  down, the dq partial back; dK/dV never move). The global tokens still ride the relay.
+
   In the backward, halo gradients go straight back to their owners and global-token gradients run
   up the relay (rank t adds its own to what t + 1 sent and passes the sum to t - 1), so bytes per
   rank stay the same.
@@ -58,6 +63,8 @@ class HaloPlan:
     shard: int
     halo_from: tuple[Range, ...]  # predecessors' rows this rank receives, ascending
     halo_to: tuple[Range, ...]  # own rows sent to successors
+    q_to: tuple[Range, ...]  # "tokenring": own query rows [k0, k1) sent to the predecessors whose keys they need
+    q_from: tuple[Range, ...]  # "tokenring": successors' query rows that need this rank's keys
     global_in: int  # keys [0, global_in) arrive from rank - 1 (0: no message)
     global_out: int  # keys [0, global_out) go to rank + 1 (0: no message)
     global_used: int  # keys [0, global_used) this rank's global branch reads
@@ -101,6 +108,9 @@ def halo_plan(rank: int, world: int, shard: int, mask: LambdaMask) -> HaloPlan:
         if lo_t >= (rank + 1) * s:
             break
         halo_to.append(Range(t, max(lo_t, rank * s), (rank + 1) * s))
+    reach = lambda p, t: min((t + 1) * s, (p + 1) * s + mask.n_local - 1)  # noqa: E731  rows of t needing p's keys end here
+    q_to = tuple(Range(r.peer, rank * s, reach(r.peer, rank)) for r in halo_from)
+    q_from = tuple(Range(r.peer, r.peer * s, reach(rank, r.peer)) for r in halo_to)
     e = _external_global(world - 1, s, mask)
     relay = [min(e, t * s) for t in range(world + 1)]  # M_t
     return HaloPlan(
@@ -109,6 +119,8 @@ def halo_plan(rank: int, world: int, shard: int, mask: LambdaMask) -> HaloPlan:
         shard=s,
         halo_from=halo_from,
         halo_to=tuple(halo_to),
+        q_to=q_to,
+        q_from=q_from,
         global_in=relay[rank],
         global_out=relay[rank + 1] if rank + 1 < world else 0,
         global_used=global_keys_needed((rank + 1) * s - 1, mask),

@@ -34,6 +34,8 @@ from .mask import LambdaMask, Tile, global_bias, global_tiles, local_bias, local
 from .plan import HaloPlan
 
 HALO, HALO_GRAD, GLOBAL, GLOBAL_GRAD = "lambda_halo", "lambda_halo_grad", "lambda_global", "lambda_global_grad"
+# algorithm="tokenring": query rows go down to the key owners, partials come back up (both on the q group)
+HALO_Q, HALO_OUT, HALO_Q_GRAD, HALO_DQ = "lambda_q", "lambda_out", "lambda_q_grad", "lambda_dq"
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +48,7 @@ class LambdaPlan:
     groups: RingGroups
     halo: HaloPlan
     block: int
+    algorithm: str = "ring"  # "ring": halo K/V travel to the queries; "tokenring": queries travel, partials return
     timeout: float | None = None
 
 
@@ -57,6 +60,15 @@ def _seq(x: torch.Tensor, a: int, b: int) -> torch.Tensor:
 def _kv_specs(like: torch.Tensor, n: int, dtype) -> list:
     shape = (like.shape[0], like.shape[1], n, like.shape[3])
     return [(shape, dtype), (shape, dtype)]
+
+
+def _rows_spec(like: torch.Tensor, n: int, dtype):
+    return (like.shape[0], like.shape[1], n, like.shape[3]), dtype
+
+
+def _partial_specs(q: torch.Tensor, n: int) -> list:
+    """A partial result for n query rows: out (B, H, n, D) in q.dtype and lse (B, H, n) fp32/fp64."""
+    return [_rows_spec(q, n, q.dtype), ((q.shape[0], q.shape[1], n), acc_dtype(q.dtype))]
 
 
 class _Keys:
@@ -96,10 +108,19 @@ def lambda_forward(qr, qs, kr, kraw, v, plan: LambdaPlan):
     """
     hp, kern, scale = plan.halo, plan.kernel, plan.scale
     q0, q1, dev, dt = hp.q0, hp.q1, qr.device, kr.dtype
-    halo_ch, glob_ch = _channels(plan, (HALO, GLOBAL))
-
-    halo_pend = None
-    if hp.halo_from or hp.halo_to:
+    tokenring = plan.algorithm == "tokenring"
+    halo_ch, glob_ch = _channels(plan, (HALO_Q if tokenring else HALO, GLOBAL))
+    halo_pend = q_pend = part_pend = None
+    if tokenring and (hp.q_to or hp.q_from):
+        q_pend = halo_ch.post(
+            step=0,
+            sends=[(r.peer, pack([_seq(qr, r.k0 - q0, r.k1 - q0)])) for r in hp.q_to],
+            recvs=[(r.peer, nbytes([_rows_spec(qr, r.n, qr.dtype)])) for r in hp.q_from],
+            device=dev,
+        )
+        part_ch = P2P(plan.groups.q, HALO_OUT, plan.timeout)
+        part_pend = part_ch.post(step=1, recvs=[(r.peer, nbytes(_partial_specs(qr, r.n))) for r in hp.q_to], device=dev)
+    if not tokenring and (hp.halo_from or hp.halo_to):
         halo_pend = halo_ch.post(
             step=0,
             sends=[(r.peer, pack([_seq(kr, r.k0 - q0, r.k1 - q0), _seq(v, r.k0 - q0, r.k1 - q0)])) for r in hp.halo_to],
@@ -141,6 +162,24 @@ def lambda_forward(qr, qs, kr, kraw, v, plan: LambdaPlan):
         run(global_tiles(q0, q1, hp.global_used, plan.mask, plan.block), qs, glob, True)
 
     halo = _Keys(q0, kr[:, :, :0], v[:, :, :0])
+    if q_pend is not None:  # tokenring: serve the successors' queries, then merge what predecessors computed
+        bufs = q_pend.wait()
+        sends = []
+        for buf, r in zip(bufs, hp.q_from):
+            (vq,) = unpack(buf, [_rows_spec(qr, r.n, qr.dtype)])
+            o, l = empty_accumulator(vq)
+            for t in local_tiles(r.k0, r.k1, q0, q1, plan.mask.n_local, plan.block):
+                kk, vv = own.rows(t.k0, t.k1)
+                bo, bl = kern.forward(_seq(vq, t.q0 - r.k0, t.q1 - r.k0), kk, vv, causal=False,
+                                      mask=_bias(t, plan, False, vq.dtype, dev), scale=scale)
+                merge_(_seq(o, t.q0 - r.k0, t.q1 - r.k0), _seq(l, t.q0 - r.k0, t.q1 - r.k0), bo, bl)
+            sends.append((r.peer, pack([o.to(qr.dtype), l])))
+        send_pend = part_ch.post(step=2, sends=sends) if sends else None
+        for buf, r in zip(part_pend.wait(), hp.q_to):
+            o, l = unpack(buf, _partial_specs(qr, r.n))
+            merge_(_seq(acc_o, r.k0 - q0, r.k1 - q0), _seq(acc_l, r.k0 - q0, r.k1 - q0), o, l)
+        if send_pend is not None:
+            send_pend.wait()
     if halo_pend is not None:
         bufs = halo_pend.wait()
         if hp.halo_from:
@@ -160,16 +199,29 @@ def lambda_forward(qr, qs, kr, kraw, v, plan: LambdaPlan):
 def lambda_backward(dout, qr, qs, kr, kraw, v, out, lse, halo: _Keys, glob: _Keys, plan: LambdaPlan):
     """Gradients w.r.t. (qr, qs, kr, kraw, v) of the local shards; shapes as in :func:`lambda_forward`."""
     hp, kern, scale = plan.halo, plan.kernel, plan.scale
-    q0, q1, dev = hp.q0, hp.q1, qr.device
+    q0, q1, dev, n_local = hp.q0, hp.q1, qr.device, plan.mask.n_local
     adt = acc_dtype(qr.dtype)
-    halo_ch, glob_ch = _channels(plan, (HALO_GRAD, GLOBAL_GRAD))
+    tokenring = plan.algorithm == "tokenring"
+    halo_ch, glob_ch = _channels(plan, (HALO_Q_GRAD if tokenring else HALO_GRAD, GLOBAL_GRAD))
     spec = lambda n: _kv_specs(kr, n, adt)  # noqa: E731  (gradients travel in the accumulation dtype)
+    delta = (dout.to(adt) * out.to(adt)).sum(-1)  # (B, H, S)
 
-    # Gradients for my rows come back from the successors my halo rows went to.
-    back_pend = halo_ch.post(step=0, recvs=[(r.peer, nbytes(spec(r.n))) for r in hp.halo_to], device=dev) if hp.halo_to else None
+    bundle_specs = lambda n: [_rows_spec(qr, n, qr.dtype), _rows_spec(qr, n, dout.dtype),  # noqa: E731
+                              ((qr.shape[0], qr.shape[1], n), lse.dtype), ((qr.shape[0], qr.shape[1], n), adt)]
+    back_pend = q_pend = dq_pend = None
+    if tokenring and (hp.q_to or hp.q_from):  # my queries' bundle down to the key owners; theirs to me
+        q_pend = halo_ch.post(
+            step=0,
+            sends=[(r.peer, pack([_seq(x, r.k0 - q0, r.k1 - q0) for x in (qr, dout, lse, delta)])) for r in hp.q_to],
+            recvs=[(r.peer, nbytes(bundle_specs(r.n))) for r in hp.q_from],
+            device=dev,
+        )
+        dq_ch = P2P(plan.groups.q, HALO_DQ, plan.timeout)
+        dq_pend = dq_ch.post(step=1, recvs=[(r.peer, nbytes([_rows_spec(qr, r.n, adt)])) for r in hp.q_to], device=dev)
+    if not tokenring and hp.halo_to:  # gradients for my rows come back from the successors they went to
+        back_pend = halo_ch.post(step=0, recvs=[(r.peer, nbytes(spec(r.n))) for r in hp.halo_to], device=dev)
     up_pend = glob_ch.post(step=0, recvs=[(hp.rank + 1, nbytes(spec(hp.global_out)))], device=dev) if hp.global_out else None
 
-    delta = (dout.to(adt) * out.to(adt)).sum(-1)  # (B, H, S)
     dqr = torch.zeros(qr.shape, dtype=adt, device=dev)
     dqs = torch.zeros(qs.shape, dtype=adt, device=dev)
     dkr = torch.zeros(kr.shape, dtype=adt, device=dev)
@@ -177,37 +229,47 @@ def lambda_backward(dout, qr, qs, kr, kraw, v, out, lse, halo: _Keys, glob: _Key
     dv = torch.zeros(v.shape, dtype=adt, device=dev)
     dhalo = _Keys(halo.start, torch.zeros(halo.k.shape, dtype=adt, device=dev), torch.zeros(halo.v.shape, dtype=adt, device=dev))
     dglob = _Keys(0, torch.zeros(glob.k.shape, dtype=adt, device=dev), torch.zeros(glob.v.shape, dtype=adt, device=dev))
+    own, down = _Keys(q0, kr, v), _Keys(q0, dkr, dv)
 
-    def run(tiles: list[Tile], q, dq, keys: _Keys, dkeys: _Keys, is_global: bool) -> None:
+    def run(tiles: list[Tile], base: int, rows: tuple, dq, keys: _Keys, dkeys: _Keys, is_global: bool) -> None:
+        """rows = (q, dout, lse, delta) of query rows starting at token ``base``."""
+        q, do, ll, dd = rows
         for t in tiles:
-            a, b = t.q0 - q0, t.q1 - q0
+            a, b = t.q0 - base, t.q1 - base
             kk, vv = keys.rows(t.k0, t.k1)
-            g_q, g_k, g_v = kern.backward(_seq(dout, a, b), _seq(q, a, b), kk, vv, _seq(lse, a, b), _seq(delta, a, b),
+            g_q, g_k, g_v = kern.backward(_seq(do, a, b), _seq(q, a, b), kk, vv, _seq(ll, a, b), _seq(dd, a, b),
                                           causal=False, mask=_bias(t, plan, is_global, q.dtype, dev), scale=scale)
             _seq(dq, a, b).add_(g_q)
             dk_t, dv_t = dkeys.rows(t.k0, t.k1)
             dk_t.add_(g_k)
             dv_t.add_(g_v)
 
-    n_local = plan.mask.n_local
-    run(local_tiles(q0, q1, q0, q1, n_local, plan.block), qr, dqr, _Keys(q0, kr, v), _Keys(q0, dkr, dv), False)
-    if hp.halo_from:
-        run(local_tiles(q0, q1, hp.halo_start, q0, n_local, plan.block), qr, dqr, halo, dhalo, False)
+    mine = (qr, dout, lse, delta)
+    run(local_tiles(q0, q1, q0, q1, n_local, plan.block), q0, mine, dqr, own, down, False)
+    if not tokenring and hp.halo_from:
+        run(local_tiles(q0, q1, hp.halo_start, q0, n_local, plan.block), q0, mine, dqr, halo, dhalo, False)
     if hp.global_used:
-        run(global_tiles(q0, q1, hp.global_used, plan.mask, plan.block), qs, dqs, glob, dglob, True)
+        run(global_tiles(q0, q1, hp.global_used, plan.mask, plan.block), q0, (qs, dout, lse, delta), dqs, glob, dglob, True)
 
-    sends = []
-    if hp.halo_from:
-        sends = [(r.peer, pack(list(dhalo.rows(r.k0, r.k1)))) for r in hp.halo_from]
-        halo_send = halo_ch.post(step=1, sends=sends)
+    pending_sends = []
+    if q_pend is not None:  # serve the successors' query rows: dK/dV stay here, dq partials go back
+        sends = []
+        for buf, r in zip(q_pend.wait(), hp.q_from):
+            vis = unpack(buf, bundle_specs(r.n))
+            dq_part = torch.zeros(vis[0].shape, dtype=adt, device=dev)
+            run(local_tiles(r.k0, r.k1, q0, q1, n_local, plan.block), r.k0, vis, dq_part, own, down, False)
+            sends.append((r.peer, pack([dq_part])))
+        if sends:
+            pending_sends.append(dq_ch.post(step=2, sends=sends))
+    if not tokenring and hp.halo_from:
+        pending_sends.append(halo_ch.post(step=1, sends=[(r.peer, pack(list(dhalo.rows(r.k0, r.k1)))) for r in hp.halo_from]))
     if up_pend is not None:  # gradients of [0, global_out) from everyone after me
         gk, gv = unpack(up_pend.wait()[0], spec(hp.global_out))
         dk_g, dv_g = dglob.rows(0, hp.global_out)
         dk_g.add_(gk)
         dv_g.add_(gv)
-    up_send = None
     if hp.global_in:
-        up_send = glob_ch.post(step=1, sends=[(hp.rank - 1, pack(list(dglob.rows(0, hp.global_in))))])
+        pending_sends.append(glob_ch.post(step=1, sends=[(hp.rank - 1, pack(list(dglob.rows(0, hp.global_in))))]))
     if hp.global_held > max(hp.global_in, q0):  # my own rows among the global keys
         a, b = max(hp.global_in, q0), hp.global_held
         dk_g, dv_g = dglob.rows(a, b)
@@ -218,10 +280,11 @@ def lambda_backward(dout, qr, qs, kr, kraw, v, out, lse, halo: _Keys, glob: _Key
             gk, gv = unpack(buf, spec(r.n))
             _seq(dkr, r.k0 - q0, r.k1 - q0).add_(gk)
             _seq(dv, r.k0 - q0, r.k1 - q0).add_(gv)
-    if hp.halo_from:
-        halo_send.wait()
-    if up_send is not None:
-        up_send.wait()
+    if dq_pend is not None:
+        for buf, r in zip(dq_pend.wait(), hp.q_to):
+            _seq(dqr, r.k0 - q0, r.k1 - q0).add_(unpack(buf, [_rows_spec(qr, r.n, adt)])[0])
+    for p in pending_sends:
+        p.wait()
     return tuple(x.to(like.dtype) for x, like in ((dqr, qr), (dqs, qs), (dkr, kr), (dkraw, kraw), (dv, v)))
 
 
