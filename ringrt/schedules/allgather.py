@@ -1,0 +1,100 @@
+"""All-gather attention (Llama-3's context parallelism): gather K/V once, attend locally.
+
+Note [All-gather]
+-----------------
+Every rank gathers the whole K/V (one all_gather of its packed K and V shard), puts the chunks in
+global order and computes its own queries against it: a causal query chunk c sees chunks < c in
+full and chunk c through a top-left causal mask (:func:`blocks.chunk_blocks`), so with the zigzag
+layout every rank does the same work. No step overlaps communication with compute: the gather is
+issued once, up front; with GQA the K/V it moves are small (H_kv << H).
+
+Backward gathers K/V again (nothing of size S is kept between forward and backward), computes dQ
+locally and the full-length dK/dV partials of its queries, and a reduce-scatter sums each rank's
+slice where it lives.
+
+Bytes a rank sends (= receives), element size e, accumulator size a (fp32/fp64):
+forward (W-1)*2*S_l*H_kv*D*e; backward (W-1)*2*S_l*H_kv*D*(e + a).
+Memory: the gathered K/V, 2*S*H_kv*D elements (plus fp32 dK/dV of that size in backward).
+
+Tensors here are (B, H, S, D).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..layout import assemble, num_chunks, rank_chunks, shard_of
+from ..merge import acc_dtype, empty_accumulator, merge_
+from .blocks import chunk_blocks, rows
+from .collectives import all_gather, reduce_scatter
+
+
+def _gather_kv(k, v, plan):
+    g = plan.groups
+    if g.world == 1:
+        return k, v
+    parts = all_gather([k, v], g.base, "allgather", plan.timeout)
+    return (assemble([p[0] for p in parts], plan.layout, dim=2), assemble([p[1] for p in parts], plan.layout, dim=2))
+
+
+def _blocks(plan):
+    g = plan.groups
+    return chunk_blocks(rank_chunks(plan.layout, g.rank, g.world), list(range(num_chunks(plan.layout, g.world))), plan.causal)
+
+
+def allgather_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, H, S_l, D), k/v (B, H_kv, S_l, D) -> out (B, H, S_l, D), lse (B, H, S_l)."""
+    chunk = q.shape[2] // len(rank_chunks(plan.layout, 0, plan.groups.world))
+    kf, vf = _gather_kv(k, v, plan)  # (B, H_kv, S, D), global order
+    acc_o, acc_l = empty_accumulator(q)
+    for b in _blocks(plan):
+        o, l = plan.kernel.forward(rows(q, b.q_rows, chunk), rows(kf, b.k_rows, chunk), rows(vf, b.k_rows, chunk),
+                                   causal=b.diagonal, mask=None, scale=plan.scale)
+        merge_(rows(acc_o, b.q_rows, chunk), rows(acc_l, b.q_rows, chunk), o, l)
+    return acc_o.to(q.dtype), acc_l
+
+
+def allgather_backward(dout, q, k, v, out, lse, plan):
+    """Gradients of the local shards (shapes as in :func:`allgather_forward`)."""
+    g = plan.groups
+    chunk = q.shape[2] // len(rank_chunks(plan.layout, 0, g.world))
+    adt = acc_dtype(q.dtype)
+    delta = (dout.to(adt) * out.to(adt)).sum(-1)  # (B, H, S_l)
+    kf, vf = _gather_kv(k, v, plan)
+    dq = torch.zeros(q.shape, dtype=adt, device=q.device)
+    dkf = torch.zeros(kf.shape, dtype=adt, device=q.device)
+    dvf = torch.zeros(vf.shape, dtype=adt, device=q.device)
+    for b in _blocks(plan):
+        dq_b, dk_b, dv_b = plan.kernel.backward(
+            rows(dout, b.q_rows, chunk), rows(q, b.q_rows, chunk), rows(kf, b.k_rows, chunk), rows(vf, b.k_rows, chunk),
+            rows(lse, b.q_rows, chunk), rows(delta, b.q_rows, chunk), causal=b.diagonal, mask=None, scale=plan.scale,
+        )
+        rows(dq, b.q_rows, chunk).add_(dq_b)
+        rows(dkf, b.k_rows, chunk).add_(dk_b)
+        rows(dvf, b.k_rows, chunk).add_(dv_b)
+    if g.world == 1:
+        return dq.to(q.dtype), dkf.to(k.dtype), dvf.to(v.dtype)
+    dkv = torch.stack([dkf, dvf])  # (2, B, H_kv, S, D): one reduce-scatter for both
+    pieces = [shard_of(dkv, plan.layout, r, g.world, dim=3) for r in range(g.world)]
+    mine = reduce_scatter(pieces, g.base, "allgather", plan.timeout)
+    return dq.to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype)
+
+
+class AllGatherAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan):
+        out, lse = allgather_forward(q, k, v, plan)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan = plan
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        return (*allgather_backward(dout.contiguous(), q, k, v, out, lse, ctx.plan), None)
+
+
+def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> torch.Tensor:
+    """``algorithm="allgather"``: q (B, S_l, H, D), k/v (B, S_l, H_kv, D) shards -> (B, S_l, H, D)."""
+    qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    return AllGatherAttention.apply(qh, kh, vh, plan).transpose(1, 2).contiguous()

@@ -1,0 +1,94 @@
+"""Hybrid attention: Ulysses inside groups of u ranks, KV-ring across the W/u groups (USP-style).
+
+Note [Hybrid]
+-------------
+Ranks are laid out as a (W/u) x u grid, rank = g*u + b. The u ranks of row g (one node, ideally)
+run Ulysses' all-to-all: afterwards rank (g, b) holds all tokens of row g for heads slice b, in
+ascending global order. Column b (the ranks holding heads slice b in every row) then runs the
+KV-ring of :mod:`ring` over those larger shards, and a second all-to-all returns sequence shards::
+
+    W = 4, u = 2      ulysses groups (rows):  {0, 1} {2, 3}      ring groups (columns): {0, 2} {1, 3}
+
+With the zigzag layout a row's tokens are chunks {g*u..g*u+u-1} and their mirror images, so the
+ring across rows stays balanced under a causal mask. Heavy all-to-all traffic stays inside the
+node; only K/V of H/u heads crosses nodes, over W/u - 1 ring steps.
+
+The degree u is :func:`hybrid_degree`: ``RINGRT_ULYSSES_DEGREE`` if set, else the largest u < W that
+divides W, fits the heads (see :func:`ulysses.ulysses_problem`) and the ranks per node
+(``LOCAL_WORLD_SIZE``); u = 1 is a plain KV-ring, u = W plain Ulysses.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from ..layout import rank_chunks
+from .ring import KVRing, KVRingAttention
+from .ulysses import from_heads, replicate_kv, sorted_order, to_heads, ulysses_problem
+
+_CACHE: dict[tuple, tuple] = {}
+
+
+def hybrid_degree(world: int, heads: int, kv_heads: int, ranks_per_node: int | None = None) -> int:
+    """The Ulysses degree u of the hybrid for this problem (see the module note)."""
+    env = os.environ.get("RINGRT_ULYSSES_DEGREE")
+    if env:
+        u = int(env)
+        if u < 1 or world % u:
+            raise ValueError(f"RINGRT_ULYSSES_DEGREE={env} must be a divisor of the world size {world}")
+        return u
+    per_node = ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    ok = [u for u in range(1, world + 1) if world % u == 0 and u <= per_node and ulysses_problem(heads, kv_heads, u) is None]
+    proper = [u for u in ok if u < world]
+    return max(proper) if proper else max(ok)
+
+
+def grid_groups(base: dist.ProcessGroup, world: int, rank: int, u: int) -> tuple:
+    """(ulysses group, ring K/V group, ring dK/dV group) of this rank, created once and cached."""
+    ranks = dist.get_process_group_ranks(base)
+    key = (id(base), tuple(ranks), u)
+    if key not in _CACHE:
+        row = [ranks[(rank // u) * u + b] for b in range(u)]
+        col = [ranks[g * u + rank % u] for g in range(world // u)]
+        _CACHE[key] = (
+            dist.new_group(row, use_local_synchronization=True, group_desc="ringrt_ulysses"),
+            dist.new_group(col, use_local_synchronization=True, group_desc="ringrt_ring_kv"),
+            dist.new_group(col, use_local_synchronization=True, group_desc="ringrt_ring_dkv"),
+        )
+    return _CACHE[key]
+
+
+def clear_cache() -> None:
+    """Forget cached groups (call after destroy_process_group before re-initialising)."""
+    _CACHE.clear()
+
+
+def hybrid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> torch.Tensor:
+    """``algorithm="hybrid"``: q (B, S_l, H, D), k/v (B, S_l, H_kv, D) shards -> (B, S_l, H, D)."""
+    g = plan.groups
+    u = hybrid_degree(g.world, q.shape[2], k.shape[2])
+    problem = ulysses_problem(q.shape[2], k.shape[2], u)
+    if problem:
+        raise ValueError(f"ringrt.attention(algorithm='hybrid'): {problem} (set RINGRT_ULYSSES_DEGREE)")
+    n = g.world // u
+    if g.world > 1:
+        ugroup, kv_group, grad_group = grid_groups(g.base, g.world, g.rank, u)
+    else:
+        ugroup = kv_group = grad_group = None
+    row = [[*rank_chunks(plan.layout, r * u + b, g.world)] for r in range(n) for b in range(u)]
+    row_chunks = [sorted_order(row[r * u : (r + 1) * u]) for r in range(n)]  # (order, ascending ids) per row
+    order = row_chunks[g.rank // u][0]
+    ug = ugroup if u > 1 else None
+    qh = to_heads(q, ug, order, plan.timeout).contiguous()  # (B, H/u, u*S_l, D)
+    kh = to_heads(replicate_kv(k, u), ug, order, plan.timeout).contiguous()
+    vh = to_heads(replicate_kv(v, u), ug, order, plan.timeout).contiguous()
+    ring = KVRing(
+        kv_group=kv_group if n > 1 else None, grad_group=grad_group if n > 1 else None, rank=g.rank // u, world=n,
+        chunks=tuple(tuple(ids) for _, ids in row_chunks), causal=plan.causal, scale=plan.scale,
+        kernel=plan.kernel, timeout=plan.timeout,
+    )
+    out = KVRingAttention.apply(qh, kh, vh, ring)  # (B, H/u, u*S_l, D)
+    return from_heads(out, ug, order, plan.timeout).contiguous()

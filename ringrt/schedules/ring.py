@@ -1,0 +1,154 @@
+"""KV-ring attention: K/V rotate round the ring, queries stay (the ring-flash-attention scheme).
+
+Note [KV ring]
+--------------
+At step s (0..W-1) member r holds the K/V shard of member src = (r - s) mod W, computes its own
+queries against it (the rectangles of :func:`blocks.chunk_blocks`, so zigzag-balanced under a
+causal mask) and merges the partial into its fp32 accumulator, while the shard moves on to r + 1::
+
+    step 0: K/V of r       step 1: K/V of r-1      ...      step W-1: K/V of r+1
+    r --(K,V)--> r+1  (every step but the last; the transfer overlaps the step's compute)
+
+Backward: dK/dV travel with K/V. At step s member r adds its block's dK/dV for src to the partial
+dK/dV that arrived for src (what the members before it added) and passes the sum on to r + 1, one
+step behind the K/V shard, so each dK/dV transfer overlaps the next step's compute. After W hops
+the finished dK/dV of r's own shard come home. dQ never moves. Every member holds one visiting
+shard, its gradient buffers and the ones in flight: memory stays O(local shard).
+
+Bytes a member sends (= receives), element size e of the inputs, a of the fp32/fp64 accumulators:
+forward (W-1)*2*S_l*H_kv*D*e; backward (W-1)*2*S_l*H_kv*D*e + W*2*S_l*H_kv*D*a.
+
+Tensors here are (B, H, S, D); lse and delta (B, H, S).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..comm import P2P, nbytes, pack, spec_of, unpack
+from ..kernels import BlockKernel
+from ..layout import rank_chunks
+from ..merge import acc_dtype, empty_accumulator, merge_
+from .blocks import chunk_blocks, rows
+
+
+@dataclass(frozen=True, slots=True)
+class KVRing:
+    """One ring: ``chunks[m]`` are the global chunk ids member m holds (ascending, equal counts)."""
+
+    kv_group: dist.ProcessGroup | None  # carries K/V
+    grad_group: dist.ProcessGroup | None  # carries dK/dV (a second group: the two never queue together)
+    rank: int
+    world: int
+    chunks: tuple[tuple[int, ...], ...]
+    causal: bool
+    scale: float
+    kernel: BlockKernel
+    timeout: float | None = None
+
+
+def kv_ring_sources(rank: int, world: int) -> list[int]:
+    """The member whose K/V shard ``rank`` holds at each step."""
+    return [(rank - s) % world for s in range(world)]
+
+
+def kv_ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: KVRing) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, H, S_l, D), k/v (B, H_kv, S_l, D) -> out (B, H, S_l, D) q.dtype, lse (B, H, S_l) fp32/fp64."""
+    mine = ring.chunks[ring.rank]
+    chunk = q.shape[2] // len(mine)
+    acc_o, acc_l = empty_accumulator(q)
+    chan = P2P(ring.kv_group, "kv", ring.timeout) if ring.world > 1 else None
+    nxt, prev = (ring.rank + 1) % ring.world, (ring.rank - 1) % ring.world
+    specs = [spec_of(k), spec_of(v)]
+    cur = [k, v]
+    for s, src in enumerate(kv_ring_sources(ring.rank, ring.world)):
+        pending = None
+        if s < ring.world - 1:
+            pending = chan.post(step=s, sends=[(nxt, pack(cur))], recvs=[(prev, nbytes(specs))], device=q.device)
+        for b in chunk_blocks(mine, ring.chunks[src], ring.causal):
+            o, l = ring.kernel.forward(
+                rows(q, b.q_rows, chunk), rows(cur[0], b.k_rows, chunk), rows(cur[1], b.k_rows, chunk),
+                causal=b.diagonal, mask=None, scale=ring.scale,
+            )
+            merge_(rows(acc_o, b.q_rows, chunk), rows(acc_l, b.q_rows, chunk), o, l)
+        if pending is not None:
+            cur = unpack(pending.wait()[0], specs)
+    return acc_o.to(q.dtype), acc_l
+
+
+def kv_ring_backward(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, ring: KVRing
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of the local shards; shapes as in :func:`kv_ring_forward`, lse (B, H, S_l)."""
+    mine = ring.chunks[ring.rank]
+    chunk = q.shape[2] // len(mine)
+    adt = acc_dtype(q.dtype)
+    delta = (dout.to(adt) * out.to(adt)).sum(-1)  # (B, H, S_l)
+    dq = torch.zeros(q.shape, dtype=adt, device=q.device)
+    kv_chan = P2P(ring.kv_group, "kv", ring.timeout) if ring.world > 1 else None
+    grad_chan = P2P(ring.grad_group, "dkv", ring.timeout) if ring.world > 1 else None
+    nxt, prev = (ring.rank + 1) % ring.world, (ring.rank - 1) % ring.world
+    kv_specs = [spec_of(k), spec_of(v)]
+    grad_specs = [(tuple(k.shape), adt), (tuple(v.shape), adt)]
+    cur = [k, v]
+    grad_pending = None
+    dk = dv = None
+    for s, src in enumerate(kv_ring_sources(ring.rank, ring.world)):
+        kv_pending = None
+        if s < ring.world - 1:
+            kv_pending = kv_chan.post(step=s, sends=[(nxt, pack(cur))], recvs=[(prev, nbytes(kv_specs))], device=q.device)
+        dk = torch.zeros(k.shape, dtype=adt, device=k.device)  # this step's dK/dV of src's shard
+        dv = torch.zeros(v.shape, dtype=adt, device=v.device)
+        for b in chunk_blocks(mine, ring.chunks[src], ring.causal):
+            dq_b, dk_b, dv_b = ring.kernel.backward(
+                rows(dout, b.q_rows, chunk), rows(q, b.q_rows, chunk), rows(cur[0], b.k_rows, chunk),
+                rows(cur[1], b.k_rows, chunk), rows(lse, b.q_rows, chunk), rows(delta, b.q_rows, chunk),
+                causal=b.diagonal, mask=None, scale=ring.scale,
+            )
+            rows(dq, b.q_rows, chunk).add_(dq_b)
+            rows(dk, b.k_rows, chunk).add_(dk_b)
+            rows(dv, b.k_rows, chunk).add_(dv_b)
+        if grad_pending is not None:  # what the members before this one added for src
+            got_k, got_v = unpack(grad_pending.wait()[0], grad_specs)
+            dk.add_(got_k)
+            dv.add_(got_v)
+            grad_pending = None
+        if ring.world > 1:
+            grad_pending = grad_chan.post(step=s, sends=[(nxt, pack([dk, dv]))], recvs=[(prev, nbytes(grad_specs))], device=q.device)
+        if kv_pending is not None:
+            cur = unpack(kv_pending.wait()[0], kv_specs)
+    if grad_pending is not None:  # the finished dK/dV of this member's own shard
+        dk, dv = unpack(grad_pending.wait()[0], grad_specs)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class KVRingAttention(torch.autograd.Function):
+    """Autograd wrapper over (B, H, S, D) tensors."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, ring: KVRing):
+        out, lse = kv_ring_forward(q, k, v, ring)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.ring = ring
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = kv_ring_backward(dout.contiguous(), q, k, v, out, lse, ctx.ring)
+        return dq, dk, dv, None
+
+
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> torch.Tensor:
+    """``algorithm="ring"``: q (B, S_l, H, D), k/v (B, S_l, H_kv, D) shards in ``plan.layout`` -> (B, S_l, H, D)."""
+    g = plan.groups
+    ring = KVRing(
+        kv_group=g.q, grad_group=g.out, rank=g.rank, world=g.world,
+        chunks=tuple(tuple(rank_chunks(plan.layout, r, g.world)) for r in range(g.world)),
+        causal=plan.causal, scale=plan.scale, kernel=plan.kernel, timeout=plan.timeout,
+    )
+    qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # (B, H, S_l, D)
+    return KVRingAttention.apply(qh, kh, vh, ring).transpose(1, 2).contiguous()

@@ -1,0 +1,117 @@
+"""Ulysses attention (DeepSpeed-Ulysses): all-to-all from sequence shards to head shards and back.
+
+Note [Ulysses]
+--------------
+Each of the u members holds S/u tokens of every head. One all-to-all per tensor gives each member
+all S tokens of H/u heads; attention then needs no further communication; a second all-to-all
+brings the output back to sequence shards::
+
+    member i: (B, S/u, H, D) --all-to-all--> (B, S, H/u, D) --attention--> --all-to-all--> (B, S/u, H, D)
+
+The gathered tokens arrive in member order (member 0's shard, member 1's, ...). For the zigzag
+layout that is not global order, so the chunks are put back in ascending global order first: the
+kernel's top-left causal mask over the whole sequence is then exact.
+
+Heads: H and H_kv must both divide by u. With fewer K/V heads than members (H_kv < u) each K/V head
+is replicated u / H_kv times before the all-to-all (u must then be a multiple of H_kv), so every
+member receives the one K/V head its H/u query heads share; the replicas' gradients are summed.
+
+Bytes a member sends (= receives), element size e, for S_l local tokens: forward
+(u-1)/u * S_l * D * e * (2 H + 2 H_kv'), backward the same, where H_kv' = max(H_kv, u).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..layout import rank_chunks
+from .collectives import HeadsToSeq, SeqToHeads, reorder_chunks
+
+
+def ulysses_problem(heads: int, kv_heads: int, degree: int) -> str | None:
+    """Why ``heads``/``kv_heads`` cannot be split over ``degree`` members, or None."""
+    if heads % degree:
+        return f"heads={heads} must be divisible by the Ulysses degree {degree}; valid degrees: {_divisors(heads)}"
+    if kv_heads % degree and degree % kv_heads:
+        return (
+            f"kv_heads={kv_heads} must be divisible by the Ulysses degree {degree}, or divide it (K/V heads are then "
+            f"replicated); valid degrees for heads={heads}, kv_heads={kv_heads}: "
+            f"{[d for d in _divisors(heads) if kv_heads % d == 0 or d % kv_heads == 0]}"
+        )
+    return None
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def replicate_kv(x: torch.Tensor, degree: int) -> torch.Tensor:
+    """(B, S, H_kv, D) -> (B, S, max(H_kv, degree), D): repeat each K/V head when H_kv < degree."""
+    kvh = x.shape[2]
+    return x if kvh >= degree else x.repeat_interleave(degree // kvh, dim=2)
+
+
+def sorted_order(member_chunks: list[list[int]]) -> tuple[list[int], list[int]]:
+    """(order, chunks): positions that sort the gathered chunks (member order) ascending, and the sorted ids."""
+    flat = [c for cs in member_chunks for c in cs]
+    order = sorted(range(len(flat)), key=flat.__getitem__)
+    return order, [flat[i] for i in order]
+
+
+def inverse(order: list[int]) -> list[int]:
+    inv = [0] * len(order)
+    for i, o in enumerate(order):
+        inv[o] = i
+    return inv
+
+
+class LocalAttention(torch.autograd.Function):
+    """Whole-sequence attention of one member's heads with the block kernel. (B, H, S, D) tensors."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal: bool, scale: float, kernel):
+        out, lse = kernel.forward(q, k, v, causal=causal, mask=None, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (causal, scale, kernel)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        causal, scale, kernel = ctx.args
+        dout = dout.contiguous()
+        adt = lse.dtype
+        delta = (dout.to(adt) * out.to(adt)).sum(-1)  # (B, H, S)
+        dq, dk, dv = kernel.backward(dout, q, k, v, lse, delta, causal=causal, mask=None, scale=scale)
+        return dq, dk, dv, None, None, None
+
+
+def to_heads(x: torch.Tensor, group, order: list[int], timeout) -> torch.Tensor:
+    """(B, S_l, H, D) shard -> (B, H/u, u*S_l, D) with the group's tokens in ascending global order."""
+    y = SeqToHeads.apply(x, group, "a2a", timeout) if group is not None else x
+    return reorder_chunks(y, order, dim=1).transpose(1, 2)
+
+
+def from_heads(y: torch.Tensor, group, order: list[int], timeout) -> torch.Tensor:
+    """Inverse of :func:`to_heads`: (B, H/u, u*S_l, D) -> (B, S_l, H, D)."""
+    y = reorder_chunks(y.transpose(1, 2), inverse(order), dim=1)
+    return HeadsToSeq.apply(y, group, "a2a", timeout) if group is not None else y
+
+
+def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> torch.Tensor:
+    """``algorithm="ulysses"``: q (B, S_l, H, D), k/v (B, S_l, H_kv, D) shards -> (B, S_l, H, D).
+
+    Raises ValueError (identically on every rank, before any transfer) if the heads cannot be split.
+    """
+    g = plan.groups
+    problem = ulysses_problem(q.shape[2], k.shape[2], g.world)
+    if problem:
+        raise ValueError(f"ringrt.attention(algorithm='ulysses'): {problem}")
+    group = g.base if g.world > 1 else None
+    order, _ = sorted_order([rank_chunks(plan.layout, r, g.world) for r in range(g.world)])
+    qh = to_heads(q, group, order, plan.timeout)
+    kh = to_heads(replicate_kv(k, g.world), group, order, plan.timeout)
+    vh = to_heads(replicate_kv(v, g.world), group, order, plan.timeout)
+    out = LocalAttention.apply(qh.contiguous(), kh.contiguous(), vh.contiguous(), plan.causal, plan.scale, plan.kernel)
+    return from_heads(out, group, order, plan.timeout).contiguous()

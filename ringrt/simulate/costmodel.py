@@ -1,0 +1,425 @@
+"""Per-step compute / communication / overlap model of every attention schedule. Pure math.
+
+An estimate walks the same integer step tables the schedules run (``schedule.tokenring_schedule``,
+``schedules.blocks.chunk_blocks``) and prices each step of each rank:
+
+    kernel call   t = overhead + flops / (peak * m / (m + m_half)),  m = min(query rows, key rows)
+                  flops = 4*B*sq*sk*H*D (x 1/2 for a diagonal block; backward x 2.5 at bwd_peak)
+    merge         t = 8 * B*H*sq*D*4 bytes / mem_bw      (the fp32 out/lse update, memory bound)
+    message       t = latency + bytes / bandwidth of the link it crosses (intra- or inter-node)
+    step          t = compute + comm - overlap * min(compute, comm)
+
+Ranks run in lockstep, so a step lasts as long as its slowest rank; a pass is the sum of its steps.
+Collectives (all-gather, all-to-all, reduce-scatter) are not overlapped. ``Machine.cores`` models
+CPU ranks sharing cores: each rank gets min(1, cores / (ranks per node * threads)) of its peak.
+
+All numbers are estimates for the machine described; presets for GPUs are simulation, not
+measurement (their sources are given next to them). The CPU machine is calibrated from measured
+runs (``ringrt simulate calibrate``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from ..layout import local_chunks, rank_chunks
+from ..schedule import tokenring_schedule
+from ..schedules.blocks import ChunkBlock, chunk_blocks
+
+ScheduleName = Literal["tokenring", "ring", "allgather", "ulysses", "hybrid"]
+SCHEDULES: tuple[str, ...] = ("tokenring", "ring", "allgather", "ulysses", "hybrid")
+BWD_FLOP_FACTOR = 2.5  # backward = 5 matmuls of the block's size, forward = 2
+MERGE_PASSES = 8  # fp32 bytes touched per output element by one merge (read/write out, temporaries)
+
+
+@dataclass(kw_only=True, slots=True)
+class Problem:
+    """One attention call: the full (global) sequence split over ``world`` ranks."""
+
+    batch: int = 1
+    seq: int
+    """Global sequence length (tokens over all ranks)."""
+    heads: int
+    kv_heads: int
+    head_dim: int
+    dtype_bytes: int = 2
+    causal: bool = True
+    backward: bool = False
+    """Estimate forward + backward (True) or forward only."""
+    layout: Literal["contiguous", "zigzag"] | None = None
+    """Shard layout; default zigzag when causal, contiguous otherwise."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Link:
+    bandwidth: float
+    """Bytes per second, per direction, one rank's share of the link."""
+    latency: float
+    """Seconds per message."""
+    duplex: bool = True
+    """Both directions at full bandwidth at once."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Machine:
+    name: str
+    peak: float
+    """Forward block-kernel FLOP/s per rank at large blocks."""
+    bwd_peak: float
+    """Backward block-kernel FLOP/s per rank (FLOPs counted as 2.5 x forward)."""
+    m_half: float = 256.0
+    """Block rows at which the kernel reaches half its peak."""
+    overhead: float = 10e-6
+    """Seconds per kernel call."""
+    mem_bw: float
+    """Bytes/s of elementwise work (merges, packing)."""
+    intra: Link
+    inter: Link | None = None
+    ranks_per_node: int = 8
+    overlap: float = 1.0
+    """Fraction of min(compute, comm) hidden in a step (1: DMA engines; less on CPU)."""
+    cores: int | None = None
+    """Cores shared by the ranks of a node (CPU); None: one device per rank."""
+    threads: int = 1
+    simulated: bool = True
+    """True for described hardware (a projection), False when calibrated on this machine."""
+    source: str = ""
+
+
+@dataclass(kw_only=True, slots=True)
+class Estimate:
+    schedule: str
+    world: int
+    total: float
+    compute: float
+    comm: float
+    exposed_comm: float
+    steps: list[tuple[float, float]] = field(default_factory=list)
+    """(compute, comm) of the slowest rank at each step of the forward pass."""
+    note: str = ""
+
+
+# ------------------------------------------------------------------------------------------------
+# Presets. GPU numbers: achieved (not peak) rates reported for FlashAttention-2 and NCCL; simulation.
+# ------------------------------------------------------------------------------------------------
+
+GBs = 1e9
+
+PRESETS: dict[str, Machine] = {
+    # H800 SXM: FA2 bf16 ~ 350 TFLOP/s fwd / 280 bwd (H100-class); NVLink 400 GB/s bidirectional
+    # (H800 cut) -> ~160 GB/s achieved per direction; HBM3 3.35 TB/s (~2.4 achieved); IB 8x400 Gb/s.
+    "h800": Machine(name="8xH800 SXM (NVLink) + IB", peak=350e12, bwd_peak=280e12, m_half=512, overhead=15e-6,
+                    mem_bw=2.4e12, intra=Link(bandwidth=160 * GBs, latency=15e-6),
+                    inter=Link(bandwidth=45 * GBs, latency=25e-6), ranks_per_node=8,
+                    source="FA2 paper/benchmarks, NVIDIA H800 datasheet; simulation"),
+    # A100 SXM: FA2 bf16 ~ 190 TFLOP/s fwd / 150 bwd; NVLink3 600 GB/s bidir -> ~230 per direction.
+    "a100": Machine(name="8xA100 SXM (NVLink) + IB", peak=190e12, bwd_peak=150e12, m_half=512, overhead=15e-6,
+                    mem_bw=1.5e12, intra=Link(bandwidth=230 * GBs, latency=15e-6),
+                    inter=Link(bandwidth=22 * GBs, latency=25e-6), ranks_per_node=8,
+                    source="FA2 paper, NVIDIA A100 datasheet; simulation"),
+    # A10 (PCIe 4.0 x16 behind a switch, no NVLink): FA2 ~ 70 TFLOP/s fwd; P2P ~ 13.2 GB/s per direction.
+    "a10": Machine(name="4xA10 PCIe switch", peak=70e12, bwd_peak=55e12, m_half=512, overhead=15e-6,
+                   mem_bw=0.5e12, intra=Link(bandwidth=13.2 * GBs, latency=30e-6), ranks_per_node=4,
+                   source="A10 datasheet, PCIe 4.0 x16 P2P; simulation"),
+    # Nodes of 8 H100 (NVLink4 900 GB/s bidir -> ~360 per direction achieved), IB NDR 400 Gb/s per GPU.
+    "h100": Machine(name="H100 nodes of 8 (NVLink) + IB NDR", peak=350e12, bwd_peak=280e12, m_half=512,
+                    overhead=15e-6, mem_bw=2.4e12, intra=Link(bandwidth=360 * GBs, latency=15e-6),
+                    inter=Link(bandwidth=45 * GBs, latency=25e-6), ranks_per_node=8,
+                    source="NVIDIA H100 datasheet, FA2/NCCL benchmarks; simulation"),
+    # This kind of box when no calibration file exists: 1-thread fp32 flash kernel, gloo over loopback.
+    "cpu": Machine(name="CPU, gloo (uncalibrated defaults)", peak=20e9, bwd_peak=12e9, m_half=64, overhead=30e-6,
+                   mem_bw=4e9, intra=Link(bandwidth=1.5 * GBs, latency=150e-6), ranks_per_node=64, overlap=0.3,
+                   cores=os.cpu_count() or 1, threads=1, simulated=False, source="defaults"),
+}
+
+
+def calibration_path() -> Path:
+    """``RINGRT_CALIBRATION`` or ``~/.cache/ringrt/calibration.json``."""
+    env = os.environ.get("RINGRT_CALIBRATION")
+    return Path(env) if env else Path.home() / ".cache" / "ringrt" / "calibration.json"
+
+
+def machine_to_dict(m: Machine) -> dict:
+    return asdict(m)
+
+
+def machine_from_dict(d: dict) -> Machine:
+    d = dict(d)
+    d["intra"] = Link(**d["intra"])
+    d["inter"] = Link(**d["inter"]) if d.get("inter") else None
+    return Machine(**d)
+
+
+def load_machine(path: str | Path | None = None) -> Machine:
+    """The calibrated CPU machine from ``path`` (default :func:`calibration_path`), else the defaults."""
+    p = Path(path) if path else calibration_path()
+    if p.exists():
+        return machine_from_dict(json.loads(p.read_text())["machine"])
+    return PRESETS["cpu"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Pricing primitives.
+# ------------------------------------------------------------------------------------------------
+
+
+def _share(m: Machine, ranks_on_node: int) -> float:
+    if m.cores is None:
+        return 1.0
+    return min(1.0, m.cores / (max(1, ranks_on_node) * m.threads))
+
+
+def kernel_time(m: Machine, p: Problem, sq: int, sk: int, heads: int, *, diagonal: bool, backward: bool, share: float = 1.0) -> float:
+    """Seconds of one block-kernel call over sq x sk tokens and ``heads`` query heads."""
+    flops = 4.0 * p.batch * sq * sk * heads * p.head_dim * (0.5 if diagonal else 1.0)
+    mm = min(sq, sk)
+    eff = mm / (mm + m.m_half)
+    if backward:
+        return m.overhead + BWD_FLOP_FACTOR * flops / (m.bwd_peak * share * eff)
+    return m.overhead + flops / (m.peak * share * eff)
+
+
+def merge_time(m: Machine, p: Problem, sq: int, heads: int, share: float = 1.0) -> float:
+    return MERGE_PASSES * p.batch * heads * sq * p.head_dim * 4 / (m.mem_bw * share)
+
+
+def copy_time(m: Machine, nbytes: float, share: float = 1.0) -> float:
+    """Packing / unpacking / reordering: read + write."""
+    return 2.0 * nbytes / (m.mem_bw * share)
+
+
+def msg_time(link: Link, nbytes: float) -> float:
+    return link.latency + nbytes / link.bandwidth if nbytes > 0 else 0.0
+
+
+def _link(m: Machine, a: int, b: int) -> Link:
+    if m.inter is None or a // m.ranks_per_node == b // m.ranks_per_node:
+        return m.intra
+    return m.inter
+
+
+def _step(m: Machine, compute: float, comm: float) -> float:
+    return compute + comm - m.overlap * min(compute, comm)
+
+
+def blocks_time(m: Machine, p: Problem, blocks: list[ChunkBlock], chunk: int, heads: int, *, backward: bool, share: float) -> float:
+    t = 0.0
+    for b in blocks:
+        sq, sk = (b.q_rows[1] - b.q_rows[0]) * chunk, (b.k_rows[1] - b.k_rows[0]) * chunk
+        t += kernel_time(m, p, sq, sk, heads, diagonal=b.diagonal, backward=backward, share=share)
+        if not backward:
+            t += merge_time(m, p, sq, heads, share)
+    return t
+
+
+def _layout(p: Problem) -> str:
+    return p.layout or ("zigzag" if p.causal else "contiguous")
+
+
+def _elem_acc(p: Problem) -> int:
+    return 8 if p.dtype_bytes == 8 else 4
+
+
+# ------------------------------------------------------------------------------------------------
+# Schedules.
+# ------------------------------------------------------------------------------------------------
+
+
+def _kv_ring(m: Machine, p: Problem, world: int, heads: int, kv_heads: int, chunks: list[list[int]], chunk: int,
+             members: list[int], share: float, *, backward: bool) -> tuple[float, float, float, list]:
+    """(total, compute, comm) of one KV-ring pass over ``members`` (global ranks, for links)."""
+    e, a = p.dtype_bytes, _elem_acc(p)
+    local = len(chunks[0]) * chunk
+    kv_bytes = 2 * p.batch * local * kv_heads * p.head_dim * e
+    grad_bytes = 2 * p.batch * local * kv_heads * p.head_dim * a if backward else 0
+    total = comp_sum = comm_sum = 0.0
+    steps = []
+    for s in range(world):
+        worst = (0.0, 0.0, 0.0)
+        for r in range(world):
+            src = (r - s) % world
+            comp = blocks_time(m, p, chunk_blocks(chunks[r], chunks[src], p.causal), chunk, heads, backward=backward, share=share)
+            nbytes = (kv_bytes if s < world - 1 else 0) + grad_bytes
+            link = _link(m, members[r], members[(r + 1) % world])
+            comm = msg_time(link, nbytes) + (copy_time(m, nbytes, share) if nbytes else 0.0) if world > 1 else 0.0
+            t = _step(m, comp, comm)
+            if t > worst[0]:
+                worst = (t, comp, comm)
+        total += worst[0]
+        comp_sum += worst[1]
+        comm_sum += worst[2]
+        steps.append((worst[1], worst[2]))
+    return total, comp_sum, comm_sum, steps
+
+
+def _a2a_time(m: Machine, members: list[int], nbytes: float, share: float) -> float:
+    """One all-to-all of a tensor of ``nbytes`` per member over ``members``."""
+    u = len(members)
+    if u == 1:
+        return 0.0
+    piece = nbytes / u
+    r0 = members[0]
+    intra = sum(1 for r in members[1:] if _link(m, r0, r) is m.intra)
+    inter = (u - 1) - intra
+    t_intra = intra * m.intra.latency + intra * piece / m.intra.bandwidth if intra else 0.0
+    t_inter = inter * m.inter.latency + inter * piece / m.inter.bandwidth if inter and m.inter else 0.0
+    return max(t_intra, t_inter) + copy_time(m, nbytes, share)
+
+
+def _ring_collective(m: Machine, world: int, piece_bytes: float, share: float) -> float:
+    """Ring all-gather / reduce-scatter: W-1 steps of one piece over the slowest ring link."""
+    if world == 1:
+        return 0.0
+    links = [_link(m, r, (r + 1) % world) for r in range(world)]
+    slow = min(links, key=lambda l: l.bandwidth)
+    return (world - 1) * msg_time(slow, piece_bytes) + copy_time(m, world * piece_bytes, share)
+
+
+def estimate(schedule: str, p: Problem, m: Machine, world: int, *, ulysses_degree: int | None = None) -> Estimate:
+    """Estimated seconds of one call (forward, or forward + backward) of ``schedule`` on ``world`` ranks."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r} is not modelled; valid: {', '.join(SCHEDULES)}")
+    layout = _layout(p)
+    n_local = local_chunks(layout)
+    if p.seq % (n_local * world):
+        raise ValueError(f"seq={p.seq} must be a multiple of {n_local * world} for layout={layout!r} at world {world}")
+    chunk = p.seq // (n_local * world)
+    share = _share(m, min(world, m.ranks_per_node))
+    passes = (False, True) if p.backward else (False,)
+    parts = [_estimate_pass(schedule, p, m, world, layout, chunk, share, bwd, ulysses_degree) for bwd in passes]
+    total = sum(x[0] for x in parts)
+    return Estimate(schedule=schedule, world=world, total=total, compute=sum(x[1] for x in parts),
+                    comm=sum(x[2] for x in parts), exposed_comm=total - sum(x[1] for x in parts),
+                    steps=parts[0][3], note=parts[0][4])
+
+
+def _estimate_pass(schedule, p, m, world, layout, chunk, share, bwd, ulysses_degree):
+    e, a = p.dtype_bytes, _elem_acc(p)
+    chunks = [rank_chunks(layout, r, world) for r in range(world)]
+    if schedule == "ring":
+        t, c, x, steps = _kv_ring(m, p, world, p.heads, p.kv_heads, chunks, chunk, list(range(world)), share, backward=bwd)
+        return t, c, x, steps, ""
+    if schedule == "tokenring":
+        return _tokenring(m, p, world, layout, chunk, share, bwd)
+    if schedule == "allgather":
+        local = len(chunks[0]) * chunk
+        piece = 2 * p.batch * local * p.kv_heads * p.head_dim * e
+        comm = _ring_collective(m, world, piece, share)
+        if bwd:
+            comm += _ring_collective(m, world, piece * a / e, share)
+        all_chunks = list(range(n_chunks_total := len(chunks[0]) * world))
+        comp = max(blocks_time(m, p, chunk_blocks(chunks[r], all_chunks, p.causal), chunk, p.heads, backward=bwd, share=share)
+                   for r in range(world))
+        return comp + comm, comp, comm, [(comp, comm)], f"{n_chunks_total} chunks gathered"
+    u = world if schedule == "ulysses" else (ulysses_degree or _hybrid_degree(world, p.heads, p.kv_heads, m.ranks_per_node))
+    return _ulysses_ring(m, p, world, u, layout, chunk, share, bwd)
+
+
+def _hybrid_degree(world: int, heads: int, kv_heads: int, per_node: int) -> int:
+    from ..schedules.hybrid import hybrid_degree
+
+    return hybrid_degree(world, heads, kv_heads, per_node)
+
+
+def ulysses_valid(heads: int, kv_heads: int, degree: int) -> bool:
+    from ..schedules.ulysses import ulysses_problem
+
+    return ulysses_problem(heads, kv_heads, degree) is None
+
+
+def _ulysses_ring(m, p, world, u, layout, chunk, share, bwd):
+    """Ulysses over rows of u ranks, then a KV-ring over the W/u rows (u = W: plain Ulysses)."""
+    if not ulysses_valid(p.heads, p.kv_heads, u):
+        return float("inf"), float("inf"), 0.0, [], f"heads {p.heads}/{p.kv_heads} do not split over {u}"
+    e = p.dtype_bytes
+    n = world // u
+    local = len(rank_chunks(layout, 0, world)) * chunk
+    kvh = max(p.kv_heads, u)
+    per_tok = p.batch * p.head_dim * e * local
+    row0 = list(range(u))
+    # forward: q, k, v in, out back; backward: dout in, dq, dk, dv back
+    a2a = 2 * _a2a_time(m, row0, per_tok * p.heads, share) + 2 * _a2a_time(m, row0, per_tok * kvh, share)
+    heads_u, kv_u = p.heads // u, kvh // u
+    rows_chunks = []
+    for g in range(n):
+        ids = sorted(c for b in range(u) for c in rank_chunks(layout, g * u + b, world))
+        rows_chunks.append(ids)
+    if n == 1:
+        comp = blocks_time(m, p, chunk_blocks(rows_chunks[0], rows_chunks[0], p.causal), chunk, heads_u, backward=bwd, share=share)
+        return comp + a2a, comp, a2a, [(comp, a2a)], f"ulysses degree {u}"
+    members = [g * u for g in range(n)]
+    t, c, x, steps = _kv_ring(m, p, n, heads_u, kv_u, rows_chunks, chunk, members, share, backward=bwd)
+    return t + a2a, c, x + a2a, steps, f"ulysses degree {u} x ring {n}"
+
+
+def _tokenring(m, p, world, layout, chunk, share, bwd):
+    e, a = p.dtype_bytes, _elem_acc(p)
+    row = p.batch * p.heads * chunk  # (batch x heads) rows of one chunk
+    if bwd:
+        q_bytes_per_chunk = row * (2 * p.head_dim * e + 2 * a)  # q, dout, lse, delta
+        out_bytes_per_chunk = row * p.head_dim * e  # dq partial
+    else:
+        q_bytes_per_chunk = row * p.head_dim * e
+        out_bytes_per_chunk = row * (p.head_dim * e + a)  # out partial + lse
+    scheds = [tokenring_schedule(r, world, p.causal, layout) for r in range(world)]
+    total = comp_sum = comm_sum = 0.0
+    steps = []
+    for s in range(world):
+        worst = (0.0, 0.0, 0.0)
+        for r in range(world):
+            st = scheds[r][s]
+            comp = 0.0
+            if st.block is not None:
+                b = st.block
+                blk = ChunkBlock(b.q_rows, b.k_rows, b.diagonal)
+                comp = blocks_time(m, p, [blk], chunk, p.heads, backward=bwd, share=share)
+            tq = tout = 0.0
+            if st.q_send is not None:
+                nb = (st.q_send.rows[1] - st.q_send.rows[0]) * q_bytes_per_chunk
+                tq = msg_time(_link(m, r, st.q_send.peer), nb) + copy_time(m, nb, share)
+            if st.out_send is not None:
+                nb = (st.out_send.rows[1] - st.out_send.rows[0]) * out_bytes_per_chunk
+                tout = msg_time(_link(m, r, st.out_send.peer), nb) + copy_time(m, nb, share)
+                rq = st.out_send.rows[1] - st.out_send.rows[0]
+                comp += merge_time(m, p, rq * chunk, p.heads, share) if not bwd else 0.0  # the owner's absorb
+            comm = max(tq, tout) if m.intra.duplex else tq + tout
+            t = _step(m, comp, comm)
+            if t > worst[0]:
+                worst = (t, comp, comm)
+        total += worst[0]
+        comp_sum += worst[1]
+        comm_sum += worst[2]
+        steps.append((worst[1], worst[2]))
+    return total, comp_sum, comm_sum, steps, ""
+
+
+def single_device(p: Problem, m: Machine) -> float:
+    """Seconds of the whole problem on one rank of ``m`` (one kernel call, no communication)."""
+    t = kernel_time(m, p, p.seq, p.seq, p.heads, diagonal=p.causal, backward=False)
+    if p.backward:
+        t += kernel_time(m, p, p.seq, p.seq, p.heads, diagonal=p.causal, backward=True)
+    return t
+
+
+def candidates(p: Problem, world: int, ranks_per_node: int) -> list[str]:
+    """Schedules that can run this problem at this world size (hybrid only when it differs from both
+    a plain ring and plain Ulysses)."""
+    out = ["tokenring", "ring", "allgather"]
+    if world > 1 and ulysses_valid(p.heads, p.kv_heads, world):
+        out.append("ulysses")
+    if world > 1:
+        u = _hybrid_degree(world, p.heads, p.kv_heads, ranks_per_node)
+        if 1 < u < world:
+            out.append("hybrid")
+    return out
+
+
+def rank_schedules(p: Problem, m: Machine, world: int) -> list[Estimate]:
+    """Estimates of every candidate, fastest first."""
+    ests = [estimate(s, p, m, world) for s in candidates(p, world, m.ranks_per_node)]
+    return sorted(ests, key=lambda x: x.total)
+
