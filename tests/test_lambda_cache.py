@@ -26,8 +26,10 @@ def test_cache_matches_full_sequence_formula(ng, nl, lim, chunks):
     ref = lambda_reference(q, k, v, n_global=ng, n_local=nl, limit=lim)
     cache = LambdaKVCache(mask=mask, position_offset=5)  # RoPE offset: relative positions only
     start, outs = 0, []
-    for c in chunks:
-        outs.append(cache.attend(q[:, start : start + c], k[:, start : start + c], v[:, start : start + c]))
+    for j, c in enumerate(chunks):
+        sl = slice(start, start + c)
+        pos = torch.arange(start, start + c).expand(2, c) if j % 2 else None  # (B, T) position ids or implicit
+        outs.append(cache.attend(q[:, sl], k[:, sl], v[:, sl], pos))
         start += c
         assert len(cache) <= ng + nl  # bounded memory
         assert cache.index.tolist() == sorted(set(range(min(ng, start))) | set(range(max(0, start - nl), start)))
@@ -41,5 +43,22 @@ def test_cache_rejects_positions_that_do_not_continue():
     cache.attend(x, x, x)
     with pytest.raises(ValueError, match="must continue the cache: 2 .. 3"):
         cache.attend(x, x, x, positions=torch.tensor([5, 6]))
+    with pytest.raises(ValueError, match="must be \\(B, T, H_kv, D\\) like the cached"):
+        cache.attend(x, x, torch.randn(1, 2, 1, 6))
     with pytest.raises(ValueError, match="n_local=0"):
         LambdaKVCache(mask=LambdaMask(n_global=1, n_local=0))
+
+
+@pytest.mark.timeout(30)
+def test_append_then_decode_equals_attending_the_prompt():
+    """Filling the cache with a prefilled prompt's k/v (no attention) and decoding from it gives the
+    same outputs as attending the prompt through the cache."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 30, 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    mask = LambdaMask(n_global=3, n_local=6)
+    ref = lambda_reference(q, k, v, n_global=3, n_local=6)
+    cache = LambdaKVCache(mask=mask)
+    cache.append(k[:, :25], v[:, :25], torch.arange(25))
+    assert cache.index.tolist() == [0, 1, 2] + list(range(19, 25))
+    outs = [cache.attend(q[:, i : i + 1], k[:, i : i + 1], v[:, i : i + 1]) for i in range(25, 30)]
+    torch.testing.assert_close(torch.cat(outs, 1), ref[:, 25:], rtol=0, atol=1e-12)

@@ -29,7 +29,8 @@ class LambdaKVCache:
         cache = LambdaKVCache(mask=LambdaMask(n_global=16, n_local=4096), rope_theta=cfg.rope_theta)
         out = cache.attend(q, k, v)      # q (B, T, H, D), k/v (B, T, H_kv, D) pre-RoPE, next T tokens
 
-    ``attend`` appends k/v as tokens ``seen .. seen + T - 1`` (or the given ``positions``), computes the
+    ``append`` stores a prefilled prompt's k/v. ``attend`` appends k/v as tokens ``seen .. seen + T - 1``
+    (or the given ``positions``), computes the
     Λ-mask attention of the T queries over everything kept plus the new tokens, then drops the
     tokens no later query can see. ``out`` equals rows seen .. seen + T - 1 of ``lambda_attention``
     over the whole sequence.
@@ -50,27 +51,44 @@ class LambdaKVCache:
     def __len__(self) -> int:
         return int(self.index.numel())
 
+    def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | None = None) -> None:
+        """Store the next T tokens' pre-RoPE k/v (B, T, H_kv, D) without attending (e.g. a prompt that
+        was prefilled with ``lambda_attention``), keeping only what later queries can see."""
+        self._add(k, v, positions)
+        self._trim()
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Append the next T tokens' k/v and return their queries' attention (B, T, H, D), dtype of q.
 
-        positions: (T,) token indices of the new tokens; they must be seen, seen + 1, ... (default).
+        q (B, T, H, D), k/v (B, T, H_kv, D) pre-RoPE. positions: (T,) or (B, T) token indices of the new
+        tokens; they must be seen, seen + 1, ... (the default).
         """
-        t = q.shape[1]
-        new_index = torch.arange(self.seen, self.seen + t, device=q.device)
-        if positions is not None and not torch.equal(positions.to(new_index), new_index):
-            raise ValueError(f"LambdaKVCache.attend: positions={positions.tolist()} must continue the cache: "
-                             f"{self.seen} .. {self.seen + t - 1}")
-        if k.shape[1] != t or v.shape != k.shape or (self.k is not None and k.shape[0::2] != self.k.shape[0::2]):
-            raise ValueError(f"LambdaKVCache.attend: k {tuple(k.shape)} and v {tuple(v.shape)} must be (B, T={t}, H_kv, D) "
+        new_index = self._add(k, v, positions)
+        out = self._attention(q, new_index)
+        self._trim()
+        return out
+
+    def _add(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        t = k.shape[1]
+        new_index = torch.arange(self.seen, self.seen + t, device=k.device)
+        if positions is not None:
+            rows = positions.reshape(-1, positions.shape[-1]).to(new_index)
+            if rows.shape[-1] != t or not bool((rows == new_index).all()):
+                raise ValueError(f"LambdaKVCache: positions={positions.tolist()} must continue the cache: "
+                                 f"{self.seen} .. {self.seen + t - 1}")
+        if v.shape != k.shape or (self.k is not None and (k.shape[0], *k.shape[2:]) != (self.k.shape[0], *self.k.shape[2:])):
+            raise ValueError(f"LambdaKVCache: k {tuple(k.shape)} and v {tuple(v.shape)} must be (B, T, H_kv, D) "
                              f"like the cached {None if self.k is None else tuple(self.k.shape)}")
         self.k = k if self.k is None else torch.cat([self.k, k], 1)
         self.v = v if self.v is None else torch.cat([self.v, v], 1)
-        self.index = torch.cat([self.index.to(q.device), new_index])
+        self.index = torch.cat([self.index.to(k.device), new_index])
         self.seen += t
-        out = self._attention(q, new_index)
+        return new_index
+
+    def _trim(self) -> None:
         keep = (self.index < self.mask.n_global) | (self.index >= self.seen - self.mask.n_local)
-        self.k, self.v, self.index = self.k[:, keep], self.v[:, keep], self.index[keep]
-        return out
+        if not bool(keep.all()):
+            self.k, self.v, self.index = self.k[:, keep], self.v[:, keep], self.index[keep]
 
     def _attention(self, q: torch.Tensor, qi: torch.Tensor) -> torch.Tensor:
         m, d = self.mask, q.shape[-1]
