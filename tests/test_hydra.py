@@ -1,0 +1,89 @@
+"""Hydra entry points: typed schemas reject bad configs, torchrun ranks share one run dir where only
+rank 0 writes, the train job logs system metrics (JSONL + W&B offline), and -m sweeps run through
+submitit_local with each job starting its own ranks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ringrt.runs import TrainRun
+from ringrt.schema import ConfigError, from_dict
+from tests.launch_util import PYTHON, REPO, check_probe, run
+
+TORCHRUN = shutil.which("torchrun")
+TINY = ["data.seq_len=64", "data.batch_size=2", "train.warmup_steps=2"]
+
+
+def test_schema_rejects_typos_and_wrong_types():
+    with pytest.raises(ConfigError, match=r"unknown key 'model.n_layrs'; did you mean 'n_layers'\?"):
+        from_dict(TrainRun, {"model": {"n_layrs": 2}})
+    with pytest.raises(ConfigError, match=r"train.steps='10' must be an integer"):
+        from_dict(TrainRun, {"train": {"steps": "10"}})
+    with pytest.raises(ConfigError, match=r"logging.wandb='on' is not valid; valid: 'offline', 'online', 'disabled'"):
+        from_dict(TrainRun, {"logging": {"wandb": "on"}})
+    with pytest.raises(ConfigError, match=r"attention.layout='zigzagg' is not valid; valid: 'zigzag', 'contiguous'"):
+        from_dict(TrainRun, {"attention": {"layout": "zigzagg"}})
+    with pytest.raises(ConfigError, match=r"train.resume=1 must be true or false"):
+        from_dict(TrainRun, {"train": {"resume": 1}})
+    with pytest.raises(ConfigError, match=r"launcher.backend='mpi' is not valid; valid: 'auto', 'gloo', 'nccl'"):
+        from_dict(TrainRun, {"launcher": {"backend": "mpi"}})
+    run_cfg = from_dict(TrainRun, {"train": {"betas": [0.9, 0.99], "lr": 1}, "model": {"n_kv_heads": None}})
+    assert run_cfg.train.betas == (0.9, 0.99) and run_cfg.train.lr == 1.0 and isinstance(run_cfg.train.lr, float)
+
+
+@pytest.mark.timeout(120)
+def test_entry_point_rejects_bad_config_before_running(tmp_path):
+    p = run([PYTHON, str(REPO / "launch" / "train.py"), "+model.n_layrs=2", f"hydra.run.dir={tmp_path}/r"])
+    assert p.returncode != 0
+    assert "unknown key 'model.n_layrs'; did you mean 'n_layers'?" in p.stderr
+    p = run([PYTHON, str(REPO / "launch" / "train.py"), "train.steps=ten", f"hydra.run.dir={tmp_path}/r"])
+    assert p.returncode != 0 and "train.steps='ten' must be an integer" in p.stderr
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed")
+@pytest.mark.timeout(180)
+def test_torchrun_train_shared_dir_rank0_writes(tmp_path):
+    p = run([TORCHRUN, "--standalone", "--nproc-per-node=2", str(REPO / "launch" / "train.py"), *TINY,
+             "train.steps=4", "train.log_every=2", "logging.wandb=offline"], cwd=tmp_path, timeout=150)
+    assert p.returncode == 0, p.stderr[-4000:]
+    runs = list((tmp_path / "outputs").iterdir())
+    assert len(runs) == 1 and runs[0].name.startswith("run-"), runs  # one directory for both ranks
+    d = runs[0]
+    log = (d / "train.log").read_text()
+    assert "rank 0/2 started by torchrun" in log and "rank 1/2" not in log  # only rank 0 writes the log
+    assert "rank 1/2 started by torchrun" in p.stdout
+    assert (d / ".hydra" / "config.yaml").is_file() and (d / "run_config.yaml").is_file()
+    rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]  # written once (rank 0), not once per rank
+    for r in rows:
+        assert r["loss"] > 0 and r["tokens_per_s"] > 0 and r["flops_per_s"] > r["tokens_per_s"]
+        assert r["peak_mem_bytes"] > 0 and r["comm_bytes"] > 0  # the ring moved bytes
+    assert len(list((d / "wandb").glob("offline-run-*"))) == 1
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed")
+@pytest.mark.timeout(60)
+def test_sweep_inside_torchrun_is_refused(tmp_path):
+    p = run([TORCHRUN, "--standalone", "--nproc-per-node=2", str(REPO / "launch" / "probe.py"), "-m", "probe.seed=0,1"],
+            cwd=tmp_path)
+    assert p.returncode != 0
+    assert "'-m' sweeps cannot run inside a torchrun launch of 2 ranks" in p.stderr
+    assert not (tmp_path / "multirun").exists()
+
+
+@pytest.mark.timeout(240)
+def test_submitit_local_sweep_each_job_starts_its_ranks(tmp_path):
+    p = run([PYTHON, str(REPO / "launch" / "probe.py"), "-m", "hydra/launcher=submitit_local",
+             "hydra.launcher.tasks_per_node=2", "hydra.launcher.timeout_min=4", "probe.seed=0,1",
+             f"hydra.sweep.dir={tmp_path}/sweep"], cwd=tmp_path, timeout=220)
+    assert p.returncode == 0, p.stderr[-4000:]
+    for job, seed in ((0, 0), (1, 1)):
+        result = check_probe(tmp_path / "sweep" / str(job) / "probe.json", world=2, launcher="submitit")
+        assert result["config"]["seed"] == seed
+        log = (tmp_path / "sweep" / str(job) / "probe.log").read_text()
+        assert "rank 0/2 started by submitit" in log and "rank 1/2" not in log
