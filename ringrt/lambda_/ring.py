@@ -13,7 +13,10 @@ raw ``k`` for the global branch. Forward on rank r::
                                              │     global tiles (qs x raw global k)
     wait halo ──────────────────────────────-┘     halo tiles (q x halo k)
 
-every partial merged into one fp32 (out, lse) accumulator: one softmax over both branches.
+every partial merged into one fp32 (out, lse) accumulator: one softmax over both branches. With
+``algorithm="tokenring"`` the halo step is replaced by: post my query rows to the predecessors whose
+keys they need, serve the successors' rows against my keys and send their partial (out, lse) back,
+merge the partials that come back to me.
 Backward: each tile's exact gradient from the FINAL lse and delta = rowsum(dout * out); halo
 dK/dV go back to their owners, global dK/dV run up the relay, summed on the way.
 
