@@ -20,6 +20,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..comm import count
 from ..simulate import costmodel
 from ..tokenring import TokenRingAttention
 from .allgather import allgather_attention
@@ -81,6 +82,11 @@ def auto_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> t
             names = list(RUNNERS)
             idx = torch.tensor([names.index(name)], dtype=torch.int64, device=q.device if q.device.type == "cuda" else "cpu")
             dist.broadcast(idx, group_src=0, group=g.base)
+            n = idx.numel() * idx.element_size()
+            if g.rank == 0:
+                count("auto", sent=(g.world - 1) * n, recv=0, sends=g.world - 1, recvs=0)
+            else:
+                count("auto", sent=0, recv=n, sends=0, recvs=1)
             name = names[int(idx.item())]
         _CHOICES[key] = (name, ests)
     name, ests = _CHOICES[key]
