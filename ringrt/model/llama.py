@@ -132,20 +132,24 @@ class Llama(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         *,
         positions: torch.Tensor | None = None,
         attend: Attend | None = None,
         hidden_only: bool = False,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids (B, S): this shard's tokens; positions (S,) or (B, S): their absolute positions
-        (default 0..S-1); attend: attention over the whole sequence (default one process, causal).
+        (default 0..S-1); attend: attention over the whole sequence (default one process, causal);
+        inputs_embeds (B, S, dim): read in place of ``embed_tokens(input_ids)`` (give one of the two).
         Returns logits (B, S, vocab), or the final hidden states (B, S, dim) with ``hidden_only``."""
-        B, S = input_ids.shape
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Llama.forward takes exactly one of input_ids and inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, S, dim)
+        B, S = x.shape[:2]
         if positions is None:
-            positions = torch.arange(S, device=input_ids.device)
+            positions = torch.arange(S, device=x.device)
         attend = LocalAttention() if attend is None else attend
-        x = self.embed_tokens(input_ids)  # (B, S, dim)
         cos, sin = cos_sin(positions, self.config.head_size, self.config.rope_theta)  # (S|B,S, D) fp32
         for block in self.layers:
             x = block(x, cos, sin, positions, attend)
