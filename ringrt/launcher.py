@@ -215,9 +215,19 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> Launch
         torch.cuda.set_device(le.local_rank)
     if not le.master_addr or not le.master_port:
         raise ValueError(f"launcher {le.source!r} gave no MASTER_ADDR/MASTER_PORT; set them in the environment")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if le.source == "torchrun" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's agent hosts the store and keeps it (same MASTER_PORT) across --max-restarts
+        # attempts: without a per-attempt prefix, restarted ranks read the dead ranks' gloo
+        # addresses from the previous attempt and fail with "connectFullMesh ... Connection refused".
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.TCPStore(le.master_addr, le.master_port, le.world_size, is_master=False, timeout=timeout)
+        dist.init_process_group(backend, store=dist.PrefixStore(f"ringrt/attempt_{attempt}", store),
+                                rank=le.rank, world_size=le.world_size, timeout=timeout)
+        return le
     dist.init_process_group(
         backend, init_method=f"tcp://{le.master_addr}:{le.master_port}", rank=le.rank, world_size=le.world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
+        timeout=timeout,
     )
     return le
 
