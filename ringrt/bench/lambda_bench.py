@@ -181,7 +181,7 @@ def main(args: argparse.Namespace) -> int:
     meta.update(torch=torch.__version__, cpus=os.cpu_count(), wall_s=round(time.time() - t0, 1))
     write_json(args.out, {"benchmark": "lambda", "config": meta, "rows": rows, "checks": checks})
     w0 = args.worlds[0]
-    png = maybe_plot(args.out, [r for r in rows if r["world"] == w0], x="seq", ys=["t_s"], group="kind",
+    png = maybe_plot(args.out, [r for r in rows if r["world"] == w0], x="seq", ys=["t_s", "cpu_s"], group="kind",
                      title=f"Λ-mask vs dense causal attention, W={w0}, fwd+bwd", ylabel="seconds")
     print(f"wrote {args.out}" + (f" and {png}" if png else ""))
     return 0
