@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ..compression.config import CompressionConfig
 from ..data.config import DataConfig
 from ..model.config import AttentionConfig, ModelConfig
 
@@ -54,6 +55,8 @@ class TrainJobConfig:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    """With ``compression.enabled``: train the extensible embedder of the frozen ``train.init_from``."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -84,6 +87,8 @@ class EvalJobConfig:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    """With ``compression.enabled``: last-chunk perplexity, truncation / Λ-mask / Extensible Tokenization."""
 
 
 @dataclass(kw_only=True, slots=True)

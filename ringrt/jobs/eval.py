@@ -139,6 +139,10 @@ def _write_json(obj: dict, path: str) -> None:
 
 def run_eval(cfg: EvalJobConfig, model=None, print_fn=print) -> dict:
     """Evaluate; returns the results dict (also written to ``<out_dir>/results.json`` by rank 0)."""
+    if cfg.compression.enabled:
+        from ..compression.eval import run_compression_eval
+
+        return run_compression_eval(cfg, print_fn)
     e = cfg.eval
     bad = [m for m in e.modes if m not in MODES]
     if bad or not e.modes:

@@ -68,6 +68,10 @@ def run_train(cfg: TrainJobConfig, logger: MetricsLogger | None = None) -> dict:
 
     Works on one process or on an initialised default process group (every rank calls it).
     """
+    if cfg.compression.enabled:
+        from ..compression.train import run_compression_train
+
+        return run_compression_train(cfg, logger)
     t = cfg.train
     rank = dist.get_rank() if dist.is_initialized() else 0
     seq_group, data_group, dp_rank, sp = mesh(t.data_parallel)
