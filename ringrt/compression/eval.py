@@ -1,0 +1,135 @@
+"""``ringrt eval --compression.enabled true``: perplexity of the last chunk of long documents.
+
+Each validation document has ``compression.doc_len`` tokens; its last ``raw_len`` tokens are scored
+(the first of them predicted from the context alone). Rows of the table:
+
+* ``truncate``: plain attention over the last ``window`` tokens only (the LLM's own window);
+* ``lambda``: the whole document with the LM-Infinite Λ-mask (n_local = window, n_global =
+  ``attention.n_global``), contiguous shards;
+* ``k=2 ..``: Extensible Tokenization, [compressed context; raw tail] — the compressed context
+  truncated to its most recent ``window - raw_len + 1`` embeddings, so the LLM never reads more than
+  its window — zigzag shards through ``attention.algorithm``;
+* ``auto``: the smallest k of ``compression.ks`` whose whole compressed context fits.
+
+Everything runs sequence-parallel over all ranks (the embedder on chunk-aligned shards).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import torch
+import torch.distributed as dist
+
+from ..data.batching import eval_sequences
+from ..data.tokenizer import check_tokenizer, load_tokenizer
+from ..groups import base_group
+from ..layout import num_chunks, pad_to_multiple, positions as layout_positions, shard_of
+from ..model.hf import load_pretrained
+from ..model.parallel import make_attend, sequence_loss
+from .embedder import load_embedder
+from .packing import freeze
+from .parallel import compressed_logits
+from .select import choose_k
+
+
+def _sharded_loss(llm, tokens: torch.Tensor, labels: torch.Tensor, attend, layout: str) -> float:
+    """Mean NLL of ``labels`` (B, S) (-100 = not scored) given ``tokens`` (B, S), sharded in ``layout``."""
+    _, rank, world = base_group(None)
+    n = num_chunks(layout, world)
+    tokens, labels = pad_to_multiple(tokens, n), pad_to_multiple(labels, n, value=-100)
+    ids, lab = shard_of(tokens, layout, rank, world), shard_of(labels, layout, rank, world)
+    pos = layout_positions(layout, rank, world, ids.shape[1])
+    logits = llm(ids, positions=pos, attend=attend)
+    return sequence_loss(logits, lab).item()
+
+
+def _compressed_loss(llm, emb, doc: torch.Tensor, *, raw_len: int, chunk_len: int, k: int, keep: int | None, algorithm: str) -> float:
+    context, raw = doc[:, :-raw_len], doc[:, -raw_len:]
+    logits, pos, M = compressed_logits(llm, emb, context, raw[:, :-1], chunk_len=chunk_len, k=k, keep=keep, algorithm=algorithm)
+    labels = torch.full((doc.shape[0], M + raw_len - 1), -100, dtype=torch.int64)
+    labels[:, M - 1 :] = raw  # row M-1 (last compressed) predicts raw[0]; raw row t predicts raw[t+1]
+    _, rank, world = base_group(None)
+    if world > 1:
+        labels = shard_of(pad_to_multiple(labels, num_chunks("zigzag", world), value=-100), "zigzag", rank, world)
+    return sequence_loss(logits, labels).item()
+
+
+@torch.no_grad()
+def run_compression_eval(cfg, print_fn=print) -> dict:
+    """Perplexity table (see the module doc); returns it and writes ``results.json`` + ``compression.png``."""
+    from ..jobs.eval import _save_fig, _write_json, resolve_checkpoint
+
+    c, e = cfg.compression, cfg.eval
+    c.validate()
+    if not c.embedder:
+        raise ValueError("compression.embedder=None: valid: the directory written by ringrt train --compression.enabled true "
+                         "(<train.out_dir>/embedder)")
+    hf_dir, extra = resolve_checkpoint(e.checkpoint)
+    window = c.window or e.train_len or extra.get("train_len") or cfg.data.seq_len
+    R = c.resolved_raw_len()
+    if not 2 <= R <= window:
+        raise ValueError(f"compression.raw_len={R} must be in [2, window={window}]")
+    if c.doc_len <= window:
+        raise ValueError(f"compression.doc_len={c.doc_len} must exceed the window {window} (otherwise nothing needs compressing)")
+    tok = load_tokenizer(cfg.data.tokenizer if cfg.data.tokenizer is not None else extra.get("tokenizer"))
+    llm = freeze(load_pretrained(hf_dir)).eval()
+    check_tokenizer(tok, llm.config)
+    emb, meta = load_embedder(c.embedder, llm)
+    emb.eval()
+    chunk_len = meta.get("chunk_len", c.chunk_len)
+    docs = eval_sequences(cfg.data, tok, c.doc_len - 1, max(1, e.tokens // c.doc_len))  # (n_docs, doc_len)
+    n_ctx = c.doc_len - R
+    rows: dict[str, float] = {}
+    truncate_attend = make_attend(dataclasses.replace(cfg.attention, lambda_mask=False, layout="zigzag"), llm.config, train_len=window)
+    lambda_cfg = dataclasses.replace(cfg.attention, lambda_mask=True, layout="contiguous", n_local=window, limit_distance=window)
+    lambda_attend = make_attend(lambda_cfg, llm.config, train_len=window)
+
+    def mean_ppl(loss_of) -> float:
+        return math.exp(sum(loss_of(d[None]) for d in docs) / len(docs))
+
+    def scored_tail(d: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        inp, lab = d[:, start:-1], d[:, start + 1 :].clone()
+        lab[:, : lab.shape[1] - R] = -100  # score only the last R tokens
+        return inp, lab
+
+    if "truncate" in c.baselines:
+        rows["truncate"] = mean_ppl(lambda d: _sharded_loss(llm, *scored_tail(d, c.doc_len - window - 1), truncate_attend, "zigzag"))
+    if "lambda" in c.baselines:
+        rows["lambda"] = mean_ppl(lambda d: _sharded_loss(llm, *scored_tail(d, 0), lambda_attend, "contiguous"))
+    keep = window - (R - 1)
+    for k in c.factors():
+        rows[f"k={k}"] = mean_ppl(lambda d: _compressed_loss(llm, emb, d, raw_len=R, chunk_len=chunk_len, k=k, keep=keep,
+                                                             algorithm=cfg.attention.algorithm))
+    try:
+        auto = choose_k(n_ctx, R - 1, window=window, chunk_len=chunk_len, ks=c.factors())
+    except ValueError:
+        auto = None
+    results = {"doc_len": c.doc_len, "raw_len": R, "window": window, "chunk_len": chunk_len, "auto_k": auto,
+               "documents": len(docs), "perplexity": rows, "checkpoint": hf_dir, "embedder": c.embedder}
+    text = (f"perplexity of the last {R} tokens of {len(docs)} documents of {c.doc_len} tokens (LLM window {window})\n"
+            + "\n".join(f"{name:>10} {ppl:10.3f}" for name, ppl in rows.items())
+            + (f"\n  smallest k whose whole context fits the window: {auto}" if auto else "\n  no k in ks fits the whole context"))
+    results["table"] = text
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        os.makedirs(e.out_dir, exist_ok=True)
+        results["plots"] = [_save_fig(_bar(rows, results), os.path.join(e.out_dir, "compression.png"))]
+        _write_json(results, os.path.join(e.out_dir, "results.json"))
+        print_fn(text)
+    return results
+
+
+def _bar(rows: dict[str, float], results: dict):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(list(rows), list(rows.values()), color=["grey" if not n.startswith("k=") else "tab:blue" for n in rows])
+    ax.set_ylabel("perplexity (last chunk)")
+    ax.set_title(f"{results['doc_len']}-token documents, window {results['window']}")
+    fig.tight_layout()
+    return fig

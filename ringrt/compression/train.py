@@ -1,0 +1,117 @@
+"""``ringrt train --compression.enabled true``: train the extensible embedder of a frozen LLM.
+
+The LLM (``train.init_from``) is frozen; only the embedder's parameters get gradients. Every
+example is ``compression.train_chunks`` chunks of ``compression.chunk_len`` tokens; its factor k is
+sampled from ``compression.ks`` (or fixed by ``compression.k``); its loss is the packed two-stream
+loss (``packing.py``). The ranks run data-parallel (each packs its own examples; the block mask is
+not a ring mask) and all-reduce the embedder's gradients. The embedder is written (rank 0,
+atomically) to ``<train.out_dir>/embedder``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from ..data.batching import train_batches
+from ..data.tokenizer import check_tokenizer, load_tokenizer
+from ..metrics import ConsoleSink, JsonlSink, MetricsLogger
+from ..model.hf import load_pretrained
+from ..model.parallel import sum_gradients
+from .config import CompressionConfig
+from .embedder import ExtensibleEmbedder, save_embedder
+from .packing import freeze, packed_two_stream_loss
+
+
+def validate_train(cfg) -> None:
+    """ValueError naming the setting; the same on every rank (no communication involved)."""
+    c: CompressionConfig = cfg.compression
+    c.validate()
+    if not cfg.train.init_from:
+        raise ValueError("train.init_from=None: compression training needs the frozen LLM; valid: a Hugging Face "
+                         "Llama directory or a training out_dir (e.g. outputs/demo/train)")
+    if c.chunk_len < 2:
+        raise ValueError(f"compression.chunk_len={c.chunk_len} must be at least 2 to have tokens to predict")
+    for name in ("steps", "grad_accum"):
+        if getattr(cfg.train, name) < 1:
+            raise ValueError(f"train.{name}={getattr(cfg.train, name)} must be a positive integer")
+
+
+def sample_ks(factors: list[int], n: int, *, seed: int, step: int, rank: int) -> list[int]:
+    """One factor per example, a function of (seed, step, rank) only (reproducible, resumable)."""
+    g = torch.Generator().manual_seed(hash((seed, step, rank)) & 0x7FFFFFFF)
+    return [factors[i] for i in torch.randint(len(factors), (n,), generator=g).tolist()]
+
+
+def run_compression_train(cfg, logger: MetricsLogger | None = None) -> dict:
+    """Train the embedder; returns {"step", "loss", "losses", "embedder_dir", "seconds"}. Works on one
+    process or on an initialised default process group (every rank calls it)."""
+    from ..jobs.eval import resolve_checkpoint
+    from ..jobs.train import lr_at
+
+    validate_train(cfg)
+    c, t = cfg.compression, cfg.train
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    llm_dir, extra = resolve_checkpoint(t.init_from)
+    tok = load_tokenizer(cfg.data.tokenizer if cfg.data.tokenizer is not None else extra.get("tokenizer"))
+    llm = freeze(load_pretrained(llm_dir)).eval()
+    check_tokenizer(tok, llm.config)
+    torch.manual_seed(t.seed)
+    emb = ExtensibleEmbedder(llm, c.embedder_layers).train()
+    params = [p for p in emb.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=t.lr, betas=t.betas)
+    example_len = c.train_chunks * c.chunk_len
+    data = dataclasses.replace(cfg.data, seq_len=example_len - 1)  # windows of example_len tokens
+    batches = train_batches(data, tok, replicas=world, replica=rank)
+    if logger is None:
+        logger = MetricsLogger([ConsoleSink(), JsonlSink(os.path.join(t.out_dir, "metrics.jsonl"))], enabled=rank == 0)
+    factors = c.factors()
+    losses: list[float] = []
+    t_start = time.perf_counter()
+    step = 0
+    while step < t.steps:
+        lr = lr_at(step, t)
+        for gr in opt.param_groups:
+            gr["lr"] = lr
+        total = torch.zeros((), dtype=torch.float64)
+        for micro in range(t.grad_accum):
+            tokens = next(batches)  # (B, n·c)
+            ks = torch.tensor(sample_ks(factors, tokens.shape[0], seed=t.seed, step=step * t.grad_accum + micro, rank=rank))
+            loss_sum, count = torch.zeros((), dtype=torch.float64), 0
+            for k in ks.unique().tolist():
+                s, n = packed_two_stream_loss(llm, emb, tokens[ks == k], chunk_len=c.chunk_len, k=k)
+                loss_sum, count = loss_sum + s, count + n
+            loss = loss_sum / count / t.grad_accum  # every rank scores the same number of tokens
+            loss.backward()
+            total += loss.detach()
+        sum_gradients(params, None, divide_by=world)
+        gnorm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip) if t.grad_clip > 0 else torch.tensor(float("nan"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if world > 1:
+            dist.all_reduce(total)
+            total /= world
+        step += 1
+        losses.append(total.item())
+        if step % t.log_every == 0 or step == t.steps:
+            logger.log(step, loss=total.item(), lr=lr, grad_norm=float(gnorm))
+        out_of_time = torch.tensor(float(c.train_minutes is not None and time.perf_counter() - t_start > 60 * c.train_minutes))
+        if world > 1:
+            dist.all_reduce(out_of_time)  # every rank stops at the same step
+        if out_of_time.item() > 0:
+            logger.log(step, stopped="compression.train_minutes reached")
+            break
+    out = os.path.join(t.out_dir, "embedder")
+    if rank == 0:
+        save_embedder(emb, out, extra={"llm": llm_dir, "chunk_len": c.chunk_len, "ks": factors, "steps": step,
+                                       "train_chunks": c.train_chunks})
+    if dist.is_initialized():
+        dist.barrier()
+    return {"step": step, "loss": losses[-1] if losses else None, "losses": losses, "embedder_dir": out,
+            "seconds": time.perf_counter() - t_start}
