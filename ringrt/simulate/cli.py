@@ -1,0 +1,75 @@
+"""``ringrt simulate {calibrate, anchors, project}``: the cost model from the command line.
+
+* ``calibrate``: measure this machine (kernel FLOP/s, merge bandwidth, gloo latency/bandwidth/overlap)
+  and write the calibration ``auto`` and the benchmarks read.
+* ``anchors``: the published measurements the model must reproduce, with their bands.
+* ``project``: every schedule from 8 to 1024 GPUs, MHA and GQA; JSON + PNG with the crossovers.
+
+GPU numbers are SIMULATION from the presets in ``costmodel.PRESETS``, not measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from . import costmodel as cm
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", required=True)
+    c = sub.add_parser("calibrate", help="measure this machine and write the calibration JSON")
+    c.add_argument("--out", type=Path, default=None, help=f"default {cm.calibration_path()}")
+    c.add_argument("--threads", type=int, default=1)
+    c.add_argument("--reps", type=int, default=5)
+    sub.add_parser("anchors", help="reproduce the published anchors (simulation)")
+    pr = sub.add_parser("project", help="project 8 -> 1024 GPUs, MHA and GQA (simulation)")
+    pr.add_argument("--machine", choices=sorted(cm.PRESETS), default="h100")
+    pr.add_argument("--out", type=Path, default=Path("bench_results"))
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.action == "calibrate":
+        from .calibrate import calibrate, write
+
+        m, measured = calibrate(args.threads, args.reps)
+        path = args.out or cm.calibration_path()
+        write(path, m, measured)
+        loc, link = measured["local"], measured["link"]
+        print(f"kernel fwd {loc['rate_large'] / 1e9:.1f} GFLOP/s at 1024 rows ({loc['rate_small'] / 1e9:.1f} at 128), "
+              f"bwd {m.bwd_peak / 1e9:.1f}; torch.mm {loc['mm_flops'] / 1e9:.1f} GFLOP/s "
+              f"(kernel/mm = {loc['rate_large'] / loc['mm_flops']:.2f})")
+        print(f"merge {m.mem_bw / 1e9:.1f} GB/s; gloo {link['bandwidth'] / 1e9:.2f} GB/s, {link['latency'] * 1e3:.3f} ms/op, "
+              f"overlap {link['overlap']:.2f}")
+        print(f"wrote {path}")
+        return 0
+    if args.action == "anchors":
+        from .anchors import all_anchors
+
+        bad = 0
+        print(f"{'anchor (SIMULATION)':44s} {'model':>8s} {'published':>10s} {'band':>14s}")
+        for a in all_anchors():
+            bad += not a.ok
+            print(f"{a.name:44s} {a.value:8.3f} {a.published:>10s} {str(a.band):>14s} {'ok' if a.ok else 'OUT OF BAND'}")
+        return 1 if bad else 0
+    from .project import plot, project
+
+    res = project(args.machine)
+    _write_json(args.out / "projection.json", res)
+    plot(res, args.out / "projection.png")
+    for case, by_seq in res["cases"].items():
+        for seq, d in by_seq.items():
+            best = ", ".join(f"{w}:{b}" for w, b in zip(res["worlds"], d["best"]))
+            cross = "; ".join(f"{c['from']}→{c['to']} at {c['world']}" for c in d["crossovers"]) or "none"
+            print(f"{case} {int(seq) // 1024}K: best by GPUs {best} | crossovers: {cross}")
+    print(f"wrote {args.out / 'projection.json'} and {args.out / 'projection.png'} (SIMULATION)")
+    return 0
