@@ -12,6 +12,7 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("ringrt.bench.cli", "benchmarks that print a table and write JSON (and PNG plots)"),
+    "simulate": ("ringrt.simulate.cli", "cost model of the schedules: calibrate here, published anchors, GPU projection (simulation)"),
     "probe": ("ringrt.probe", "check a distributed launch: attention across all ranks vs a reference"),
     "train": ("ringrt.jobs.train", "train a Llama-family model on a sharded sequence (checkpoints, resume)"),
     "eval": ("ringrt.jobs.eval", "perplexity at several lengths (vanilla and Λ-mask) and passkey retrieval; table + PNG"),

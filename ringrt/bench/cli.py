@@ -7,6 +7,7 @@ import importlib
 
 BENCHES: dict[str, tuple[str, str]] = {
     "attention": ("ringrt.bench.attention", "TokenRing fwd+bwd at W ranks vs one process with W threads"),
+    "compare": ("ringrt.bench.compare", "every schedule and the outside peers side by side: time, efficiency, bytes, memory, roofline"),
     "lambda": ("ringrt.bench.lambda_bench", "Λ-mask attention: time and bytes per rank as N and W grow, vs dense"),
 }
 
