@@ -1,0 +1,186 @@
+"""DeepSpeed ZeRO (stage 1-3) around a sequence-parallel model.
+
+The ranks form a (data x sequence) mesh (``ringrt.model.parallel.mesh``): ranks [i*sp, (i+1)*sp)
+shard one sequence, replicas are data-parallel. DeepSpeed is told the mesh through an ``mpu``
+object, so its data-parallel group is the replica group (it excludes the sequence dimension) and
+ZeRO partitions and reduces over the sequence-data group (all dp x sp ranks): every sequence rank's
+gradient is the share of its own tokens, summed over the sequence group and averaged over replicas,
+the same as the plain trainer's ``sum_gradients(divide_by=data_parallel)``.
+
+    torchrun --nproc-per-node 2 launch/train.py engine=deepspeed deepspeed.zero_stage=2
+
+Needs ``pip install 'ringrt[deepspeed]'``; on CPU ``DS_ACCELERATOR=cpu`` (``launch/train.py`` sets it
+when there is no GPU). The optimizer is ``torch.optim.AdamW`` through ``"torch_adam": true``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+from ..jobs.config import TrainJobConfig
+
+
+@dataclass(kw_only=True, slots=True)
+class DeepSpeedConfig:
+    zero_stage: Literal[1, 2, 3] = 1
+    """1: optimizer state partitioned; 2: + gradients; 3: + parameters."""
+    overrides: dict = field(default_factory=dict)
+    """Merged last into the generated DeepSpeed JSON config (e.g. offload settings)."""
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (1, 2, 3):
+            raise ValueError(f"deepspeed.zero_stage={self.zero_stage!r} is not valid; valid: 1, 2, 3")
+
+
+class MeshMPU:
+    """DeepSpeed's model-parallel-unit interface over a (data x sequence) mesh; no tensor parallelism.
+
+    Collective: every rank constructs it (it creates process groups).
+    """
+
+    def __init__(self, seq_group, data_group):
+        world, rank = dist.get_world_size(), dist.get_rank()
+        singles = [dist.new_group([r]) for r in range(world)]  # collective: every rank creates all
+        self._self = singles[rank]
+        self._seq = seq_group if seq_group is not None else dist.group.WORLD
+        self._data = data_group if data_group is not None else self._self
+        self._world = dist.group.WORLD
+
+    # tensor/model parallel: one rank
+    def get_model_parallel_group(self):
+        return self._self
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+    # data parallel: replicas of the whole sequence
+    def get_data_parallel_group(self):
+        return self._data
+
+    def get_data_parallel_rank(self) -> int:
+        return dist.get_rank(self._data)
+
+    def get_data_parallel_world_size(self) -> int:
+        return dist.get_world_size(self._data)
+
+    # sequence parallel: the ranks sharding one sequence
+    def get_sequence_parallel_group(self):
+        return self._seq
+
+    def get_sequence_parallel_rank(self) -> int:
+        return dist.get_rank(self._seq)
+
+    def get_sequence_parallel_world_size(self) -> int:
+        return dist.get_world_size(self._seq)
+
+    def get_sequence_data_parallel_group(self):
+        return self._world
+
+    def get_sequence_data_parallel_rank(self) -> int:
+        return dist.get_rank()
+
+    def get_sequence_data_parallel_world_size(self) -> int:
+        return dist.get_world_size()
+
+
+def sum_over_sequence(module: torch.nn.Module, seq_group) -> None:
+    """Make every parameter's gradient the sum over the sequence group as it is produced.
+
+    ZeRO-3 in DeepSpeed 0.19.8 does not add up the sequence ranks' partial gradients (measured:
+    its full gradient is a mix of per-rank partials), while stages 1-2 do. With this hook every
+    sequence rank hands ZeRO-3 the same full gradient of its replica, which ZeRO then averages over
+    the (data x sequence) ranks: the replica mean, as in the plain trainer.
+    """
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=seq_group)
+        return grad
+
+    for p in module.parameters():
+        if p.requires_grad:
+            p.register_hook(hook)
+
+
+def ds_config(cfg: TrainJobConfig, ds: DeepSpeedConfig) -> dict:
+    """The DeepSpeed JSON config equivalent to ``cfg.train`` (AdamW, clipping, accumulation, bf16)."""
+    t = cfg.train
+    conf = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": cfg.data.batch_size * t.grad_accum * t.data_parallel,
+        "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "betas": list(t.betas), "eps": 1e-8,
+                                                    "weight_decay": t.weight_decay, "torch_adam": True}},
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    conf.update(ds.overrides)
+    return conf
+
+
+def run_train_deepspeed(cfg: TrainJobConfig, ds: DeepSpeedConfig, logger=None) -> dict:
+    """Train ``cfg`` with a DeepSpeed ZeRO engine; returns {"step", "loss", "losses", "tokens_per_s"}.
+
+    Same model, data order, loss, LR schedule and clipping as :func:`ringrt.jobs.train.run_train`
+    (no DCP checkpoints: DeepSpeed's ``engine.save_checkpoint`` is the way with this engine).
+    """
+    import deepspeed
+
+    from ..data.batching import train_batches
+    from ..data.tokenizer import check_tokenizer, load_tokenizer
+    from ..jobs.train import _validate, lr_at
+    from ..model.llama import Llama
+    from ..model.parallel import make_attend, mesh, sequence_loss, shard_batch
+
+    if not dist.is_initialized():
+        raise ValueError("run_train_deepspeed needs an initialised process group (ringrt.launcher.init_distributed)")
+    t = cfg.train
+    seq_group, data_group, dp_rank, sp = mesh(t.data_parallel)
+    _validate(cfg, sp)
+    mpu = MeshMPU(seq_group, data_group)
+    tok = load_tokenizer(cfg.data.tokenizer)
+    torch.manual_seed(t.seed)
+    model = Llama(cfg.model)
+    check_tokenizer(tok, model.config)
+    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": t.weight_decay},
+              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config(cfg, ds), mpu=mpu)
+    if ds.zero_stage == 3 and sp > 1:
+        sum_over_sequence(engine.module, seq_group)
+    layout = cfg.attention.resolved_layout()
+    attend = make_attend(cfg.attention, model.config, train_len=cfg.data.seq_len, group=seq_group)
+    batches = train_batches(cfg.data, tok, replicas=t.data_parallel, replica=dp_rank)
+    tokens_per_step = t.data_parallel * cfg.data.batch_size * cfg.data.seq_len * t.grad_accum
+    losses, tps = [], 0.0
+    for step in range(t.steps):
+        t0 = time.perf_counter()
+        for g in engine.optimizer.param_groups:
+            g["lr"] = lr_at(step, t)
+        total = torch.zeros((), dtype=torch.float64)
+        for _ in range(t.grad_accum):
+            sh = shard_batch(next(batches), layout=layout, group=seq_group)
+            logits = engine(sh.input_ids, positions=sh.positions, attend=attend)  # (B, S_local, V)
+            loss = sequence_loss(logits, sh.labels, seq_group)
+            engine.backward(loss)  # DeepSpeed divides by grad_accum itself
+            engine.step()
+            total += loss.detach().double() / t.grad_accum
+        if data_group is not None:
+            dist.all_reduce(total, group=data_group)
+            total /= t.data_parallel
+        tps = tokens_per_step / (time.perf_counter() - t0)
+        losses.append(total.item())
+        if logger is not None and ((step + 1) % t.log_every == 0 or step + 1 == t.steps):
+            logger.log(step + 1, loss=losses[-1], lr=lr_at(step, t), tokens_per_s=tps)
+    return {"step": t.steps, "loss": losses[-1] if losses else None, "losses": losses, "tokens_per_s": tps,
+            "engine": engine}
