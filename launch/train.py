@@ -31,7 +31,18 @@ def main(cfg) -> dict:
                                 seq_len=run.data.seq_len, causal=True)
     logger = metrics_logger(run.logging, run.train.out_dir, config=to_dict(run), flops_per_token=fpt)
     try:
-        result = run_train(run.job(), logger=logger)
+        if run.engine == "deepspeed":
+            import os
+
+            import torch
+
+            if not torch.cuda.is_available():
+                os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            from ringrt.engines.deepspeed import run_train_deepspeed
+
+            result = run_train_deepspeed(run.job(), run.deepspeed, logger=logger)
+        else:
+            result = run_train(run.job(), logger=logger)
     finally:
         logger.close()
     _edge.end_job()

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .data.config import DataConfig
+from .engines.deepspeed import DeepSpeedConfig
 from .jobs.config import EvalConfig, EvalJobConfig, GenerateConfig, GenerateJobConfig, TrainConfig, TrainJobConfig
 from .launcher import LaunchConfig
 from .model.config import AttentionConfig, ModelConfig
@@ -43,6 +44,9 @@ class TrainRun:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    engine: Literal["torch", "deepspeed"] = "torch"
+    """Who owns parameters and optimizer: ``torch`` (AdamW, DCP checkpoints) or ``deepspeed`` (ZeRO)."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     launcher: LaunchConfig = field(default_factory=LaunchConfig)
 
