@@ -59,7 +59,6 @@ class EvalRun:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
     launcher: LaunchConfig = field(default_factory=LaunchConfig)
 
     def job(self) -> EvalJobConfig:

@@ -87,3 +87,22 @@ def test_submitit_local_sweep_each_job_starts_its_ranks(tmp_path):
         assert result["config"]["seed"] == seed
         log = (tmp_path / "sweep" / str(job) / "probe.log").read_text()
         assert "rank 0/2 started by submitit" in log and "rank 1/2" not in log
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed")
+@pytest.mark.timeout(200)
+def test_train_then_generate_and_distributed_eval(tmp_path):
+    """The other entry points run on what launch/train.py wrote (generate: 1 process, eval: 2 ranks)."""
+    p = run([PYTHON, str(REPO / "launch" / "train.py"), *TINY, "train.steps=2", "logging.wandb=disabled",
+             f"hydra.run.dir={tmp_path}/train"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    hf = tmp_path / "train" / "hf"
+    p = run([PYTHON, str(REPO / "launch" / "generate.py"), f"generate.checkpoint={hf}", "generate.prompt=def f",
+             "generate.max_new_tokens=4", f"hydra.run.dir={tmp_path}/gen"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (tmp_path / "gen" / "run_config.yaml").is_file()
+    p = run([TORCHRUN, "--standalone", "--nproc-per-node=2", str(REPO / "launch" / "eval.py"), f"eval.checkpoint={hf}",
+             "eval.tokens=256", "eval.multiples=[1,2]", f"hydra.run.dir={tmp_path}/eval"], timeout=150)
+    assert p.returncode == 0, p.stderr[-3000:]
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results and (tmp_path / "eval" / ".hydra" / "config.yaml").is_file()
