@@ -52,7 +52,7 @@ def compress_context(embedder, context: torch.Tensor, *, chunk_len: int, k: int,
     ranges = chunk_ranges(len(lengths), world)
     counts = [sum(-(-c // k) for c in lengths[lo:hi]) for lo, hi in ranges]  # compressed entries per rank
     lo, hi = ranges[rank]
-    if hi == lo:
+    if len(lengths) < world:  # the same on every rank: all raise, before any communication
         raise ValueError(f"a context of {len(lengths)} chunks (compression.chunk_len={chunk_len}) cannot give every one "
                          f"of {world} ranks a chunk; valid: at least {world} chunks (a longer context or shorter chunks)")
     ids = context[:, lo * chunk_len : lo * chunk_len + sum(lengths[lo:hi])]
@@ -60,7 +60,7 @@ def compress_context(embedder, context: torch.Tensor, *, chunk_len: int, k: int,
     if world == 1:
         return mine
     width = max(counts)
-    padded = torch.zeros(B, width, mine.shape[-1], dtype=mine.dtype, device=mine.device)
+    padded = torch.zeros(mine.shape[0], width, mine.shape[-1], dtype=mine.dtype, device=mine.device)
     padded[:, : mine.shape[1]] = mine
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded, group=g)
