@@ -1,11 +1,13 @@
 """A real Slurm cluster on this machine (munged, slurmctld, two emulated slurmd nodes), our sbatch
 templates submitted with ``sbatch --wait``: one task per node running torchrun, one task per rank,
-srun --mpi=pmix with mpi4py, and a failing job. The jobs run concurrently; each test checks one."""
+srun --mpi=pmix with mpi4py, a failing job, and a Hydra sweep through ``submitit_slurm``. The jobs run concurrently; each test checks one."""
 
 from __future__ import annotations
 
 import importlib.util
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -40,10 +42,18 @@ def jobs():
                 [*opts, f"--job-name={name}", f"--output={log}", f"--chdir={REPO}", str(REPO / "slurm" / template),
                  "-m", "ringrt.probe", "--out", str(out), *probe_opts], extra_env=env), out, log)
 
+        sweep = root / "sweep"
+        procs["submitit"] = (subprocess.Popen(
+            [sys.executable, str(REPO / "launch" / "probe.py"), "-m", "hydra/launcher=submitit_slurm",
+             "hydra.launcher.nodes=2", "hydra.launcher.tasks_per_node=1", "hydra.launcher.partition=debug",
+             "hydra.launcher.timeout_min=5", "hydra.launcher.cpus_per_task=1", "probe.seed=0,1",
+             f"hydra.sweep.dir={sweep}"], cwd=root, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True), sweep, root / "sweep.log")
+
         def wait(name: str, timeout: float = 150):
             proc, out, log = procs[name]
             code = proc.wait(timeout=timeout)
-            return code, (log.read_text() if log.exists() else proc.stderr.read()), out
+            return code, (log.read_text() if log.exists() else proc.stdout.read() + proc.stderr.read()), out
 
         yield wait
     finally:
@@ -86,3 +96,15 @@ def test_failed_job_fails_sbatch_wait(jobs):
     assert code != 0
     assert "probe.seq_len=30 must be a multiple of 2 x world size = 4" in log
     assert not out.exists()
+
+
+@pytest.mark.timeout(200)
+def test_hydra_submitit_slurm_sweep(jobs):
+    """python launch/probe.py -m hydra/launcher=submitit_slurm: each sweep job is a 2-node Slurm job
+    whose tasks are the ranks (read from SLURM_PROCID/SLURM_NTASKS)."""
+    code, log, sweep = jobs("submitit")
+    assert code == 0, log[-4000:]
+    for job in (0, 1):
+        result = check_probe(sweep / str(job) / "probe.json", world=2, launcher="slurm")
+        assert result["config"]["seed"] == job
+        assert (sweep / str(job) / ".hydra" / "config.yaml").is_file()
