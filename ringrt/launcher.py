@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 Source = Literal["torchrun", "slurm", "mpi", "submitit", "single"]
+BACKENDS = ("auto", "gloo", "nccl")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,9 +58,6 @@ class LaunchConfig:
             raise ValueError(f"launcher.backend={self.backend!r} is not valid; valid: {', '.join(BACKENDS)}")
         if not self.timeout_s > 0:
             raise ValueError(f"launcher.timeout_s={self.timeout_s!r} must be a positive number of seconds")
-
-
-BACKENDS = ("auto", "gloo", "nccl")
 
 
 def _int(env: Mapping[str, str], *names: str) -> int | None:
