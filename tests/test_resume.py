@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -98,3 +99,44 @@ def test_kill_one_rank_restart_resumes_bit_identical(tmp_path):
         meta = checkpoint.load(c, model=model)
         assert meta["step"] == int(c.name.split("_")[1])
         assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+_KILLED_DURING_SAVE = r"""
+import os, sys, torch
+import torch.distributed.checkpoint as dcp
+from ringrt import checkpoint
+torch.manual_seed(0)
+model = torch.nn.Linear(8, 8)
+opt = torch.optim.AdamW(model.parameters())
+model(torch.randn(2, 8)).sum().backward(); opt.step()
+root = sys.argv[1]
+checkpoint.save(root, 1, model=model, optimizer=opt, meta={"data_position": 1})
+torch.save(model.state_dict(), os.path.join(root, "expected.pt"))
+real_save = dcp.save
+def dying_save(state, checkpoint_id):  # the data files are written, then the process is killed
+    real_save(state, checkpoint_id=checkpoint_id)
+    os.kill(os.getpid(), 9)
+dcp.save = dying_save
+with torch.no_grad():
+    model.weight.add_(1.0)
+checkpoint.save(root, 2, model=model, optimizer=opt, meta={"data_position": 2})
+"""
+
+
+@pytest.mark.timeout(60)
+def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
+    import torch
+
+    from ringrt import checkpoint
+
+    root = tmp_path / "ckpt"
+    p = run([sys.executable, "-c", _KILLED_DURING_SAVE, str(root)], timeout=50)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
+    assert [c.name for c in checkpoint.complete(root)] == ["step_00000001"]
+    assert any(d.name.startswith(".step_00000002") for d in root.iterdir())  # the unfinished save is there...
+    assert checkpoint.latest(root).name == "step_00000001"  # ...and ignored
+    model = torch.nn.Linear(8, 8)
+    meta = checkpoint.load(checkpoint.latest(root), model=model)
+    assert meta["step"] == 1 and meta["data_position"] == 1
+    expected = torch.load(root / "expected.pt")
+    assert torch.equal(model.weight, expected["weight"]) and torch.equal(model.bias, expected["bias"])
