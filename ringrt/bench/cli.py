@@ -8,6 +8,7 @@ import importlib
 BENCHES: dict[str, tuple[str, str]] = {
     "attention": ("ringrt.bench.attention", "TokenRing fwd+bwd at W ranks vs one process with W threads"),
     "compare": ("ringrt.bench.compare", "every schedule and the outside peers side by side: time, efficiency, bytes, memory, roofline"),
+    "compression": ("ringrt.bench.compression", "Extensible Tokenization: train the embedder, last-chunk perplexity, attention vs k"),
     "lambda": ("ringrt.bench.lambda_bench", "Λ-mask attention: time and bytes per rank as N and W grow, vs dense"),
 }
 
