@@ -192,7 +192,7 @@ def test_train_and_eval_jobs(tmp_path):
     ev = dataclasses.replace(comp, doc_len=160, embedder=out["embedder_dir"])
     res = run_eval(EvalJobConfig(data=data, eval=EvalConfig(checkpoint=str(tmp_path / "llm"), tokens=320,
                                                             out_dir=str(tmp_path / "ev")), compression=ev), print_fn=lambda s: None)
-    assert set(res["perplexity"]) == {"truncate", "lambda", "k=2", "k=4"} and res["window"] == 64
+    assert set(res["perplexity"]) == {"none", "truncate", "lambda", "k=2", "k=4"} and res["window"] == 64
     assert all(1 < v < 1000 for v in res["perplexity"].values())
     assert json.loads((tmp_path / "ev" / "results.json").read_text())["perplexity"] == res["perplexity"]
     assert res["auto_k"] == 4  # 144 context tokens: k=2 -> 72 + 15 > 64; k=4 -> 36 + 15 <= 64

@@ -43,8 +43,10 @@ class CompressionConfig:
     """Eval: tokens per document (context + raw tail)."""
     embedder: str | None = None
     """Eval: the trained embedder directory (``<train.out_dir>/embedder``)."""
-    baselines: list[Literal["truncate", "lambda"]] = field(default_factory=lambda: ["truncate", "lambda"])
-    """Eval: the baselines measured next to Extensible Tokenization."""
+    baselines: list[Literal["none", "truncate", "lambda"]] = field(default_factory=lambda: ["none", "truncate", "lambda"])
+    """Eval: the baselines measured next to Extensible Tokenization: ``none`` = the raw tail alone (no
+    context: what the compressed context must beat), ``truncate`` = the last ``window`` tokens,
+    ``lambda`` = the whole document under the Λ-mask."""
 
     def validate(self) -> None:
         """ValueError naming the first bad setting."""
@@ -65,9 +67,9 @@ class CompressionConfig:
             raise ValueError(f"compression.window={self.window} must be at least 2")
         if self.raw_len is not None and not 1 <= self.raw_len < self.doc_len:
             raise ValueError(f"compression.raw_len={self.raw_len} must be in [1, compression.doc_len={self.doc_len})")
-        bad = [b for b in self.baselines if b not in ("truncate", "lambda")]
+        bad = [b for b in self.baselines if b not in ("none", "truncate", "lambda")]
         if bad:
-            raise ValueError(f"compression.baselines={self.baselines}: {bad} unknown; valid: 'truncate', 'lambda'")
+            raise ValueError(f"compression.baselines={self.baselines}: {bad} unknown; valid: 'none', 'truncate', 'lambda'")
 
     def factors(self) -> list[int]:
         """The factors in use: [k] when fixed, else ``ks`` sorted."""

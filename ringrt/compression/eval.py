@@ -3,6 +3,7 @@
 Each validation document has ``compression.doc_len`` tokens; its last ``raw_len`` tokens are scored
 (the first of them predicted from the context alone). Rows of the table:
 
+* ``none``: the raw tail alone, no context (the floor the compressed context must improve on);
 * ``truncate``: plain attention over the last ``window`` tokens only (the LLM's own window);
 * ``lambda``: the whole document with the LM-Infinite Λ-mask (n_local = window, n_global =
   ``attention.n_global``), contiguous shards;
@@ -95,6 +96,8 @@ def run_compression_eval(cfg, print_fn=print) -> dict:
         lab[:, : lab.shape[1] - R] = -100  # score only the last R tokens
         return inp, lab
 
+    if "none" in c.baselines:
+        rows["none"] = mean_ppl(lambda d: _sharded_loss(llm, *scored_tail(d, c.doc_len - R - 1), truncate_attend, "zigzag"))
     if "truncate" in c.baselines:
         rows["truncate"] = mean_ppl(lambda d: _sharded_loss(llm, *scored_tail(d, c.doc_len - window - 1), truncate_attend, "zigzag"))
     if "lambda" in c.baselines:
