@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..model.llama import Llama
-from .select import check_k
+from .select import check_k, select_indices
 
 
 class CompressionSession:
@@ -44,8 +44,6 @@ class CompressionSession:
     @torch.no_grad()
     def append(self, ids: torch.Tensor) -> None:
         """Add raw tokens ids (T,) or (1, T); condense / drop until the window holds the context."""
-        from .select import select_indices
-
         self.raw = torch.cat([self.raw, ids.reshape(1, -1).to(torch.int64)], dim=1)
         while len(self) > self.window and self.raw.shape[1] >= self.chunk_len:
             chunk = self.raw[:, : self.chunk_len]  # (1, c)
