@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .compression.config import CompressionConfig
 from .data.config import DataConfig
 from .engines.deepspeed import DeepSpeedConfig
 from .jobs.config import EvalConfig, EvalJobConfig, GenerateConfig, GenerateJobConfig, TrainConfig, TrainJobConfig
@@ -44,6 +45,7 @@ class TrainRun:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
     engine: Literal["torch", "deepspeed"] = "torch"
     """Who owns parameters and optimizer: ``torch`` (AdamW, DCP checkpoints) or ``deepspeed`` (ZeRO)."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -51,7 +53,8 @@ class TrainRun:
     launcher: LaunchConfig = field(default_factory=LaunchConfig)
 
     def job(self) -> TrainJobConfig:
-        return TrainJobConfig(model=self.model, attention=self.attention, data=self.data, train=self.train)
+        return TrainJobConfig(model=self.model, attention=self.attention, data=self.data, train=self.train,
+                              compression=self.compression)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -59,10 +62,11 @@ class EvalRun:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
     launcher: LaunchConfig = field(default_factory=LaunchConfig)
 
     def job(self) -> EvalJobConfig:
-        return EvalJobConfig(attention=self.attention, data=self.data, eval=self.eval)
+        return EvalJobConfig(attention=self.attention, data=self.data, eval=self.eval, compression=self.compression)
 
 
 @dataclass(kw_only=True, slots=True)

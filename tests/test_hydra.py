@@ -106,3 +106,32 @@ def test_train_then_generate_and_distributed_eval(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results and (tmp_path / "eval" / ".hydra" / "config.yaml").is_file()
+
+
+def test_conf_lists_every_schema_field():
+    """Each composed config names every field of its schema (so any field can be overridden without '+')."""
+    import dataclasses
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from ringrt.runs import EvalRun, GenerateRun, ProbeRun
+
+    def missing(cls, data, prefix=""):
+        out = []
+        for f in dataclasses.fields(cls):
+            key = f"{prefix}{f.name}"
+            if f.name not in data:
+                out.append(key)
+            elif dataclasses.is_dataclass(f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default):
+                sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                out += missing(type(sub), data[f.name], key + ".")
+        return out
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        for name, schema in (("config", TrainRun), ("eval", EvalRun), ("generate", GenerateRun), ("probe", ProbeRun)):
+            cfg = compose(config_name=name, overrides=["mask=lambda", "deepspeed=zero3"] if name == "config" else [])
+            data = OmegaConf.to_container(cfg, resolve=False)
+            assert missing(schema, data) == [], (name, missing(schema, data))
+            if name == "config":
+                assert data["attention"]["lambda_mask"] is True and data["deepspeed"]["zero_stage"] == 3
