@@ -14,15 +14,12 @@ import hydra  # noqa: E402
 
 @hydra.main(config_path="../conf", config_name="probe", version_base="1.3")
 def main(cfg) -> dict:
-    import dataclasses
-
     from ringrt.probe import run_probe
     from ringrt.runs import ProbeRun
 
     run = _edge.to_schema(cfg, ProbeRun)
-    probe = dataclasses.replace(run.probe, backend=run.launcher.backend, timeout_s=min(run.launcher.timeout_s, 600.0))
     _edge.write_resolved(run, _edge.output_dir())
-    result = run_probe(probe)
+    result = run_probe(run.probe)
     from ringrt.launcher import detect
 
     _edge.started(detect(), _edge.output_dir())
