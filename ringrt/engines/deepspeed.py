@@ -140,9 +140,13 @@ def run_train_deepspeed(cfg: TrainJobConfig, ds: DeepSpeedConfig, logger=None) -
     from ..data.batching import train_batches
     from ..data.tokenizer import check_tokenizer, load_tokenizer
     from ..jobs.train import _validate, lr_at
+    from ..model.hf import load_pretrained
     from ..model.llama import Llama
     from ..model.parallel import make_attend, mesh, sequence_loss, shard_batch
 
+    if cfg.compression.enabled:
+        raise ValueError("compression.enabled=true is not supported with engine=deepspeed; valid: engine=torch "
+                         "(the extensible embedder trains with the plain trainer)")
     if not dist.is_initialized():
         raise ValueError("run_train_deepspeed needs an initialised process group (ringrt.launcher.init_distributed)")
     t = cfg.train
@@ -151,7 +155,7 @@ def run_train_deepspeed(cfg: TrainJobConfig, ds: DeepSpeedConfig, logger=None) -
     mpu = MeshMPU(seq_group, data_group)
     tok = load_tokenizer(cfg.data.tokenizer)
     torch.manual_seed(t.seed)
-    model = Llama(cfg.model)
+    model = load_pretrained(t.init_from) if t.init_from else Llama(cfg.model)
     check_tokenizer(tok, model.config)
     groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": t.weight_decay},
               {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
