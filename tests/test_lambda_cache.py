@@ -62,3 +62,21 @@ def test_append_then_decode_equals_attending_the_prompt():
     assert cache.index.tolist() == [0, 1, 2] + list(range(19, 25))
     outs = [cache.attend(q[:, i : i + 1], k[:, i : i + 1], v[:, i : i + 1]) for i in range(25, 30)]
     torch.testing.assert_close(torch.cat(outs, 1), ref[:, 25:], rtol=0, atol=1e-12)
+
+
+def test_load_of_the_kept_rows_equals_appending_the_whole_prompt():
+    """Prefill caches start from just the first n_global and last n_local tokens of the prompt."""
+    g = torch.Generator().manual_seed(3)
+    mask, p = LambdaMask(n_global=3, n_local=5), 17
+    k, v = (torch.randn(2, p + 4, 2, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    q = torch.randn(2, 4, 4, 8, generator=g, dtype=torch.float64)
+    full = LambdaKVCache(mask=mask)
+    full.append(k[:, :p], v[:, :p])
+    keep = torch.tensor([0, 1, 2, 12, 13, 14, 15, 16])
+    part = LambdaKVCache(mask=mask)
+    part.load(k[:, keep], v[:, keep], keep, p)
+    a = full.attend(q, k[:, p:], v[:, p:])
+    b = part.attend(q, k[:, p:], v[:, p:])
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="covering the first 3 and last 5 of 17 tokens"):
+        LambdaKVCache(mask=mask).load(k[:, keep[:-1]], v[:, keep[:-1]], keep[:-1], p)

@@ -57,6 +57,21 @@ class LambdaKVCache:
         self._add(k, v, positions)
         self._trim()
 
+    def load(self, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, seen: int) -> None:
+        """Start the cache from an already-selected set of tokens: k/v (B, n, H_kv, D) pre-RoPE of the
+        token indices ``index`` (n,), increasing, out of a prompt of ``seen`` tokens. It must hold every
+        token a later query can see: all of ``0 .. n_global-1`` and ``seen-n_local .. seen-1`` (clipped)."""
+        if self.seen:
+            raise ValueError(f"LambdaKVCache.load: the cache already holds {self.seen} tokens")
+        need = torch.cat([torch.arange(min(self.mask.n_global, seen)), torch.arange(max(0, seen - self.mask.n_local), seen)]).unique()
+        idx = index.to(torch.long).cpu()
+        if k.shape != v.shape or k.shape[1] != idx.numel() or not torch.isin(need, idx).all() or bool((idx[1:] <= idx[:-1]).any()):
+            raise ValueError(f"LambdaKVCache.load: k {tuple(k.shape)}, v {tuple(v.shape)} and index (n={idx.numel()}) must "
+                             f"describe increasing token indices covering the first {self.mask.n_global} and last "
+                             f"{self.mask.n_local} of {seen} tokens")
+        self.k, self.v, self.index, self.seen = k, v, idx.to(k.device), int(seen)
+        self._trim()
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Append the next T tokens' k/v and return their queries' attention (B, T, H, D), dtype of q.
 

@@ -88,10 +88,11 @@ class LambdaPrefillCache:
     """Λ-mask generation: sharded prefill with ``ringrt.lambda_attention`` (contiguous shards),
     then decoding from one ``ringrt.LambdaKVCache`` per layer, replicated on every rank.
 
-    A Λ-mask query sees at most n_global + n_local keys, so after the prefill each rank gathers the
-    prompt's pre-RoPE K/V once, hands it to its cache (which keeps only the first n_global and the
-    last n_local tokens) and decodes without further communication; every rank computes the same
-    tokens.
+    A Λ-mask query sees at most n_global + n_local keys, so after the prefill the ranks assemble just
+    those tokens' pre-RoPE K/V — the first n_global and the last n_local of the prompt — with one
+    all_reduce of a buffer of that size (each row comes from the one rank that holds it; the others
+    add zeros), load them into the cache and decode without further communication; every rank
+    computes the same tokens. Memory and traffic do not grow with the prompt length.
     """
 
     rotates = True
@@ -101,24 +102,30 @@ class LambdaPrefillCache:
         from .. import LambdaKVCache
 
         self.group, self.rank, self.world = base_group(group)
-        self.prefill_attend, self.real_len = prefill_attend, real_len
+        self.prefill_attend, self.real_len, self.mask = prefill_attend, real_len, mask
         self.caches = [LambdaKVCache(mask=mask, rope_theta=rope_theta) for _ in range(n_layers)]
         self.decoding = False
+        p = real_len  # kept token indices: first n_global and last n_local of the real prompt
+        self.keep = torch.cat([torch.arange(min(mask.n_global, p)), torch.arange(max(0, p - mask.n_local), p)]).unique()
 
-    def _gather(self, x: torch.Tensor) -> torch.Tensor:
-        if self.world == 1:
-            return x
-        parts = [torch.empty_like(x) for _ in range(self.world)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
-        return torch.cat(parts, dim=1)  # contiguous layout: rank order is token order
+    def _kept_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, len(keep), ...) rows of the whole prompt at ``self.keep`` from contiguous shards x (B, S_l, ...)."""
+        s_l = x.shape[1]
+        lo = self.rank * s_l
+        out = x.new_zeros(x.shape[0], self.keep.numel(), *x.shape[2:])
+        mine = (self.keep >= lo) & (self.keep < lo + s_l)
+        out[:, mine] = x[:, self.keep[mine] - lo]
+        if self.world > 1:
+            dist.all_reduce(out, group=self.group)  # exactly one rank contributes each row; x + 0 == x
+        return out
 
     def __call__(self, q, k, v, *, layer, positions):
         if self.decoding:
             return self.caches[layer].attend(q, k, v, positions)
         out = self.prefill_attend(q, k, v, layer=layer, positions=positions)
-        kf, vf = self._gather(k)[:, : self.real_len], self._gather(v)[:, : self.real_len]  # (B, P, H_kv, D) pre-RoPE
-        qf = kf.new_zeros(kf.shape[0], kf.shape[1], q.shape[2], q.shape[3])  # outputs unused: fills the cache
-        self.caches[layer].attend(qf, kf, vf)
+        kv = self._kept_rows(torch.cat([k, v], dim=-1))  # one reduction for both: (B, n_keep, H_kv, 2D)
+        d = k.shape[-1]
+        self.caches[layer].load(kv[..., :d], kv[..., d:], self.keep, self.real_len)
         return out
 
     def advance(self) -> None:
