@@ -70,6 +70,8 @@ def main(args: argparse.Namespace) -> int:
         for seq, d in by_seq.items():
             best = ", ".join(f"{w}:{b}" for w, b in zip(res["worlds"], d["best"]))
             cross = "; ".join(f"{c['from']}→{c['to']} at {c['world']}" for c in d["crossovers"]) or "none"
-            print(f"{case} {int(seq) // 1024}K: best by GPUs {best} | crossovers: {cross}")
+            pair = "; ".join(f"{c['from']}→{c['to']} at {c['world']}" for c in d["tokenring_vs_ring_crossovers"]) or "none"
+            print(f"{case} {int(seq) // 1024}K: best by GPUs {best} | crossovers: {cross} | "
+                  f"tokenring vs ring: {d['tokenring_vs_ring'][0]} at 8, crossovers: {pair}")
     print(f"wrote {args.out / 'projection.json'} and {args.out / 'projection.png'} (SIMULATION)")
     return 0

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..layout import local_chunks, rank_chunks
-from ..schedule import tokenring_schedule
+from ..schedule import Rows, block_for
 from ..schedules.blocks import ChunkBlock, chunk_blocks
 
 ScheduleName = Literal["tokenring", "ring", "allgather", "ulysses", "hybrid"]
@@ -202,6 +202,18 @@ def _link(m: Machine, a: int, b: int) -> Link:
     return m.inter
 
 
+def sample_ranks(world: int, per_node: int) -> list[int]:
+    """Ranks whose steps are priced. Every rank for small W; beyond 16, the ring's ends, the middle
+    and both sides of the first node boundaries: with contiguous or zigzag shards every rank's
+    per-step work equals one of these, and the node-crossing links are among them."""
+    if world <= 16:
+        return list(range(world))
+    picks = {0, 1, 2, world // 2 - 1, world // 2, world - 2, world - 1}
+    for b in (per_node, 2 * per_node):
+        picks.update({b - 1, b, b + 1})
+    return sorted(r for r in picks if 0 <= r < world)
+
+
 def _step(m: Machine, compute: float, comm: float) -> float:
     return compute + comm - m.overlap * min(compute, comm)
 
@@ -240,7 +252,7 @@ def _kv_ring(m: Machine, p: Problem, world: int, heads: int, kv_heads: int, chun
     steps = []
     for s in range(world):
         worst = (0.0, 0.0, 0.0)
-        for r in range(world):
+        for r in sample_ranks(world, m.ranks_per_node):
             src = (r - s) % world
             comp = blocks_time(m, p, chunk_blocks(chunks[r], chunks[src], p.causal), chunk, heads, backward=backward, share=share)
             nbytes = (kv_bytes if s < world - 1 else 0) + grad_bytes
@@ -313,7 +325,7 @@ def _estimate_pass(schedule, p, m, world, layout, chunk, share, bwd, ulysses_deg
             comm += _ring_collective(m, world, piece * a / e, share)
         all_chunks = list(range(n_chunks_total := len(chunks[0]) * world))
         comp = max(blocks_time(m, p, chunk_blocks(chunks[r], all_chunks, p.causal), chunk, p.heads, backward=bwd, share=share)
-                   for r in range(world))
+                   for r in sample_ranks(world, m.ranks_per_node))
         return comp + comm, comp, comm, [(comp, comm)], f"{n_chunks_total} chunks gathered"
     u = world if schedule == "ulysses" else (ulysses_degree or _hybrid_degree(world, p.heads, p.kv_heads, m.ranks_per_node))
     return _ulysses_ring(m, p, world, u, layout, chunk, share, bwd)
@@ -356,6 +368,32 @@ def _ulysses_ring(m, p, world, u, layout, chunk, share, bwd):
     return t + a2a, c, x + a2a, steps, f"ulysses degree {u} x ring {n}"
 
 
+def tokenring_traffic(rank: int, world: int, causal: bool, layout: str) -> list[tuple[Rows | None, Rows | None, Rows | None, int | None]]:
+    """Per step of ``rank``: (block rows (q, k) as a Block or None, q rows sent, out rows sent, out peer).
+
+    Closed form of ``schedule.tokenring_schedule`` for the contiguous and zigzag layouts (O(W) instead
+    of O(W^2) per rank, so 1024 ranks price in seconds); the tests check both agree.
+    Owner o's queries are needed after step s by some rank below o (whole shard) iff s + 1 <= o, else
+    (causal zigzag) only the back half by the ranks above o; non-causal: always the whole shard.
+    """
+    n = local_chunks(layout)
+    out = []
+    for s in range(world):
+        o = (rank + s) % world
+        block = block_for(o, rank, world, causal, layout)
+        q_rows = None
+        if s < world - 1:
+            if not causal:
+                q_rows = (0, n)
+            elif s + 1 <= o:
+                q_rows = (0, n)
+            elif layout == "zigzag":
+                q_rows = (1, 2)
+        out_rows = block.q_rows if (s > 0 and block is not None) else None
+        out.append((block, q_rows, out_rows, o if out_rows else None))
+    return out
+
+
 def _tokenring(m, p, world, layout, chunk, share, bwd):
     e, a = p.dtype_bytes, _elem_acc(p)
     row = p.batch * p.heads * chunk  # (batch x heads) rows of one chunk
@@ -365,27 +403,27 @@ def _tokenring(m, p, world, layout, chunk, share, bwd):
     else:
         q_bytes_per_chunk = row * p.head_dim * e
         out_bytes_per_chunk = row * (p.head_dim * e + a)  # out partial + lse
-    scheds = [tokenring_schedule(r, world, p.causal, layout) for r in range(world)]
+    ranks = sample_ranks(world, m.ranks_per_node)
+    traffic = {r: tokenring_traffic(r, world, p.causal, layout) for r in ranks}
     total = comp_sum = comm_sum = 0.0
     steps = []
     for s in range(world):
         worst = (0.0, 0.0, 0.0)
-        for r in range(world):
-            st = scheds[r][s]
+        for r in ranks:
+            block, q_rows, out_rows, owner = traffic[r][s]
             comp = 0.0
-            if st.block is not None:
-                b = st.block
-                blk = ChunkBlock(b.q_rows, b.k_rows, b.diagonal)
-                comp = blocks_time(m, p, [blk], chunk, p.heads, backward=bwd, share=share)
+            if block is not None:
+                comp = blocks_time(m, p, [ChunkBlock(block.q_rows, block.k_rows, block.diagonal)], chunk, p.heads,
+                                   backward=bwd, share=share)
             tq = tout = 0.0
-            if st.q_send is not None:
-                nb = (st.q_send.rows[1] - st.q_send.rows[0]) * q_bytes_per_chunk
-                tq = msg_time(_link(m, r, st.q_send.peer), nb) + copy_time(m, nb, share)
-            if st.out_send is not None:
-                nb = (st.out_send.rows[1] - st.out_send.rows[0]) * out_bytes_per_chunk
-                tout = msg_time(_link(m, r, st.out_send.peer), nb) + copy_time(m, nb, share)
-                rq = st.out_send.rows[1] - st.out_send.rows[0]
-                comp += merge_time(m, p, rq * chunk, p.heads, share) if not bwd else 0.0  # the owner's absorb
+            if q_rows is not None:
+                nb = (q_rows[1] - q_rows[0]) * q_bytes_per_chunk
+                tq = msg_time(_link(m, r, (r - 1) % world), nb) + copy_time(m, nb, share)
+            if out_rows is not None:
+                nb = (out_rows[1] - out_rows[0]) * out_bytes_per_chunk
+                tout = msg_time(_link(m, r, owner), nb) + copy_time(m, nb, share)
+                if not bwd:  # the owner's merge of this partial
+                    comp += merge_time(m, p, (out_rows[1] - out_rows[0]) * chunk, p.heads, share)
             comm = max(tq, tout) if m.intra.duplex else tq + tout
             t = _step(m, comp, comm)
             if t > worst[0]:

@@ -32,7 +32,11 @@ def project(machine: str = "h100", backward: bool = True) -> dict:
                         row[s] = t
                 best.append(min(row, key=row.get))
             cross = [{"world": WORLDS[i], "from": best[i - 1], "to": best[i]} for i in range(1, len(WORLDS)) if best[i] != best[i - 1]]
+            tr_vs_ring = ["tokenring" if a <= b else "ring" for a, b in zip(times["tokenring"], times["ring"])]
+            pair = [{"world": WORLDS[i], "from": tr_vs_ring[i - 1], "to": tr_vs_ring[i]}
+                    for i in range(1, len(WORLDS)) if tr_vs_ring[i] != tr_vs_ring[i - 1]]
             out["cases"][case][str(seq)] = {"times": times, "best": best, "crossovers": cross,
+                                            "tokenring_vs_ring": tr_vs_ring, "tokenring_vs_ring_crossovers": pair,
                                             "single_gpu": cm.single_device(p, m)}
     return out
 
