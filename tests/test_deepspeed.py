@@ -18,7 +18,7 @@ from tests.distributed import run
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="pip install 'ringrt[deepspeed]'")
 
 
-def _losses(rank, world, stages, data_parallel):
+def _losses(rank, world, stages, data_parallel, steps=3, layers=2):
     os.environ["DS_ACCELERATOR"] = "cpu"
     for k, v in (("RANK", rank), ("LOCAL_RANK", rank), ("WORLD_SIZE", world)):
         os.environ.setdefault(k, str(v))
@@ -30,9 +30,9 @@ def _losses(rank, world, stages, data_parallel):
     from ringrt.model.config import ModelConfig
 
     cfg = TrainJobConfig(
-        model=ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, tie_embeddings=False),
+        model=ModelConfig(dim=64, n_layers=layers, n_heads=4, n_kv_heads=2, tie_embeddings=False),
         data=DataConfig(seq_len=64, batch_size=2),
-        train=TrainConfig(steps=3, warmup_steps=2, data_parallel=data_parallel, ckpt_every=0, progress=False,
+        train=TrainConfig(steps=steps, warmup_steps=2, data_parallel=data_parallel, ckpt_every=0, progress=False,
                           out_dir=tempfile.mkdtemp(prefix="ringrt-ds-")),
     )
     plain = run_train(cfg, logger=MetricsLogger([], enabled=False))["losses"]
@@ -50,7 +50,7 @@ def test_zero_1_2_3_sequence_parallel_matches_plain_trainer():
 @pytest.mark.timeout(240)
 def test_zero3_data_x_sequence_mesh():
     """4 ranks = 2 replicas x 2 sequence ranks: DeepSpeed's data-parallel group excludes the sequence dimension."""
-    results = run(_losses, 4, (3,), 2, timeout=220)
+    results = run(_losses, 4, (3,), 2, 2, 1, timeout=220)  # 2 steps, 1 layer: 4 ranks share 2 cores
     for plain, by_stage in results:
         assert by_stage[3] == pytest.approx(plain, rel=1e-5, abs=0)
     assert all(r[0] == results[0][0] for r in results)  # every rank reports the replica-averaged loss
