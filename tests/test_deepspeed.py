@@ -15,7 +15,7 @@ import pytest
 
 from tests.distributed import run
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="pip install 'ringrt[deepspeed]'")
+assert importlib.util.find_spec("deepspeed") is not None, "deepspeed missing: pip install 'ringrt[deepspeed]'"
 
 
 def _losses(rank, world, stages, data_parallel, steps=3, layers=2):
