@@ -131,7 +131,10 @@ def _bar(rows: dict[str, float], results: dict):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar(list(rows), list(rows.values()), color=["grey" if not n.startswith("k=") else "tab:blue" for n in rows])
+    bars = ax.bar(list(rows), list(rows.values()), color=["grey" if not n.startswith("k=") else "tab:blue" for n in rows])
+    ax.bar_label(bars, fmt="%.3f", fontsize=8)
+    lo, hi = min(rows.values()), max(rows.values())
+    ax.set_ylim(lo - 0.5 * (hi - lo) - 1e-3, hi + 0.25 * (hi - lo) + 1e-3)  # the differences are what matters
     ax.set_ylabel("perplexity (last chunk)")
     ax.set_title(f"{results['doc_len']}-token documents, window {results['window']}")
     fig.tight_layout()
