@@ -155,7 +155,32 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
         return subprocess.Popen(["sbatch", "--wait", *args], env={**self.env, **(extra_env or {})},
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
+    def _drain(self, timeout: float = 30.0) -> None:
+        """Let finished jobs' steps wind down (cancel what is left) before the daemons go."""
+        deadline, cancelled = time.monotonic() + timeout, False
+        while time.monotonic() < deadline:
+            out = subprocess.run(["squeue", "-h", "-o", "%i"], env=self.env, capture_output=True, text=True)
+            if out.returncode != 0 or not out.stdout.strip():
+                return
+            if not cancelled and time.monotonic() > deadline - timeout / 2:
+                subprocess.run(["scancel", "--full", *out.stdout.split()], env=self.env, capture_output=True)
+                cancelled = True
+            time.sleep(0.5)
+
+    def _kill_job_processes(self) -> None:
+        """Kill any process still running for this cluster's jobs (found by its SLURM_CONF)."""
+        marker = f"SLURM_CONF={self.conf}".encode()
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    if marker in f.read().split(b"\0") and int(pid) != os.getpid():
+                        os.kill(int(pid), signal.SIGKILL)
+            except (OSError, ValueError):
+                continue
+
     def stop(self) -> None:
+        if self.conf.exists() and self.procs:
+            self._drain()
         for p in reversed(self.procs):
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGTERM)
@@ -166,3 +191,4 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(timeout=5)
         self.procs.clear()
+        self._kill_job_processes()

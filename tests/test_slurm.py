@@ -32,9 +32,10 @@ def jobs():
     """Start the cluster, submit every job, yield {name: wait() -> (exit code, log text, result path)}."""
     # Not under pytest's tmp dir: that is mode 0700 and munged runs as the munge user.
     root = Path(tempfile.mkdtemp(prefix="ringrt-slurm-"))
-    cluster = slurm_local.LocalSlurm(root).start()
+    cluster = slurm_local.LocalSlurm(root)
     procs = {}
     try:
+        cluster.start()
         for name, (template, opts, probe_opts, port_var) in JOBS.items():
             env = {port_var: str(free_port())} if port_var else {}
             out, log = root / f"{name}.json", root / f"{name}.out"
