@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import zlib
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -138,6 +139,8 @@ class P2P:
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         self._batched = dist.get_backend(group) == "nccl"
+        # Channels that share a process group never match each other's messages: each has its own tag.
+        self.tag = zlib.crc32(name.encode()) & 0x3FFFFFFF
 
     def post(
         self,
@@ -171,11 +174,11 @@ class P2P:
             counters.recvs += 1
             counters.bytes_recv += n
         if self._batched and ops:
-            p2p = [dist.P2POp(fn, buf, group=self.group, group_peer=peer) for fn, buf, _, peer in ops]
+            p2p = [dist.P2POp(fn, buf, group=self.group, tag=self.tag, group_peer=peer) for fn, buf, _, peer in ops]
             works = [(w, kind, peer) for w, (_, _, kind, peer) in zip(dist.batch_isend_irecv(p2p), ops)]
         else:
             works = [
-                (fn(buf, group=self.group, **({"group_dst": peer} if kind == "send" else {"group_src": peer})), kind, peer)
+                (fn(buf, group=self.group, tag=self.tag, **({"group_dst": peer} if kind == "send" else {"group_src": peer})), kind, peer)
                 for fn, buf, kind, peer in ops
             ]
         return Pending(self, step, works, bufs, keep)

@@ -174,3 +174,30 @@ def test_tokenring_matches_fp64_reference(world):
             if world > 1:
                 ops = world - 1 if topology == "full" else world
                 assert all(v.sends == ops and v.recvs == ops for v in fwd.values()), fwd
+
+
+def _worker_groups(rank, world):
+    """Ranks with different group histories, and sequence-parallel subgroups of a 2 x 2 mesh."""
+    dist = torch.distributed
+    if rank == 0:  # a group only rank 0 knows about: its local group count now differs from the others'
+        dist.new_group([0], use_local_synchronization=True)
+    subs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    mine = subs[rank // 2]
+    errs = {}
+    for name, group, w in (("world", None, world), ("sub", mine, 2)):
+        q, k, v, do = _inputs(w, 4, 2, torch.float64, seed=rank // 2 if group is not None else 0)
+        ql, kl, vl = (ringrt.shard(x, layout="zigzag", group=group).float().requires_grad_() for x in (q, k, v))
+        out = ringrt.attention(ql, kl, vl, causal=True, timeout=60, group=group)
+        out.backward(ringrt.shard(do, layout="zigzag", group=group).float())
+        got = [ringrt.unshard(t.detach(), layout="zigzag", group=group).double() for t in (out, ql.grad, kl.grad, vl.grad)]
+        qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
+        ref = reference_attention(qr, kr, vr, causal=True)
+        ref.backward(do)
+        errs[name] = max((a - b).abs().max().item() for a, b in zip(got, (ref.detach(), qr.grad, kr.grad, vr.grad)))
+    return errs
+
+
+@pytest.mark.timeout(300)
+def test_subgroups_and_uneven_group_histories():
+    for rank, errs in enumerate(run(_worker_groups, 4, timeout=240)):
+        assert errs["world"] <= TOL["torch.float32"] and errs["sub"] <= TOL["torch.float32"], (rank, errs)

@@ -47,17 +47,30 @@ def hybrid_degree(world: int, heads: int, kv_heads: int, ranks_per_node: int | N
 
 
 def grid_groups(base: dist.ProcessGroup, world: int, rank: int, u: int) -> tuple:
-    """(ulysses group, ring K/V group, ring dK/dV group) of this rank, created once and cached."""
+    """(ulysses group, ring K/V group, ring dK/dV group) of this rank, created once and cached.
+
+    On the default group every rank creates every row and column group, in the same order, so the
+    groups are named alike on all ranks. On a subgroup only the members are present: this rank's
+    row and column are created with local synchronisation, and the K/V and dK/dV rings share the
+    column group (their channels are kept apart by tags). Never two local groups over the same
+    ranks: their names could pair up differently on different ranks (see ``ringrt.groups``).
+    """
     ranks = dist.get_process_group_ranks(base)
     key = (id(base), tuple(ranks), u)
     if key not in _CACHE:
-        row = [ranks[(rank // u) * u + b] for b in range(u)]
-        col = [ranks[g * u + rank % u] for g in range(world // u)]
-        _CACHE[key] = (
-            dist.new_group(row, use_local_synchronization=True, group_desc="ringrt_ulysses"),
-            dist.new_group(col, use_local_synchronization=True, group_desc="ringrt_ring_kv"),
-            dist.new_group(col, use_local_synchronization=True, group_desc="ringrt_ring_dkv"),
-        )
+        rows = [[ranks[i * u + b] for b in range(u)] for i in range(world // u)]
+        cols = [[ranks[i * u + c] for i in range(world // u)] for c in range(u)]
+        my_row, my_col = rank // u, rank % u
+        if base is dist.group.WORLD:
+            row_groups = [dist.new_group(r, group_desc="ringrt_ulysses") for r in rows]
+            kv_groups = [dist.new_group(c, group_desc="ringrt_ring_kv") for c in cols]
+            dkv_groups = [dist.new_group(c, group_desc="ringrt_ring_dkv") for c in cols]
+            _CACHE[key] = (row_groups[my_row], kv_groups[my_col], dkv_groups[my_col])
+        else:
+            row = dist.new_group(rows[my_row], use_local_synchronization=True, group_desc="ringrt_ulysses")
+            col = row if rows[my_row] == cols[my_col] else dist.new_group(
+                cols[my_col], use_local_synchronization=True, group_desc="ringrt_ring_kv")
+            _CACHE[key] = (row, col, col)
     return _CACHE[key]
 
 
