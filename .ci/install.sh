@@ -7,4 +7,4 @@ if [ -f .ci/apt-packages.sh ]; then
   bash .ci/apt-packages.sh
 fi
 python -m pip install --quiet --disable-pip-version-check torch==2.13.0
-python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+python -m pip install --quiet --disable-pip-version-check -e ".[dev,launch,mpi,deepspeed]"
