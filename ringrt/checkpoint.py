@@ -80,9 +80,12 @@ def save(root: str | os.PathLike, step: int, *, model: torch.nn.Module, optimize
     _barrier()
     if _rank() == 0:
         (tmp / META).write_text(json.dumps({"step": step, **meta}, indent=2) + "\n")
-        if final.exists():  # a checkpoint of the same step from an earlier, abandoned run
-            shutil.rmtree(final)
+        aside = root / f".step_{step:08d}.replaced"
+        if final.exists():  # a checkpoint of the same step from an earlier, abandoned run: move it
+            shutil.rmtree(aside, ignore_errors=True)  # aside (never deleted before the new one is in place)
+            os.replace(final, aside)
         os.replace(tmp, final)
+        shutil.rmtree(aside, ignore_errors=True)
         if keep_last > 0:
             for old in complete(root)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
