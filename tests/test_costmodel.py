@@ -78,3 +78,93 @@ def test_auto_pick_is_argmin_of_independent_estimates(machine):
                 direct = {s: cm.estimate(s, p, m, w).total for s in cm.candidates(p, w, m.ranks_per_node)}
                 assert name == min(direct, key=direct.get)
                 assert {e.schedule: e.total for e in ests} == direct
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU calibration terms: kernel tiling, per-head_dim rates, per-call overheads.
+# ------------------------------------------------------------------------------------------------
+
+
+def _tile_pairs_area(sq: int, sk: int, q_split: int, kv_split: int) -> int:
+    """Reference: enumerate every (query tile, key tile) pair; a pair is computed unless its first key
+    lies beyond the query tile's last row (top-left causal)."""
+    area = 0
+    for q0 in range(0, sq, q_split):
+        rows = min(q_split, sq - q0)
+        for k0 in range(0, sk, kv_split):
+            if k0 <= q0 + rows - 1:
+                area += rows * min(kv_split, sk - k0)
+    return area
+
+
+def test_aten_cpu_tiling_matches_tile_pair_enumeration():
+    from ringrt.simulate.tiling import aten_cpu_splits, computed_area
+
+    for sq, sk in [(16, 16), (128, 128), (256, 256), (512, 512), (768, 768), (1024, 1024), (2048, 2048), (1000, 1000),
+                   (256, 1024), (1024, 512), (3072, 3072)]:
+        qs, ks = aten_cpu_splits(sq, sk)
+        assert computed_area(sq, sk, causal=True, tiling="aten_cpu") == _tile_pairs_area(sq, sk, qs, ks)
+        assert computed_area(sq, sk, causal=False, tiling="aten_cpu") == sq * sk
+        assert computed_area(sq, sk, causal=True, tiling="ideal") == sq * sk / 2
+    # below 512 keys one key tile covers the block: a causal block costs the whole rectangle
+    assert computed_area(256, 256, causal=True, tiling="aten_cpu") == 256 * 256
+    assert computed_area(1024, 1024, causal=True, tiling="aten_cpu") == 0.75 * 1024 * 1024
+    with pytest.raises(ValueError, match="tiling"):
+        computed_area(8, 8, causal=True, tiling="square")
+
+
+def _cpu_machine(**kw) -> cm.Machine:
+    base = dict(name="test cpu", peak=100e9, bwd_peak=50e9, m_half=64.0, overhead=0.0, mem_bw=10e9,
+                intra=cm.Link(bandwidth=1e9, latency=1e-4), ranks_per_node=64, overlap=0.0, cores=8, threads=1,
+                simulated=False, tiling="aten_cpu")
+    base.update(kw)
+    return cm.Machine(**base)
+
+
+def test_kernel_time_uses_the_rate_calibrated_at_that_head_dim():
+    rates = (cm.KernelRate(head_dim=32, peak=40e9, bwd_peak=20e9, m_half=100.0),
+             cm.KernelRate(head_dim=128, peak=160e9, bwd_peak=80e9, m_half=100.0))
+    m = _cpu_machine(kernel_rates=rates)
+    for d, peak, bwd in [(32, 40e9, 20e9), (128, 160e9, 80e9), (16, 40e9, 20e9), (256, 160e9, 80e9), (64, 100e9, 50e9)]:
+        p = cm.Problem(seq=1024, heads=4, kv_heads=4, head_dim=d, dtype_bytes=4)
+        eff = 512 / (512 + 100.0)
+        flops = 4.0 * 4 * d * 512 * 512
+        assert cm.kernel_time(m, p, 512, 512, 4, diagonal=False, backward=False) == pytest.approx(flops / (peak * eff))
+        assert cm.kernel_time(m, p, 512, 512, 4, diagonal=False, backward=True) == pytest.approx(2.5 * flops / (bwd * eff))
+    # a causal 256-row block costs its full rectangle on the CPU tiling, half of it on the ideal one
+    p = cm.Problem(seq=1024, heads=4, kv_heads=4, head_dim=32, dtype_bytes=4)
+    full = cm.kernel_time(m, p, 256, 256, 4, diagonal=False, backward=False)
+    assert cm.kernel_time(m, p, 256, 256, 4, diagonal=True, backward=False) == pytest.approx(full)
+    ideal = cm.machine_from_dict({**cm.machine_to_dict(m), "tiling": "ideal"})
+    assert cm.kernel_time(ideal, p, 256, 256, 4, diagonal=True, backward=False) == pytest.approx(full / 2)
+
+
+def test_estimate_adds_the_measured_call_overhead_interpolated_in_world():
+    ov = (cm.CallOverhead(schedule="ring", world=2, backward=False, seconds=2e-3),
+          cm.CallOverhead(schedule="ring", world=4, backward=False, seconds=6e-3),
+          cm.CallOverhead(schedule="ring", world=2, backward=True, seconds=5e-3))
+    m = _cpu_machine(call_overheads=ov)
+    bare = _cpu_machine()
+    p = cm.Problem(seq=48 * 64, heads=8, kv_heads=8, head_dim=32, dtype_bytes=4)
+    for w, extra in [(2, 2e-3), (4, 6e-3), (3, 4e-3), (8, 14e-3)]:
+        e, e0 = cm.estimate("ring", p, m, w), cm.estimate("ring", p, bare, w)
+        assert e.overhead == pytest.approx(extra)
+        assert e.total == pytest.approx(e0.total + extra)
+        assert e.compute == pytest.approx(e0.compute)
+    pb = cm.Problem(seq=4096, heads=8, kv_heads=8, head_dim=32, dtype_bytes=4, backward=True)
+    assert cm.estimate("ring", pb, m, 4).overhead == pytest.approx(5e-3)  # one measured W: that value
+    assert cm.estimate("tokenring", p, m, 4).overhead == 0.0  # nothing measured for it
+    assert cm.machine_from_dict(cm.machine_to_dict(m)) == m  # round trip through the calibration JSON
+
+
+def test_auto_pick_is_argmin_including_call_overheads():
+    """A large measured overhead on the schedule the steps alone favour must move auto's pick."""
+    p = cm.Problem(seq=2048, heads=8, kv_heads=8, head_dim=32, dtype_bytes=4, causal=True, backward=False)
+    bare = _cpu_machine()
+    first, ests = choose(p, bare, 4)
+    runner_up = ests[1].schedule
+    m = _cpu_machine(call_overheads=(cm.CallOverhead(schedule=first, world=4, backward=False, seconds=10.0),))
+    name, ests = choose(p, m, 4)
+    direct = {s: cm.estimate(s, p, m, 4).total for s in cm.candidates(p, 4, m.ranks_per_node)}
+    assert name == min(direct, key=direct.get) == runner_up
+    assert {e.schedule: e.total for e in ests} == direct

@@ -3,13 +3,20 @@
 An estimate walks the same integer step tables the schedules run (``schedule.tokenring_schedule``,
 ``schedules.blocks.chunk_blocks``) and prices each step of each rank:
 
-    kernel call   t = overhead + flops / (peak * m / (m + m_half)),  m = min(query rows, key rows)
-                  flops = 4*B*sq*sk*H*D (x 1/2 for a diagonal block; backward x 2.5 at bwd_peak)
+    kernel call   t = overhead + flops / (peak_D * m / (m + m_half_D)),  m = min(query rows, key rows)
+                  flops = 4*B*H*D*area, area = sq*sk, or what the kernel's tiling computes of a
+                  diagonal block (``tiling.computed_area``: 1/2 ideal, whole key tiles on aten's CPU
+                  kernel); backward x 2.5 at bwd_peak_D. peak_D, bwd_peak_D, m_half_D are calibrated
+                  per head_dim D (``Machine.kernel_rates``) and interpolated in log2(D) between them.
     merge         t = 8 * B*H*sq*D*4 bytes / mem_bw      (the fp32 out/lse update, memory bound)
     message       t = latency + bytes / bandwidth of the link it crosses (intra- or inter-node)
     step          t = compute + comm - overlap * min(compute, comm)
+    call          t = sum of steps + per-call overhead of the schedule at this W (fwd or fwd+bwd)
 
 Ranks run in lockstep, so a step lasts as long as its slowest rank; a pass is the sum of its steps.
+The per-call overhead (Python, the input agreement across ranks, packing, autograd, waking the
+ranks) is calibrated by timing tiny calls of every schedule (``simulate.overhead``); without a
+calibration it is zero.
 Collectives (all-gather, all-to-all, reduce-scatter) are not overlapped. ``Machine.cores`` models
 CPU ranks sharing cores: each rank gets min(1, cores / (ranks per node * threads)) of its peak.
 
@@ -21,6 +28,7 @@ runs (``ringrt simulate calibrate``).
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +37,7 @@ from typing import Literal
 from ..layout import local_chunks, rank_chunks
 from ..schedule import Rows, block_for
 from ..schedules.blocks import ChunkBlock, chunk_blocks
+from .tiling import Tiling, computed_area
 
 ScheduleName = Literal["tokenring", "ring", "allgather", "ulysses", "hybrid"]
 SCHEDULES: tuple[str, ...] = ("tokenring", "ring", "allgather", "ulysses", "hybrid")
@@ -65,6 +74,30 @@ class Link:
 
 
 @dataclass(kw_only=True, slots=True)
+class KernelRate:
+    """Block-kernel rates measured at one head_dim."""
+
+    head_dim: int
+    peak: float
+    """Forward FLOP/s at large blocks."""
+    bwd_peak: float
+    """Backward FLOP/s at large blocks (FLOPs counted as 2.5 x forward)."""
+    m_half: float
+    """Block rows at which the forward kernel reaches half its peak."""
+
+
+@dataclass(kw_only=True, slots=True)
+class CallOverhead:
+    """Seconds one call of ``schedule`` costs beyond its priced steps, measured at ``world`` ranks."""
+
+    schedule: str
+    world: int
+    backward: bool
+    """True: a forward + backward call; False: forward only."""
+    seconds: float
+
+
+@dataclass(kw_only=True, slots=True)
 class Machine:
     name: str
     peak: float
@@ -88,6 +121,12 @@ class Machine:
     simulated: bool = True
     """True for described hardware (a projection), False when calibrated on this machine."""
     source: str = ""
+    kernel_rates: tuple[KernelRate, ...] = ()
+    """Calibrated per head_dim; empty: ``peak``, ``bwd_peak``, ``m_half`` at every head_dim."""
+    tiling: Tiling = "ideal"
+    """How the block kernel covers a causal block (``tiling.computed_area``)."""
+    call_overheads: tuple[CallOverhead, ...] = ()
+    """Measured per schedule, world size and pass; empty: no per-call overhead."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -98,6 +137,8 @@ class Estimate:
     compute: float
     comm: float
     exposed_comm: float
+    overhead: float = 0.0
+    """The per-call overhead included in ``total``."""
     steps: list[tuple[float, float]] = field(default_factory=list)
     """(compute, comm) of the slowest rank at each step of the forward pass."""
     note: str = ""
@@ -133,7 +174,7 @@ PRESETS: dict[str, Machine] = {
     # This kind of box when no calibration file exists: 1-thread fp32 flash kernel, gloo over loopback.
     "cpu": Machine(name="CPU, gloo (uncalibrated defaults)", peak=20e9, bwd_peak=12e9, m_half=64, overhead=30e-6,
                    mem_bw=4e9, intra=Link(bandwidth=1.5 * GBs, latency=150e-6), ranks_per_node=64, overlap=0.3,
-                   cores=os.cpu_count() or 1, threads=1, simulated=False, source="defaults"),
+                   cores=os.cpu_count() or 1, threads=1, simulated=False, source="defaults", tiling="aten_cpu"),
 }
 
 
@@ -151,6 +192,8 @@ def machine_from_dict(d: dict) -> Machine:
     d = dict(d)
     d["intra"] = Link(**d["intra"])
     d["inter"] = Link(**d["inter"]) if d.get("inter") else None
+    d["kernel_rates"] = tuple(KernelRate(**r) for r in d.get("kernel_rates", ()))
+    d["call_overheads"] = tuple(CallOverhead(**c) for c in d.get("call_overheads", ()))
     return Machine(**d)
 
 
@@ -173,14 +216,48 @@ def _share(m: Machine, ranks_on_node: int) -> float:
     return min(1.0, m.cores / (max(1, ranks_on_node) * m.threads))
 
 
+def rate_at(m: Machine, head_dim: int) -> KernelRate:
+    """Kernel rates at ``head_dim``: the calibrated point, linear in log2(D) between two, the nearest
+    one outside their range; ``m.peak``/``m.bwd_peak``/``m.m_half`` when none are calibrated."""
+    pts = sorted(m.kernel_rates, key=lambda r: r.head_dim)
+    if not pts:
+        return KernelRate(head_dim=head_dim, peak=m.peak, bwd_peak=m.bwd_peak, m_half=m.m_half)
+    if head_dim <= pts[0].head_dim:
+        return pts[0]
+    if head_dim >= pts[-1].head_dim:
+        return pts[-1]
+    hi = next(i for i, r in enumerate(pts) if r.head_dim >= head_dim)
+    a, b = pts[hi - 1], pts[hi]
+    f = (math.log2(head_dim) - math.log2(a.head_dim)) / (math.log2(b.head_dim) - math.log2(a.head_dim))
+    mix = lambda x, y: x + f * (y - x)  # noqa: E731
+    return KernelRate(head_dim=head_dim, peak=mix(a.peak, b.peak), bwd_peak=mix(a.bwd_peak, b.bwd_peak),
+                      m_half=mix(a.m_half, b.m_half))
+
+
 def kernel_time(m: Machine, p: Problem, sq: int, sk: int, heads: int, *, diagonal: bool, backward: bool, share: float = 1.0) -> float:
     """Seconds of one block-kernel call over sq x sk tokens and ``heads`` query heads."""
-    flops = 4.0 * p.batch * sq * sk * heads * p.head_dim * (0.5 if diagonal else 1.0)
+    flops = 4.0 * p.batch * heads * p.head_dim * computed_area(sq, sk, causal=diagonal, tiling=m.tiling)
+    r = rate_at(m, p.head_dim)
     mm = min(sq, sk)
-    eff = mm / (mm + m.m_half)
+    eff = mm / (mm + r.m_half)
     if backward:
-        return m.overhead + BWD_FLOP_FACTOR * flops / (m.bwd_peak * share * eff)
-    return m.overhead + flops / (m.peak * share * eff)
+        return m.overhead + BWD_FLOP_FACTOR * flops / (r.bwd_peak * share * eff)
+    return m.overhead + flops / (r.peak * share * eff)
+
+
+def call_overhead(m: Machine, schedule: str, world: int, backward: bool) -> float:
+    """Per-call overhead of ``schedule`` at ``world`` ranks: the measured value at that W, linear in W
+    through the two nearest measured W otherwise (never below 0), the only one if one was measured."""
+    pts = sorted((c.world, c.seconds) for c in m.call_overheads if c.schedule == schedule and c.backward == backward)
+    if world <= 1 or not pts:
+        return 0.0
+    for w, t in pts:
+        if w == world:
+            return t
+    if len(pts) == 1:
+        return pts[0][1]
+    (w0, t0), (w1, t1) = sorted(pts, key=lambda x: (abs(x[0] - world), x[0]))[:2]
+    return max(0.0, t0 + (t1 - t0) * (world - w0) / (w1 - w0))
 
 
 def merge_time(m: Machine, p: Problem, sq: int, heads: int, share: float = 1.0) -> float:
@@ -303,10 +380,11 @@ def estimate(schedule: str, p: Problem, m: Machine, world: int, *, ulysses_degre
     share = _share(m, min(world, m.ranks_per_node))
     passes = (False, True) if p.backward else (False,)
     parts = [_estimate_pass(schedule, p, m, world, layout, chunk, share, bwd, ulysses_degree) for bwd in passes]
-    total = sum(x[0] for x in parts)
-    return Estimate(schedule=schedule, world=world, total=total, compute=sum(x[1] for x in parts),
-                    comm=sum(x[2] for x in parts), exposed_comm=total - sum(x[1] for x in parts),
-                    steps=parts[0][3], note=parts[0][4])
+    steps_total = sum(x[0] for x in parts)
+    fixed = call_overhead(m, schedule, world, p.backward)
+    return Estimate(schedule=schedule, world=world, total=steps_total + fixed, compute=sum(x[1] for x in parts),
+                    comm=sum(x[2] for x in parts), exposed_comm=steps_total - sum(x[1] for x in parts),
+                    overhead=fixed, steps=parts[0][3], note=parts[0][4])
 
 
 def _estimate_pass(schedule, p, m, world, layout, chunk, share, bwd, ulysses_degree):
