@@ -92,6 +92,7 @@ def _plot(results: dict, out_dir: str) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     written = []
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -101,6 +102,10 @@ def _plot(results: dict, out_dir: str) -> list[str]:
     ax.axvline(results["train_len"], color="grey", linestyle="--", linewidth=1, label="training length")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(ScalarFormatter())  # plain numbers, not 1.8x10^1
+    ax.yaxis.set_minor_formatter(ScalarFormatter())
+    xs_all = sorted({int(L) for row in results["perplexity"].values() for L in row})
+    ax.set_xticks(xs_all, [str(x) for x in xs_all])
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("perplexity")
     ax.set_title("Perplexity beyond the training length")
@@ -113,6 +118,7 @@ def _plot(results: dict, out_dir: str) -> list[str]:
             xs = sorted(int(L) for L in row)
             ax.plot(xs, [sum(row[str(L)].values()) / len(row[str(L)]) for L in xs], marker="o", label=mode)
         ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("passkey accuracy (mean over depths)")
