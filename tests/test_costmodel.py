@@ -168,3 +168,18 @@ def test_auto_pick_is_argmin_including_call_overheads():
     direct = {s: cm.estimate(s, p, m, 4).total for s in cm.candidates(p, 4, m.ranks_per_node)}
     assert name == min(direct, key=direct.get) == runner_up
     assert {e.schedule: e.total for e in ests} == direct
+
+
+def test_measured_rank_slowdown_replaces_the_cores_formula():
+    """Compute (kernels and merges, overhead-free) scales by exactly the measured slowdown at W ranks;
+    between measured rank counts the factor is linear."""
+    slow = (cm.RankSlowdown(ranks=1, factor=1.0), cm.RankSlowdown(ranks=2, factor=1.0), cm.RankSlowdown(ranks=4, factor=3.5))
+    m = _cpu_machine(slowdowns=slow, cores=2)
+    alone = _cpu_machine(cores=None)
+    formula = _cpu_machine(cores=2)
+    p = cm.Problem(seq=48 * 64, heads=8, kv_heads=8, head_dim=32, dtype_bytes=4, causal=False)
+    for w, factor, by_cores in [(2, 1.0, 1.0), (4, 3.5, 2.0), (3, 2.25, 1.5)]:
+        base = cm.estimate("ring", p, alone, w).compute
+        assert cm.estimate("ring", p, m, w).compute == pytest.approx(factor * base)
+        assert cm.estimate("ring", p, formula, w).compute == pytest.approx(by_cores * base)
+    assert cm.machine_from_dict(cm.machine_to_dict(m)) == m

@@ -17,8 +17,10 @@ Ranks run in lockstep, so a step lasts as long as its slowest rank; a pass is th
 The per-call overhead (Python, the input agreement across ranks, packing, autograd, waking the
 ranks) is calibrated by timing tiny calls of every schedule (``simulate.overhead``); without a
 calibration it is zero.
-Collectives (all-gather, all-to-all, reduce-scatter) are not overlapped. ``Machine.cores`` models
-CPU ranks sharing cores: each rank gets min(1, cores / (ranks per node * threads)) of its peak.
+Collectives (all-gather, all-to-all, reduce-scatter) are not overlapped. CPU ranks on one node share
+its cores: each rank gets 1 / slowdown(ranks) of its calibrated rates, the slowdown measured by
+running the kernel on that many ranks at once (``Machine.slowdowns``; on a 2-core box about 1.0 at
+2 ranks but 3.6, not 2, at 4); without a measurement, min(1, cores / (ranks * threads)).
 
 All numbers are estimates for the machine described; presets for GPUs are simulation, not
 measurement (their sources are given next to them). The CPU machine is calibrated from measured
@@ -98,6 +100,15 @@ class CallOverhead:
 
 
 @dataclass(kw_only=True, slots=True)
+class RankSlowdown:
+    """Measured: a kernel call takes ``factor`` x its single-rank time when ``ranks`` ranks of a node
+    run it at the same time (lockstep, time of the slowest)."""
+
+    ranks: int
+    factor: float
+
+
+@dataclass(kw_only=True, slots=True)
 class Machine:
     name: str
     peak: float
@@ -127,6 +138,8 @@ class Machine:
     """How the block kernel covers a causal block (``tiling.computed_area``)."""
     call_overheads: tuple[CallOverhead, ...] = ()
     """Measured per schedule, world size and pass; empty: no per-call overhead."""
+    slowdowns: tuple[RankSlowdown, ...] = ()
+    """Measured per number of ranks sharing a node; empty: the ``cores`` formula."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -194,6 +207,7 @@ def machine_from_dict(d: dict) -> Machine:
     d["inter"] = Link(**d["inter"]) if d.get("inter") else None
     d["kernel_rates"] = tuple(KernelRate(**r) for r in d.get("kernel_rates", ()))
     d["call_overheads"] = tuple(CallOverhead(**c) for c in d.get("call_overheads", ()))
+    d["slowdowns"] = tuple(RankSlowdown(**x) for x in d.get("slowdowns", ()))
     return Machine(**d)
 
 
@@ -211,9 +225,25 @@ def load_machine(path: str | Path | None = None) -> Machine:
 
 
 def _share(m: Machine, ranks_on_node: int) -> float:
+    """Fraction of its calibrated rates a rank gets with ``ranks_on_node`` ranks busy on its node."""
+    if m.slowdowns:
+        return 1.0 / _interpolate([(x.ranks, x.factor) for x in m.slowdowns], max(1, ranks_on_node), floor=1.0)
     if m.cores is None:
         return 1.0
     return min(1.0, m.cores / (max(1, ranks_on_node) * m.threads))
+
+
+def _interpolate(pts: list[tuple[int, float]], x: int, *, floor: float) -> float:
+    """The value at ``x`` if measured, else linear through the two nearest measured points (one point:
+    its value), never below ``floor``."""
+    pts = sorted(pts)
+    for px, y in pts:
+        if px == x:
+            return y
+    if len(pts) == 1:
+        return pts[0][1]
+    (x0, y0), (x1, y1) = sorted(pts, key=lambda p: (abs(p[0] - x), p[0]))[:2]
+    return max(floor, y0 + (y1 - y0) * (x - x0) / (x1 - x0))
 
 
 def rate_at(m: Machine, head_dim: int) -> KernelRate:
@@ -248,16 +278,10 @@ def kernel_time(m: Machine, p: Problem, sq: int, sk: int, heads: int, *, diagona
 def call_overhead(m: Machine, schedule: str, world: int, backward: bool) -> float:
     """Per-call overhead of ``schedule`` at ``world`` ranks: the measured value at that W, linear in W
     through the two nearest measured W otherwise (never below 0), the only one if one was measured."""
-    pts = sorted((c.world, c.seconds) for c in m.call_overheads if c.schedule == schedule and c.backward == backward)
+    pts = [(c.world, c.seconds) for c in m.call_overheads if c.schedule == schedule and c.backward == backward]
     if world <= 1 or not pts:
         return 0.0
-    for w, t in pts:
-        if w == world:
-            return t
-    if len(pts) == 1:
-        return pts[0][1]
-    (w0, t0), (w1, t1) = sorted(pts, key=lambda x: (abs(x[0] - world), x[0]))[:2]
-    return max(0.0, t0 + (t1 - t0) * (world - w0) / (w1 - w0))
+    return _interpolate(pts, world, floor=0.0)
 
 
 def merge_time(m: Machine, p: Problem, sq: int, heads: int, share: float = 1.0) -> float:
