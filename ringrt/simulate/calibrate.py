@@ -4,12 +4,17 @@ gloo latency / bandwidth / overlap between two local processes. Writes the JSON 
 Measurements (fp32, ``threads`` intra-op threads, best of ``reps``):
 
 * ``mm_flops``: torch.mm of 1024 x 1024 matrices — the roofline the kernel is compared with.
-* block kernel forward at 128 and 1024 query/key rows (8 heads x 64): solves
-  rate(m) = peak * m / (m + m_half) for ``peak`` and ``m_half``; backward at 1024 rows for ``bwd_peak``;
-  a 16-row call for the per-call ``overhead``.
+* block kernel forward at 128 and 1024 query/key rows (8 heads), at every head_dim of
+  ``HEAD_DIMS``: solves rate(m) = peak * m / (m + m_half) for ``peak`` and ``m_half``; backward at
+  1024 rows for ``bwd_peak`` (``Machine.kernel_rates``; the D = 64 values also fill ``peak``,
+  ``bwd_peak``, ``m_half``). On this kernel the rate depends on D: at 1024 rows, 1 thread, fp32,
+  about 104 / 125 / 137 GFLOP/s forward at D = 32 / 64 / 128. A 16-row call gives the per-kernel-call
+  ``overhead``.
 * ``mem_bw``: one fp32 merge of (1, 8, 1024, 64), priced as the model prices it.
 * gloo: ping-pong of 4 KiB and 16 MiB messages (latency, bandwidth), then a 1024-row forward kernel
   with a 16 MiB exchange in flight (``overlap`` = hidden fraction of the shorter of the two).
+* kernel slowdown with 1..max(``worlds``) ranks computing at once (``simulate.sharing``), then the
+  per-call overhead of every schedule at each world size of ``worlds`` (``simulate.overhead``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,10 @@ from ..kernels import get_kernel
 from ..merge import empty_accumulator, merge_
 from ..spawn import run_local
 from . import costmodel
+from .overhead import measure_call_overheads
+from .sharing import measure_slowdowns
+
+HEAD_DIMS = (32, 64, 128)
 
 
 def best_time(fn, reps: int = 5) -> float:
@@ -62,14 +71,22 @@ def kernel_rate(s: int, *, backward: bool = False, heads: int = 8, d: int = 64, 
     return costmodel.BWD_FLOP_FACTOR * flops / t
 
 
+def rates_at(d: int, reps: int = 5) -> dict:
+    """Forward rates at 128 and 1024 rows, the fitted peak and m_half, the backward peak, at head_dim d."""
+    s1, s2 = 128, 1024
+    r1, r2 = kernel_rate(s1, d=d, reps=reps), kernel_rate(s2, d=d, reps=reps)
+    m_half = max(1.0, (r2 - r1) / (r1 / s1 - r2 / s2)) if r1 / s1 > r2 / s2 else 1.0
+    peak = r2 * (s2 + m_half) / s2
+    bwd_peak = kernel_rate(s2, backward=True, d=d, reps=reps) * (s2 + m_half) / s2
+    return dict(head_dim=d, rate_small=r1, rate_large=r2, peak=peak, bwd_peak=bwd_peak, m_half=m_half)
+
+
 def measure_local(threads: int = 1, reps: int = 5) -> dict:
     torch.set_num_threads(threads)
     kern = get_kernel(torch.device("cpu"), "cpu")
-    s1, s2 = 128, 1024
-    r1, r2 = kernel_rate(s1, reps=reps), kernel_rate(s2, reps=reps)
-    m_half = max(1.0, (r2 - r1) / (r1 / s1 - r2 / s2)) if r1 / s1 > r2 / s2 else 1.0
-    peak = r2 * (s2 + m_half) / s2
-    bwd_peak = kernel_rate(s2, backward=True, reps=reps) * (s2 + m_half) / s2
+    per_d = [rates_at(d, reps) for d in HEAD_DIMS]
+    d64 = next(r for r in per_d if r["head_dim"] == 64)
+    r1, r2, peak, bwd_peak, m_half = (d64[k] for k in ("rate_small", "rate_large", "peak", "bwd_peak", "m_half"))
     q, k, v = _qkv(16, 1, 64)
     overhead = best_time(lambda: kern.forward(q, k, v, causal=False, mask=None, scale=0.125), reps * 4)
     q = _qkv(1024)[0]
@@ -78,7 +95,7 @@ def measure_local(threads: int = 1, reps: int = 5) -> dict:
     t_merge = best_time(lambda: merge_(acc_o, acc_l, bo, bl), reps)
     mem_bw = costmodel.MERGE_PASSES * q.numel() * 4 / t_merge
     return dict(mm_flops=mm_flops(threads, reps=reps), rate_small=r1, rate_large=r2, peak=peak, bwd_peak=bwd_peak,
-                m_half=m_half, overhead=overhead, mem_bw=mem_bw)
+                m_half=m_half, overhead=overhead, mem_bw=mem_bw, per_head_dim=per_d)
 
 
 def _link_worker(rank: int, world: int, reps: int) -> dict:
@@ -123,7 +140,9 @@ def _link_worker(rank: int, world: int, reps: int) -> dict:
     return dict(latency=lat, bandwidth=bw, t_comp=t_comp, t_comm=t_comm, t_both=t_both, overlap=min(1.0, max(0.0, overlap)))
 
 
-def calibrate(threads: int = 1, reps: int = 5) -> tuple[costmodel.Machine, dict]:
+def calibrate(threads: int = 1, reps: int = 5, worlds: tuple[int, ...] = (2, 4)) -> tuple[costmodel.Machine, dict]:
+    """This machine's description (kernel rates per head_dim, link, overlap, per-call overheads at
+    each W of ``worlds``) and the raw measurements."""
     local = measure_local(threads, reps)
     link = run_local(_link_worker, 2, reps, timeout=300, threads=threads)[0]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -132,9 +151,13 @@ def calibrate(threads: int = 1, reps: int = 5) -> tuple[costmodel.Machine, dict]
         peak=local["peak"], bwd_peak=local["bwd_peak"], m_half=local["m_half"], overhead=local["overhead"],
         mem_bw=local["mem_bw"], intra=costmodel.Link(bandwidth=link["bandwidth"], latency=link["latency"]),
         ranks_per_node=1024, overlap=link["overlap"], cores=cores, threads=threads, simulated=False,
-        source="ringrt simulate calibrate",
+        source="ringrt simulate calibrate", tiling="aten_cpu",
+        kernel_rates=tuple(costmodel.KernelRate(head_dim=r["head_dim"], peak=r["peak"], bwd_peak=r["bwd_peak"],
+                                                m_half=r["m_half"]) for r in local["per_head_dim"]),
     )
-    return m, {"local": local, "link": link}
+    m.slowdowns = measure_slowdowns(max(worlds, default=1), threads=threads)
+    m.call_overheads, calls = measure_call_overheads(m, worlds, threads=threads)
+    return m, {"local": local, "link": link, "calls": calls, "slowdowns": [(x.ranks, x.factor) for x in m.slowdowns]}
 
 
 def write(path: Path, machine: costmodel.Machine, measured: dict) -> None:

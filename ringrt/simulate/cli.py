@@ -24,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--out", type=Path, default=None, help=f"default {cm.calibration_path()}")
     c.add_argument("--threads", type=int, default=1)
     c.add_argument("--reps", type=int, default=5)
+    c.add_argument("--worlds", type=int, nargs="+", default=[2, 4], help="world sizes whose per-call overheads are measured")
     sub.add_parser("anchors", help="reproduce the published anchors (simulation)")
     pr = sub.add_parser("project", help="project 8 -> 1024 GPUs, MHA and GQA (simulation)")
     pr.add_argument("--machine", choices=sorted(cm.PRESETS), default="h100")
@@ -41,7 +42,7 @@ def main(args: argparse.Namespace) -> int:
     if args.action == "calibrate":
         from .calibrate import calibrate, write
 
-        m, measured = calibrate(args.threads, args.reps)
+        m, measured = calibrate(args.threads, args.reps, tuple(args.worlds))
         path = args.out or cm.calibration_path()
         write(path, m, measured)
         loc, link = measured["local"], measured["link"]
@@ -50,6 +51,13 @@ def main(args: argparse.Namespace) -> int:
               f"(kernel/mm = {loc['rate_large'] / loc['mm_flops']:.2f})")
         print(f"merge {m.mem_bw / 1e9:.1f} GB/s; gloo {link['bandwidth'] / 1e9:.2f} GB/s, {link['latency'] * 1e3:.3f} ms/op, "
               f"overlap {link['overlap']:.2f}")
+        for r in loc["per_head_dim"]:
+            print(f"  D={r['head_dim']:<4d} fwd {r['rate_large'] / 1e9:6.1f} GFLOP/s at 1024 rows ({r['rate_small'] / 1e9:.1f} at 128), "
+                  f"m_half {r['m_half']:.0f}, bwd peak {r['bwd_peak'] / 1e9:.1f}")
+        print("  kernel slowdown with n ranks computing at once: "
+              + ", ".join(f"{x.ranks}: {x.factor:.2f}" for x in m.slowdowns))
+        for c in m.call_overheads:
+            print(f"  per-call overhead {c.schedule:>9s} W={c.world} {'fwd+bwd' if c.backward else 'fwd':7s} {c.seconds * 1e3:6.2f} ms")
         print(f"wrote {path}")
         return 0
     if args.action == "anchors":
