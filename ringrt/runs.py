@@ -7,7 +7,7 @@ rejected there) and everything below sees plain dataclasses.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from .compression.config import CompressionConfig
@@ -39,13 +39,15 @@ class LoggingConfig:
     """Print one ``step N | key value | ...`` line per logged step."""
 
 
+def _job_of(run, job_cls):
+    """The job config inside a run config: the fields the two share (a run extends its job)."""
+    return job_cls(**{f.name: getattr(run, f.name) for f in fields(job_cls)})
+
+
 @dataclass(kw_only=True, slots=True)
-class TrainRun:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    attention: AttentionConfig = field(default_factory=AttentionConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    compression: CompressionConfig = field(default_factory=CompressionConfig)
+class TrainRun(TrainJobConfig):
+    """The train job's config plus the engine, logging and launcher settings of ``launch/train.py``."""
+
     engine: Literal["torch", "deepspeed"] = "torch"
     """Who owns parameters and optimizer: ``torch`` (AdamW, DCP checkpoints) or ``deepspeed`` (ZeRO)."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -53,31 +55,23 @@ class TrainRun:
     launcher: LaunchConfig = field(default_factory=LaunchConfig)
 
     def job(self) -> TrainJobConfig:
-        return TrainJobConfig(model=self.model, attention=self.attention, data=self.data, train=self.train,
-                              compression=self.compression)
+        return _job_of(self, TrainJobConfig)
 
 
 @dataclass(kw_only=True, slots=True)
-class EvalRun:
-    attention: AttentionConfig = field(default_factory=AttentionConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    compression: CompressionConfig = field(default_factory=CompressionConfig)
+class EvalRun(EvalJobConfig):
     launcher: LaunchConfig = field(default_factory=LaunchConfig)
 
     def job(self) -> EvalJobConfig:
-        return EvalJobConfig(attention=self.attention, data=self.data, eval=self.eval, compression=self.compression)
+        return _job_of(self, EvalJobConfig)
 
 
 @dataclass(kw_only=True, slots=True)
-class GenerateRun:
-    attention: AttentionConfig = field(default_factory=AttentionConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    generate: GenerateConfig = field(default_factory=GenerateConfig)
+class GenerateRun(GenerateJobConfig):
     launcher: LaunchConfig = field(default_factory=LaunchConfig)
 
     def job(self) -> GenerateJobConfig:
-        return GenerateJobConfig(attention=self.attention, data=self.data, generate=self.generate)
+        return _job_of(self, GenerateJobConfig)
 
 
 @dataclass(kw_only=True, slots=True)
