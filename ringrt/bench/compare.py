@@ -4,9 +4,13 @@ Runs (CPU, gloo, 1 thread per rank) W = 1, 2, 4 x MHA/GQA x sequence lengths x f
 backward: tokenring, ring, allgather, ulysses, hybrid, auto; DeepSpeed's ``DistributedAttention``
 (Ulysses; contiguous shards, if deepspeed is installed); torch's ``context_parallel`` (non-causal
 forward only: all it supports on CPU); one process (``single``: the block kernel on the whole
-sequence). Reports time (max over ranks, best of ``--reps``), parallel efficiency (single / (W x
-time)), bytes sent per rank (ringrt's counters; peers: n/a), peak RSS growth per rank, the cost
-model's prediction (calibrated at the start of the run) and its error, and the kernel's FLOP/s as a
+sequence). Within one configuration the contenders run round-robin (one warm-up round, then
+``--reps`` rounds), so machine noise hits them alike; a round's time is the slowest rank's and a
+row reports the median over rounds. Reports that time, parallel efficiency (single / (W x time)),
+bytes sent per rank (ringrt's counters; peers: n/a), peak RSS growth per rank, the cost model's
+prediction (calibrated at the start of the run, per-call overheads included; ``auto`` priced as the
+schedule it picks, ``single`` as one kernel call, DeepSpeed as ringrt's Ulysses) with its error per
+row and the share of rows within ±20 % in total and per world size, and the kernel's FLOP/s as a
 fraction of torch.mm's on the same thread (the roofline). Writes JSON + PNG under ``--out``.
 """
 
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -93,8 +98,6 @@ def _call(name, q, k, v, causal, world, ds_attn):
 def _worker(rank, world, grid, reps):
     import torch.distributed as dist
 
-    from ringrt import comm
-
     ds_attn = None
     if world > 1:
         try:
@@ -114,50 +117,75 @@ def _worker(rank, world, grid, reps):
     rows = []
     for seq, heads, kv_heads, d, causal, mode in grid:
         names = ["single"] if world == 1 else [*OURS, "deepspeed", "torch_cp"]
+        cfg = dict(world=world, seq=seq, heads=heads, kv_heads=kv_heads, head_dim=d, causal=causal, mode=mode)
+        runnable = []
         for name in names:
-            row = dict(world=world, seq=seq, heads=heads, kv_heads=kv_heads, head_dim=d, causal=causal, mode=mode, name=name)
-            skip = None
-            if name == "torch_cp" and (causal or mode != "fwd"):
-                skip = "torch context_parallel on CPU: non-causal forward only"
-            if name == "deepspeed" and not callable(ds_attn):
-                skip = f"deepspeed unavailable: {ds_attn}"
-            if name in ("ulysses",) and (heads % world or (kv_heads % world and world % kv_heads)):
-                skip = "heads do not split over W"
+            skip = _skip_reason(name, world, heads, kv_heads, causal, mode, ds_attn)
             if skip:
-                row["skipped"] = skip
-                rows.append(row)
+                rows.append(dict(cfg, name=name, skipped=skip))
+            else:
+                runnable.append(name)
+        times: dict[str, list[float]] = {n: [] for n in runnable}
+        rss = dict.fromkeys(runnable, 0)
+        sent = dict.fromkeys(runnable, 0)
+        errors: dict[str, str] = {}
+        grad = mode == "fwd+bwd"
+        for i in range(reps + 1):  # round 0 warms up every contender
+            for name in runnable:
+                if name in errors:
+                    continue
+                try:
+                    dt, peak, nbytes = _run_once(name, world, rank, seq, heads, kv_heads, d, causal, grad, ds_attn)
+                except Exception as e:
+                    errors[name] = f"error: {type(e).__name__}: {str(e)[:160]}"
+                    continue
+                if i > 0:
+                    times[name].append(dt)
+                    rss[name] = max(rss[name], peak)
+                    sent[name] = nbytes
+        for name in runnable:
+            if name in errors:
+                rows.append(dict(cfg, name=name, skipped=errors[name]))
                 continue
-            layout = "contiguous" if (name == "deepspeed" or not causal) else "zigzag"
-            if name == "torch_cp":
-                layout = "full"
-            grad = mode == "fwd+bwd"
-            try:
-                best, rss, sent = float("inf"), 0, 0
-                for i in range(reps + 1):
-                    if name == "torch_cp":
-                        q, k, v = _inputs(1, rank, seq, heads, kv_heads, d, layout, False)
-                    else:
-                        q, k, v = _inputs(world, rank, seq, heads, kv_heads, d, layout, grad)
-                    if name == "deepspeed":
-                        ds_attn.local_attn = _causal_local(causal)
-                    if world > 1:
-                        dist.barrier()
-                    comm.reset_stats()
-                    with _PeakRSS() as mem:
-                        t0 = time.perf_counter()
-                        out = _call(name, q, k, v, causal, world, ds_attn)
-                        if grad:
-                            out.backward(torch.ones_like(out))
-                        dt = time.perf_counter() - t0
-                    if i > 0:
-                        best = min(best, dt)
-                        rss = max(rss, mem.peak - mem.base)
-                        sent = sum(c.bytes_sent for n, c in comm.stats().items() if n != "auto")
-                row.update(time=best, rss=rss, bytes_sent=sent if name not in ("deepspeed", "torch_cp") else None)
-            except Exception as e:
-                row["skipped"] = f"error: {type(e).__name__}: {str(e)[:160]}"
-            rows.append(row)
+            rows.append(dict(cfg, name=name, times=times[name], rss=rss[name],
+                             bytes_sent=sent[name] if name not in ("deepspeed", "torch_cp") else None))
     return rows
+
+
+def _skip_reason(name, world, heads, kv_heads, causal, mode, ds_attn) -> str | None:
+    if name == "torch_cp" and (causal or mode != "fwd"):
+        return "torch context_parallel on CPU: non-causal forward only"
+    if name == "deepspeed" and not callable(ds_attn):
+        return f"deepspeed unavailable: {ds_attn}"
+    if name == "ulysses" and (heads % world or (kv_heads % world and world % kv_heads)):
+        return "heads do not split over W"
+    return None
+
+
+def _run_once(name, world, rank, seq, heads, kv_heads, d, causal, grad, ds_attn) -> tuple[float, int, int]:
+    """(seconds, peak RSS growth, bytes sent by ringrt) of one call of ``name`` on fresh inputs."""
+    import torch.distributed as dist
+
+    from ringrt import comm
+
+    layout = "contiguous" if (name == "deepspeed" or not causal) else "zigzag"
+    if name == "torch_cp":
+        q, k, v = _inputs(1, rank, seq, heads, kv_heads, d, "full", False)
+    else:
+        q, k, v = _inputs(world, rank, seq, heads, kv_heads, d, layout, grad)
+    if name == "deepspeed":
+        ds_attn.local_attn = _causal_local(causal)
+    if world > 1:
+        dist.barrier()
+    comm.reset_stats()
+    with _PeakRSS() as mem:
+        t0 = time.perf_counter()
+        out = _call(name, q, k, v, causal, world, ds_attn)
+        if grad:
+            out.backward(torch.ones_like(out))
+        dt = time.perf_counter() - t0
+    sent = sum(c.bytes_sent for n, c in comm.stats().items() if n != "auto")
+    return dt, mem.peak - mem.base, sent
 
 
 def _causal_local(causal):
@@ -184,52 +212,30 @@ def main(args: argparse.Namespace) -> int:
 
     worlds = args.worlds or [1, 2, 4]
     seqs = args.seqs or ([1024, 2048] if args.quick else [1024, 2048, 4096])
-    reps = args.reps or (1 if args.quick else 2)
+    reps = args.reps or 3
     heads_cases = [(16, 16, 32), (16, 4, 32)] if args.quick else [(32, 32, 32), (32, 8, 32)]
     modes = ["fwd", "fwd+bwd"]
     grid = [(s, h, hk, d, c, mo) for s in seqs for (h, hk, d) in heads_cases for c in (True, False) for mo in modes
             if not (args.quick and not c and mo == "fwd+bwd")]
     args.out.mkdir(parents=True, exist_ok=True)
     print("calibrating ...", flush=True)
-    machine, measured = calibrate(1, 3)
+    machine, measured = calibrate(1, 3, tuple(w for w in worlds if w > 1))
     write(args.out / "calibration.json", machine, measured)
     os.environ["RINGRT_CALIBRATION"] = str((args.out / "calibration.json").resolve())  # what auto reads in the ranks
     roof = _roofline(1)
     rows = []
     for w in worlds:
         print(f"W={w} ...", flush=True)
-        for res in [run_local(_worker, w, grid, reps, timeout=3600, threads=1)]:
-            by_key: dict = {}
-            for rank_rows in res:
-                for r in rank_rows:
-                    key = tuple(r[k] for k in ("world", "seq", "heads", "kv_heads", "causal", "mode", "name"))
-                    cur = by_key.setdefault(key, dict(r))
-                    if "time" in r and "time" in cur:
-                        cur["time"] = max(cur["time"], r["time"])
-                        cur["rss"] = max(cur["rss"], r["rss"])
-                        if r.get("bytes_sent") is not None:
-                            cur["bytes_sent"] = max(cur["bytes_sent"], r["bytes_sent"])
-            rows.extend(by_key.values())
+        rows.extend(_merge_ranks(run_local(_worker, w, grid, reps, timeout=3600, threads=1)))
     single = {(r["seq"], r["heads"], r["kv_heads"], r["causal"], r["mode"]): r["time"] for r in rows if r["name"] == "single" and "time" in r}
     for r in rows:
         if "time" not in r:
             continue
         base = single.get((r["seq"], r["heads"], r["kv_heads"], r["causal"], r["mode"]))
         r["efficiency"] = base / (r["world"] * r["time"]) if base else None
-        sched = r["name"] if r["name"] in cm.SCHEDULES else ("ulysses" if r["name"] == "deepspeed" else None)
-        if r["name"] == "single":
-            sched = "ring"
-        if sched:
-            p = cm.Problem(seq=r["seq"], heads=r["heads"], kv_heads=r["kv_heads"], head_dim=r["head_dim"], dtype_bytes=4,
-                           causal=r["causal"], backward=r["mode"] == "fwd+bwd",
-                           layout="contiguous" if (r["name"] == "deepspeed" or not r["causal"]) else "zigzag")
-            try:
-                r["model"] = cm.estimate(sched, p, machine, r["world"]).total
-                r["model_err"] = r["model"] / r["time"] - 1
-            except ValueError:
-                pass
+        _price(r, machine)
     result = {"machine": cm.machine_to_dict(machine), "calibration": measured, "roofline": roof, "rows": rows,
-              "targets": _targets(rows)}
+              "targets": _targets(rows), "model_agreement": _agreement(rows)}
     tmp = args.out / f"compare.json.tmp{os.getpid()}"
     tmp.write_text(json.dumps(result, indent=1, default=str))
     os.replace(tmp, args.out / "compare.json")
@@ -237,6 +243,67 @@ def main(args: argparse.Namespace) -> int:
     _plot(result, args.out / "compare.png")
     print(f"wrote {args.out / 'compare.json'} and {args.out / 'compare.png'}")
     return 0
+
+
+def _merge_ranks(res: list[list[dict]]) -> list[dict]:
+    """One row per (configuration, contender): a round's time is its slowest rank's; the row's time is
+    the median over rounds."""
+    by_key: dict = {}
+    for rank_rows in res:
+        for r in rank_rows:
+            key = tuple(r[k] for k in ("world", "seq", "heads", "kv_heads", "causal", "mode", "name"))
+            cur = by_key.get(key)
+            if cur is None:
+                by_key[key] = dict(r)
+                continue
+            if "times" in r and "times" in cur:
+                cur["times"] = [max(a, b) for a, b in zip(cur["times"], r["times"])]
+                cur["rss"] = max(cur["rss"], r["rss"])
+                if r.get("bytes_sent") is not None:
+                    cur["bytes_sent"] = max(cur["bytes_sent"], r["bytes_sent"])
+            elif "skipped" in r:
+                cur.pop("times", None)
+                cur["skipped"] = r["skipped"]
+    for r in by_key.values():
+        if "times" in r:
+            r["time"] = statistics.median(r["times"])
+    return list(by_key.values())
+
+
+def _price(r: dict, machine) -> None:
+    """The model's time for row ``r`` (``model``, ``model_err``; ``auto`` also ``auto_pick``)."""
+    from ringrt.schedules.auto import choose
+    from ringrt.simulate import costmodel as cm
+
+    layout = "contiguous" if (r["name"] == "deepspeed" or not r["causal"]) else "zigzag"
+    p = cm.Problem(seq=r["seq"], heads=r["heads"], kv_heads=r["kv_heads"], head_dim=r["head_dim"], dtype_bytes=4,
+                   causal=r["causal"], backward=r["mode"] == "fwd+bwd", layout=layout)
+    try:
+        if r["name"] == "single":
+            r["model"] = cm.single_device(p, machine)
+        elif r["name"] == "auto":
+            r["auto_pick"], ests = choose(p, machine, r["world"])
+            r["model"] = ests[0].total
+        elif r["name"] in cm.SCHEDULES or r["name"] == "deepspeed":
+            r["model"] = cm.estimate("ulysses" if r["name"] == "deepspeed" else r["name"], p, machine, r["world"]).total
+        else:
+            return
+    except ValueError:
+        return
+    r["model_err"] = r["model"] / r["time"] - 1
+
+
+def _agreement(rows) -> dict:
+    """Rows whose model time is within ±20 % of the measured median: in total, per W, per contender."""
+    out: dict = {}
+    for r in rows:
+        if "model_err" not in r:
+            continue
+        ok = abs(r["model_err"]) <= 0.2
+        for key in ("total", f"W={r['world']}", r["name"]):
+            hit, n = out.get(key, (0, 0))
+            out[key] = (hit + ok, n + 1)
+    return {k: f"{h}/{n}" for k, (h, n) in out.items()}
 
 
 def _targets(rows) -> dict:
@@ -255,7 +322,7 @@ def _targets(rows) -> dict:
         if "auto" in t:
             auto_total += 1
             auto_wins += t["auto"] <= min(peers.values())
-    errs = [abs(r["model_err"]) for r in rows if "model_err" in r]
+    errs = [abs(r["model_err"]) for r in rows if "model_err" in r and r["name"] != "auto"]
     return {"tokenring_best_on_mha": f"{tr_wins}/{tr_total}", "auto_at_least_best_peer": f"{auto_wins}/{auto_total}",
             "model_within_20pct": f"{sum(e <= 0.2 for e in errs)}/{len(errs)}"}
 
@@ -273,9 +340,11 @@ def _print(result) -> None:
             continue
         eff = f"{r['efficiency']:.2f}" if r.get("efficiency") else "-"
         mb = f"{r['bytes_sent'] / 1e6:.2f}" if r.get("bytes_sent") is not None else "n/a"
-        model = f"{r['model'] * 1e3:9.1f} {r['model_err']:+6.0%}" if "model" in r else f"{'-':>9} {'-':>6}"
-        print(f"{head} {r['time'] * 1e3:9.1f} {eff:>5} {mb:>8} {r['rss'] / 1e6:7.1f} {model}")
+        model = f"{r['model'] * 1e3:9.1f} {r['model_err']:+6.0%} {'ok' if abs(r['model_err']) <= 0.2 else '--'}" if "model" in r else f"{'-':>9} {'-':>6}"
+        pick = f" -> {r['auto_pick']}" if "auto_pick" in r else ""
+        print(f"{head} {r['time'] * 1e3:9.1f} {eff:>5} {mb:>8} {r['rss'] / 1e6:7.1f} {model}{pick}")
     print("targets:", result["targets"])
+    print("model within ±20 % of the measured median:", result["model_agreement"])
 
 
 def _plot(result, path) -> None:
