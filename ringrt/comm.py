@@ -75,7 +75,7 @@ def count(channel: str, *, sent: int, recv: int, sends: int = 1, recvs: int = 1)
 
 def nbytes(specs: Sequence[Spec]) -> int:
     """Size in bytes of the packed message holding tensors of these (shape, dtype)."""
-    return sum(math.prod(shape) * torch.empty((), dtype=dt).element_size() for shape, dt in specs)
+    return sum(math.prod(shape) * dt.itemsize for shape, dt in specs)
 
 
 def pack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -89,7 +89,7 @@ def unpack(buf: torch.Tensor, specs: Sequence[Spec]) -> list[torch.Tensor]:
     for shape, dt in specs:
         n = nbytes([(shape, dt)])
         piece = buf[off : off + n]
-        if off % torch.empty((), dtype=dt).element_size():
+        if off % dt.itemsize:
             piece = piece.clone()  # a dtype view needs an aligned offset
         out.append(piece.view(dt).view(shape))
         off += n

@@ -15,7 +15,6 @@ import torch
 import torch.distributed as dist
 
 from .comm import CommTimeout
-from .groups import RingGroups
 from .layout import LAYOUTS, local_chunks
 
 _DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "meta")
@@ -89,16 +88,17 @@ def agree(group: dist.ProcessGroup | None, rank: int, world: int, problem: str |
     the others raise ``CommTimeout`` after ``timeout_s``.
     """
     fields = [] if world == 1 else list(zip(_FIELDS, _meta(*meta_args, ok=problem is None)[1:]))
-    agree_fields(RingGroups(group, None, None, rank, world), problem, fields, what, timeout_s, device, show=_show)
+    agree_fields(group, rank, world, problem, fields, what, timeout_s, device, show=_show)
 
 
 def agree_fields(
-    groups: RingGroups, problem: str | None, fields: list[tuple[str, float]], what: str, timeout_s: float, device, show=None
+    group: dist.ProcessGroup | None, rank: int, world: int, problem: str | None, fields: list[tuple[str, float]], what: str, timeout_s: float, device, show=None
 ) -> None:
     """:func:`agree` for any named numeric settings: raise the same ``ValueError`` on every rank if any
     rank has a problem or the ranks' ``fields`` values differ (values matter only where problem is None).
-    ``show(name, value)`` formats a value for the message. Only ``groups.base/rank/world`` are used."""
-    g, rank, world = groups.base, groups.rank, groups.world
+    ``show(name, value)`` formats a value for the message. ``group``, ``rank``, ``world`` as from
+    :func:`ringrt.groups.base_group` (call it before creating any ring groups: that needs every rank)."""
+    g = group
     if world == 1:
         if problem:
             raise ValueError(f"{what}: {problem}")

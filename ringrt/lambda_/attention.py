@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from ..comm import DEFAULT_TIMEOUT_S
-from ..groups import ring_groups
+from ..groups import base_group, ring_groups
 from ..kernels import get_kernel
 from ..rope import apply_rope, inv_freq
 from ..validate import DTYPES, agree_fields, local_problem
@@ -101,11 +101,11 @@ def lambda_attention(
         ValueError on every rank, before any transfer, if any rank's inputs or settings are invalid
         or the ranks disagree.
     """
-    groups = ring_groups(group)
+    base, rank, world = base_group(group)
     to = DEFAULT_TIMEOUT_S if timeout is None else float(timeout)
     problem = local_problem(
         q, k, v, causal=True, algorithm="ring", algorithms=ALGORITHMS, layout="contiguous",
-        topology="full", topologies=("full",), softmax_scale=softmax_scale, world=groups.world,
+        topology="full", topologies=("full",), softmax_scale=softmax_scale, world=world,
     )
     problem = problem or _settings_problem(q, mask, rope_theta, algorithm, position_offset, block_size)
     kern = None
@@ -124,7 +124,8 @@ def lambda_attention(
         ("algorithm", ALGORITHMS.index(algorithm) if ok else -1), ("position_offset", position_offset if ok else -1),
         ("block_size", block_size if ok and block_size is not None else -1),
     ]
-    agree_fields(groups, problem, fields, "ringrt.lambda_attention", to, q.device if isinstance(q, torch.Tensor) else None)
+    agree_fields(base, rank, world, problem, fields, "ringrt.lambda_attention", to, q.device if isinstance(q, torch.Tensor) else None)
+    groups = ring_groups(group)  # after the agreement: creating groups needs every rank present
 
     b, s, h, d = q.shape
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
