@@ -319,6 +319,20 @@ def _step(m: Machine, compute: float, comm: float) -> float:
     return compute + comm - m.overlap * min(compute, comm)
 
 
+def _slowest_steps(m: Machine, world: int, ranks: list[int], cost) -> tuple[float, float, float, list]:
+    """Sum over the W steps of the slowest sampled rank's step: cost(step, rank) -> (compute, comm).
+
+    Returns (total, compute, comm, [(compute, comm) of the slowest rank at each step]).
+    """
+    total = comp_sum = comm_sum = 0.0
+    steps = []
+    for s in range(world):
+        t, comp, comm = max(((_step(m, c, x), c, x) for c, x in (cost(s, r) for r in ranks)), key=lambda w: w[0])
+        total, comp_sum, comm_sum = total + t, comp_sum + comp, comm_sum + comm
+        steps.append((comp, comm))
+    return total, comp_sum, comm_sum, steps
+
+
 def blocks_time(m: Machine, p: Problem, blocks: list[ChunkBlock], chunk: int, heads: int, *, backward: bool, share: float) -> float:
     t = 0.0
     for b in blocks:
@@ -349,24 +363,15 @@ def _kv_ring(m: Machine, p: Problem, world: int, heads: int, kv_heads: int, chun
     local = len(chunks[0]) * chunk
     kv_bytes = 2 * p.batch * local * kv_heads * p.head_dim * e
     grad_bytes = 2 * p.batch * local * kv_heads * p.head_dim * a if backward else 0
-    total = comp_sum = comm_sum = 0.0
-    steps = []
-    for s in range(world):
-        worst = (0.0, 0.0, 0.0)
-        for r in sample_ranks(world, m.ranks_per_node):
-            src = (r - s) % world
-            comp = blocks_time(m, p, chunk_blocks(chunks[r], chunks[src], p.causal), chunk, heads, backward=backward, share=share)
-            nbytes = (kv_bytes if s < world - 1 else 0) + grad_bytes
-            link = _link(m, members[r], members[(r + 1) % world])
-            comm = msg_time(link, nbytes) + (copy_time(m, nbytes, share) if nbytes else 0.0) if world > 1 else 0.0
-            t = _step(m, comp, comm)
-            if t > worst[0]:
-                worst = (t, comp, comm)
-        total += worst[0]
-        comp_sum += worst[1]
-        comm_sum += worst[2]
-        steps.append((worst[1], worst[2]))
-    return total, comp_sum, comm_sum, steps
+    def cost(s: int, r: int) -> tuple[float, float]:
+        src = (r - s) % world
+        comp = blocks_time(m, p, chunk_blocks(chunks[r], chunks[src], p.causal), chunk, heads, backward=backward, share=share)
+        nbytes = (kv_bytes if s < world - 1 else 0) + grad_bytes
+        link = _link(m, members[r], members[(r + 1) % world])
+        comm = msg_time(link, nbytes) + (copy_time(m, nbytes, share) if nbytes else 0.0) if world > 1 else 0.0
+        return comp, comm
+
+    return _slowest_steps(m, world, sample_ranks(world, m.ranks_per_node), cost)
 
 
 def _a2a_time(m: Machine, members: list[int], nbytes: float, share: float) -> float:
@@ -507,34 +512,24 @@ def _tokenring(m, p, world, layout, chunk, share, bwd):
         out_bytes_per_chunk = row * (p.head_dim * e + a)  # out partial + lse
     ranks = sample_ranks(world, m.ranks_per_node)
     traffic = {r: tokenring_traffic(r, world, p.causal, layout) for r in ranks}
-    total = comp_sum = comm_sum = 0.0
-    steps = []
-    for s in range(world):
-        worst = (0.0, 0.0, 0.0)
-        for r in ranks:
-            block, q_rows, out_rows, owner = traffic[r][s]
-            comp = 0.0
-            if block is not None:
-                comp = blocks_time(m, p, [ChunkBlock(block.q_rows, block.k_rows, block.diagonal)], chunk, p.heads,
-                                   backward=bwd, share=share)
-            tq = tout = 0.0
-            if q_rows is not None:
-                nb = (q_rows[1] - q_rows[0]) * q_bytes_per_chunk
-                tq = msg_time(_link(m, r, (r - 1) % world), nb) + copy_time(m, nb, share)
-            if out_rows is not None:
-                nb = (out_rows[1] - out_rows[0]) * out_bytes_per_chunk
-                tout = msg_time(_link(m, r, owner), nb) + copy_time(m, nb, share)
-                if not bwd:  # the owner's merge of this partial
-                    comp += merge_time(m, p, (out_rows[1] - out_rows[0]) * chunk, p.heads, share)
-            comm = max(tq, tout) if m.intra.duplex else tq + tout
-            t = _step(m, comp, comm)
-            if t > worst[0]:
-                worst = (t, comp, comm)
-        total += worst[0]
-        comp_sum += worst[1]
-        comm_sum += worst[2]
-        steps.append((worst[1], worst[2]))
-    return total, comp_sum, comm_sum, steps, ""
+    def cost(s: int, r: int) -> tuple[float, float]:
+        block, q_rows, out_rows, owner = traffic[r][s]
+        comp = 0.0
+        if block is not None:
+            comp = blocks_time(m, p, [ChunkBlock(block.q_rows, block.k_rows, block.diagonal)], chunk, p.heads,
+                               backward=bwd, share=share)
+        tq = tout = 0.0
+        if q_rows is not None:
+            nb = (q_rows[1] - q_rows[0]) * q_bytes_per_chunk
+            tq = msg_time(_link(m, r, (r - 1) % world), nb) + copy_time(m, nb, share)
+        if out_rows is not None:
+            nb = (out_rows[1] - out_rows[0]) * out_bytes_per_chunk
+            tout = msg_time(_link(m, r, owner), nb) + copy_time(m, nb, share)
+            if not bwd:  # the owner's merge of this partial
+                comp += merge_time(m, p, (out_rows[1] - out_rows[0]) * chunk, p.heads, share)
+        return comp, (max(tq, tout) if m.intra.duplex else tq + tout)
+
+    return (*_slowest_steps(m, world, ranks, cost), "")
 
 
 def single_device(p: Problem, m: Machine) -> float:
