@@ -79,8 +79,19 @@ def nbytes(specs: Sequence[Spec]) -> int:
 
 
 def pack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Concatenate the raw bytes of ``tensors`` into one flat uint8 tensor."""
-    return torch.cat([t.contiguous().view(-1).view(torch.uint8) for t in tensors])
+    """Concatenate the raw bytes of ``tensors`` (any strides) into one flat uint8 tensor: one copy
+    of each tensor, straight into the message buffer."""
+    buf = torch.empty(nbytes([spec_of(t) for t in tensors]), dtype=torch.uint8, device=tensors[0].device)
+    off = 0
+    for t in tensors:
+        n = t.numel() * t.dtype.itemsize
+        dst = buf[off : off + n]
+        if off % t.dtype.itemsize == 0:
+            dst.view(t.dtype).view(t.shape).copy_(t)
+        else:  # a dtype view needs an aligned offset
+            dst.copy_(t.contiguous().view(-1).view(torch.uint8))
+        off += n
+    return buf
 
 
 def unpack(buf: torch.Tensor, specs: Sequence[Spec]) -> list[torch.Tensor]:

@@ -6,6 +6,7 @@ result over the union::
     lse = log(exp(lse_a) + exp(lse_b))
     out = exp(lse_a - lse) * out_a + exp(lse_b - lse) * out_b
         = out_a - sigmoid(lse_b - lse_a) * (out_a - out_b)          # the stable form used here
+        = lerp(out_a, out_b, sigmoid(lse_b - lse_a))                 # one fused pass over out
 
 A row that saw no key carries lse = -inf and out = 0. Two such rows merge to (0, -inf) rather than
 NaN: the sigmoid of (-inf) - (-inf) is NaN and is replaced by 0 (the empty side has no weight).
@@ -28,7 +29,7 @@ def merge_(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_
     block_out: (B, H, S, D) any float dtype, block_lse: (B, H, S).
     """
     w = torch.sigmoid(block_lse.to(lse.dtype) - lse).nan_to_num_(nan=0.0)  # (B, H, S)
-    out.sub_(w.unsqueeze(-1) * (out - block_out.to(out.dtype)))
+    out.lerp_(block_out.to(out.dtype), w.unsqueeze(-1))
     torch.logaddexp(lse, block_lse.to(lse.dtype), out=lse)
 
 

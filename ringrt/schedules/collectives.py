@@ -5,9 +5,10 @@ channel name, what this rank sends and receives: a collective over W ranks moves
 way (the piece for itself stays local).
 
 ``SeqToHeads`` / ``HeadsToSeq`` are the two all-to-alls of Ulysses as autograd Functions (each is
-the other's backward)::
+the other's backward). Each moves several tensors (q, k, v; or their gradients) in ONE all-to-all
+of packed messages, and puts the tokens in global order while copying them out::
 
-    (B, S_l, H, D) sequence shard  --SeqToHeads-->  (B, u*S_l, H/u, D) all tokens of the group, H/u heads
+    (B, S_l, H, D) sequence shard  --SeqToHeads-->  (B, H/u, u*S_l, D) all tokens of the group, H/u heads
 """
 
 from __future__ import annotations
@@ -62,42 +63,92 @@ def all_to_all(pieces: list[torch.Tensor], group, channel: str, timeout: float |
     return outs
 
 
-def _seq_to_heads(x: torch.Tensor, group, channel: str, timeout) -> torch.Tensor:
-    world = dist.get_world_size(group)
-    got = all_to_all(list(x.chunk(world, dim=2)), group, channel, timeout)  # each (B, S_l, H/u, D)
-    return torch.cat(got, dim=1)
+def all_to_all_packed(pieces: list[list[torch.Tensor]], group, channel: str, timeout: float | None = None) -> list[list[torch.Tensor]]:
+    """``pieces[j]`` (a list of tensors) goes to member j packed in one message; returns, per sender,
+    the tensors it sent to this member (views of the received buffer). Every member sends every other
+    the same shapes and dtypes (the all-to-alls of Ulysses are symmetric), so one collective moves
+    them all whatever their number."""
+    bufs = all_to_all([pack(ts) for ts in pieces], group, channel, timeout)
+    specs = [spec_of(t) for t in pieces[dist.get_rank(group)]]
+    return [unpack(b, specs) for b in bufs]
 
 
-def _heads_to_seq(y: torch.Tensor, group, channel: str, timeout) -> torch.Tensor:
-    world = dist.get_world_size(group)
-    got = all_to_all(list(y.chunk(world, dim=1)), group, channel, timeout)  # each (B, S_l, H/u, D)
-    return torch.cat(got, dim=2)
+def _chunk_positions(member_chunks: list[list[int]]) -> list[list[int]]:
+    """positions[i][c]: where member i's local chunk c goes when the group's chunks are sorted by
+    global chunk id."""
+    ranked = {cid: pos for pos, cid in enumerate(sorted(c for cs in member_chunks for c in cs))}
+    return [[ranked[c] for c in cs] for cs in member_chunks]
+
+
+def seq_to_heads(xs: list[torch.Tensor], group, member_chunks: list[list[int]], channel: str, timeout) -> list[torch.Tensor]:
+    """Sequence shards (B, S_l, H_t, D) -> (B, H_t/u, u*S_l, D) contiguous, the group's tokens in
+    ascending global order (``member_chunks[i]``: member i's global chunk ids in local order).
+    All tensors in one all-to-all; one copy into the message, one into the result."""
+    u, rank = dist.get_world_size(group), dist.get_rank(group)
+    pieces = [[x[:, :, j * (x.shape[2] // u) : (j + 1) * (x.shape[2] // u)] for x in xs] for j in range(u)]
+    got = all_to_all_packed(pieces, group, channel, timeout)
+    pos = _chunk_positions(member_chunks)
+    outs = []
+    for t, x in enumerate(xs):
+        b, s_l, h, d = x.shape
+        n = len(member_chunks[rank])
+        ln = s_l // n
+        out = x.new_empty(b, h // u, u * s_l, d)
+        seq_view = out.transpose(1, 2)  # (B, u*S_l, H/u, D)
+        for i in range(u):
+            for c in range(n):
+                seq_view[:, pos[i][c] * ln : (pos[i][c] + 1) * ln].copy_(got[i][t][:, c * ln : (c + 1) * ln])
+        outs.append(out)
+    return outs
+
+
+def heads_to_seq(ys: list[torch.Tensor], group, member_chunks: list[list[int]], channel: str, timeout) -> list[torch.Tensor]:
+    """Inverse of :func:`seq_to_heads`: (B, H_t/u, u*S_l, D) in global order -> (B, S_l, H_t, D) contiguous."""
+    u, rank = dist.get_world_size(group), dist.get_rank(group)
+    pos = _chunk_positions(member_chunks)
+    n = len(member_chunks[rank])
+    lns = [y.shape[2] // (u * n) for y in ys]
+    pieces = [
+        [y.transpose(1, 2)[:, pos[j][c] * ln : (pos[j][c] + 1) * ln] for y, ln in zip(ys, lns) for c in range(n)]
+        for j in range(u)
+    ]
+    got = all_to_all_packed(pieces, group, channel, timeout)
+    outs = []
+    for t, (y, ln) in enumerate(zip(ys, lns)):
+        b, hu, s, d = y.shape
+        out = y.new_empty(b, s // u, hu * u, d)
+        for i in range(u):
+            for c in range(n):
+                out[:, c * ln : (c + 1) * ln, i * hu : (i + 1) * hu].copy_(got[i][t * n + c])
+        outs.append(out)
+    return outs
 
 
 class SeqToHeads(torch.autograd.Function):
-    """(B, S_l, H, D) -> (B, u*S_l, H/u, D): member i's tokens at rows [i*S_l, (i+1)*S_l)."""
+    """:func:`seq_to_heads` with :func:`heads_to_seq` as its backward. ``apply(group, member_chunks,
+    channel, timeout, *xs)`` -> tuple of outputs."""
 
     @staticmethod
-    def forward(ctx, x, group, channel: str, timeout):
-        ctx.args = (group, channel, timeout)
-        return _seq_to_heads(x, *ctx.args)
+    def forward(ctx, group, member_chunks, channel: str, timeout, *xs):
+        ctx.args = (group, member_chunks, channel, timeout)
+        return tuple(seq_to_heads(list(xs), *ctx.args))
 
     @staticmethod
-    def backward(ctx, dy):
-        return _heads_to_seq(dy, *ctx.args), None, None, None
+    def backward(ctx, *dys):
+        return (None, None, None, None, *heads_to_seq([d.contiguous() for d in dys], *ctx.args))
 
 
 class HeadsToSeq(torch.autograd.Function):
-    """Inverse of :class:`SeqToHeads`: (B, u*S_l, H/u, D) -> (B, S_l, H, D)."""
+    """:func:`heads_to_seq` with :func:`seq_to_heads` as its backward."""
 
     @staticmethod
-    def forward(ctx, y, group, channel: str, timeout):
-        ctx.args = (group, channel, timeout)
-        return _heads_to_seq(y, *ctx.args)
+    def forward(ctx, group, member_chunks, channel: str, timeout, *ys):
+        ctx.args = (group, member_chunks, channel, timeout)
+        return tuple(heads_to_seq(list(ys), *ctx.args))
 
     @staticmethod
-    def backward(ctx, dx):
-        return _seq_to_heads(dx, *ctx.args), None, None, None
+    def backward(ctx, *dxs):
+        return (None, None, None, None, *seq_to_heads([d.contiguous() for d in dxs], *ctx.args))
 
 
 def reorder_chunks(x: torch.Tensor, order: list[int], dim: int = 1) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from ..layout import rank_chunks
 from .ring import KVRing, KVRingAttention
-from .ulysses import from_heads, replicate_kv, sorted_order, to_heads, ulysses_problem
+from .ulysses import from_heads, replicate_kv, to_heads, ulysses_problem
 
 _CACHE: dict[tuple, tuple] = {}
 
@@ -91,17 +91,15 @@ def hybrid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) ->
         ugroup, kv_group, grad_group = grid_groups(g.base, g.world, g.rank, u)
     else:
         ugroup = kv_group = grad_group = None
-    row = [[*rank_chunks(plan.layout, r * u + b, g.world)] for r in range(n) for b in range(u)]
-    row_chunks = [sorted_order(row[r * u : (r + 1) * u]) for r in range(n)]  # (order, ascending ids) per row
-    order = row_chunks[g.rank // u][0]
+    members = [[list(rank_chunks(plan.layout, r * u + b, g.world)) for b in range(u)] for r in range(n)]
+    row_ids = [sorted(c for cs in m for c in cs) for m in members]  # each row's chunks, ascending
     ug = ugroup if u > 1 else None
-    qh = to_heads(q, ug, order, plan.timeout).contiguous()  # (B, H/u, u*S_l, D)
-    kh = to_heads(replicate_kv(k, u), ug, order, plan.timeout).contiguous()
-    vh = to_heads(replicate_kv(v, u), ug, order, plan.timeout).contiguous()
+    mine = members[g.rank // u]
+    qh, kh, vh = to_heads([q, replicate_kv(k, u), replicate_kv(v, u)], ug, mine, plan.timeout)  # (B, H/u, u*S_l, D)
     ring = KVRing(
         kv_group=kv_group if n > 1 else None, grad_group=grad_group if n > 1 else None, rank=g.rank // u, world=n,
-        chunks=tuple(tuple(ids) for _, ids in row_chunks), causal=plan.causal, scale=plan.scale,
+        chunks=tuple(tuple(ids) for ids in row_ids), causal=plan.causal, scale=plan.scale,
         kernel=plan.kernel, timeout=plan.timeout,
     )
     out = KVRingAttention.apply(qh, kh, vh, ring)  # (B, H/u, u*S_l, D)
-    return from_heads(out, ug, order, plan.timeout).contiguous()
+    return from_heads(out, ug, mine, plan.timeout)

@@ -9,8 +9,9 @@ brings the output back to sequence shards::
     member i: (B, S/u, H, D) --all-to-all--> (B, S, H/u, D) --attention--> --all-to-all--> (B, S/u, H, D)
 
 The gathered tokens arrive in member order (member 0's shard, member 1's, ...). For the zigzag
-layout that is not global order, so the chunks are put back in ascending global order first: the
-kernel's top-left causal mask over the whole sequence is then exact.
+layout that is not global order, so the chunks are put in ascending global order as they are copied
+out of the receive buffer: the kernel's top-left causal mask over the whole sequence is then exact.
+q, k and v travel in one all-to-all (packed per destination), their gradients in one as well.
 
 Heads: H and H_kv must both divide by u. With fewer K/V heads than members (H_kv < u) each K/V head
 is replicated u / H_kv times before the all-to-all (u must then be a multiple of H_kv), so every
@@ -26,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ..layout import rank_chunks
-from .collectives import HeadsToSeq, SeqToHeads, reorder_chunks
+from .collectives import HeadsToSeq, SeqToHeads
 
 
 def ulysses_problem(heads: int, kv_heads: int, degree: int) -> str | None:
@@ -52,20 +53,6 @@ def replicate_kv(x: torch.Tensor, degree: int) -> torch.Tensor:
     return x if kvh >= degree else x.repeat_interleave(degree // kvh, dim=2)
 
 
-def sorted_order(member_chunks: list[list[int]]) -> tuple[list[int], list[int]]:
-    """(order, chunks): positions that sort the gathered chunks (member order) ascending, and the sorted ids."""
-    flat = [c for cs in member_chunks for c in cs]
-    order = sorted(range(len(flat)), key=flat.__getitem__)
-    return order, [flat[i] for i in order]
-
-
-def inverse(order: list[int]) -> list[int]:
-    inv = [0] * len(order)
-    for i, o in enumerate(order):
-        inv[o] = i
-    return inv
-
-
 class LocalAttention(torch.autograd.Function):
     """Whole-sequence attention of one member's heads with the block kernel. (B, H, S, D) tensors."""
 
@@ -87,16 +74,20 @@ class LocalAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def to_heads(x: torch.Tensor, group, order: list[int], timeout) -> torch.Tensor:
-    """(B, S_l, H, D) shard -> (B, H/u, u*S_l, D) with the group's tokens in ascending global order."""
-    y = SeqToHeads.apply(x, group, "a2a", timeout) if group is not None else x
-    return reorder_chunks(y, order, dim=1).transpose(1, 2)
+def to_heads(xs: list[torch.Tensor], group, member_chunks: list[list[int]], timeout) -> list[torch.Tensor]:
+    """(B, S_l, H_t, D) shards -> (B, H_t/u, u*S_l, D) contiguous, the group's tokens in ascending global
+    order; all tensors in one all-to-all. ``member_chunks[i]``: member i's global chunk ids. Without a
+    group (u = 1) a rank's own chunks are already in ascending order."""
+    if group is None:
+        return [x.transpose(1, 2).contiguous() for x in xs]
+    return list(SeqToHeads.apply(group, member_chunks, "a2a", timeout, *xs))
 
 
-def from_heads(y: torch.Tensor, group, order: list[int], timeout) -> torch.Tensor:
-    """Inverse of :func:`to_heads`: (B, H/u, u*S_l, D) -> (B, S_l, H, D)."""
-    y = reorder_chunks(y.transpose(1, 2), inverse(order), dim=1)
-    return HeadsToSeq.apply(y, group, "a2a", timeout) if group is not None else y
+def from_heads(y: torch.Tensor, group, member_chunks: list[list[int]], timeout) -> torch.Tensor:
+    """Inverse of :func:`to_heads` for one tensor: (B, H/u, u*S_l, D) -> (B, S_l, H, D) contiguous."""
+    if group is None:
+        return y.transpose(1, 2).contiguous()
+    return HeadsToSeq.apply(group, member_chunks, "a2a", timeout, y)[0]
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> torch.Tensor:
@@ -109,9 +100,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -
     if problem:
         raise ValueError(f"ringrt.attention(algorithm='ulysses'): {problem}")
     group = g.base if g.world > 1 else None
-    order, _ = sorted_order([rank_chunks(plan.layout, r, g.world) for r in range(g.world)])
-    qh = to_heads(q, group, order, plan.timeout)
-    kh = to_heads(replicate_kv(k, g.world), group, order, plan.timeout)
-    vh = to_heads(replicate_kv(v, g.world), group, order, plan.timeout)
-    out = LocalAttention.apply(qh.contiguous(), kh.contiguous(), vh.contiguous(), plan.causal, plan.scale, plan.kernel)
-    return from_heads(out, group, order, plan.timeout).contiguous()
+    members = [rank_chunks(plan.layout, r, g.world) for r in range(g.world)]
+    qh, kh, vh = to_heads([q, replicate_kv(k, g.world), replicate_kv(v, g.world)], group, members, plan.timeout)
+    out = LocalAttention.apply(qh, kh, vh, plan.causal, plan.scale, plan.kernel)
+    return from_heads(out, group, members, plan.timeout)
