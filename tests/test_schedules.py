@@ -109,6 +109,9 @@ def test_schedules_match_reference_and_byte_formulas(world):
             want = _expected_bytes(algo, world, heads, kv_heads)
             assert sent == want, (rank, algo, causal, heads, kv_heads, sent, want)
             assert recv == want, (rank, algo, causal, heads, kv_heads, recv, want)
+            if algo == "ulysses" and world > 1:
+                # q, k, v in ONE all-to-all, the output in one; the same in backward: 4 collectives of W - 1 messages
+                assert st["a2a"][2:] == (4 * (world - 1), 4 * (world - 1)), (rank, causal, heads, kv_heads, st["a2a"])
 
 
 def _fp32_worker(rank, world):
