@@ -9,10 +9,12 @@ Layout (B, H, S, D) throughout. K/V may have fewer heads than Q (GQA/MQA: H a mu
     block must pass an explicit additive ``mask`` of shape (Sq, Sk) or (B|1, H|1, Sq, Sk).
     A row that sees no key returns out = 0 and lse = -inf (never NaN).
 
-``backward(dout, q, k, v, lse, delta, causal=, mask=, scale=) -> (dq, dk, dv)``
+``backward(dout, q, k, v, lse, delta, causal=, mask=, scale=, out=None) -> (dq, dk, dv)``
     Gradients of one block given the FINAL lse of the query rows (B, H, Sq) and
     delta = rowsum(dout * out_final) (B, H, Sq): exact per-block contributions that sum to the full
-    gradient. Rows with lse = -inf contribute nothing.
+    gradient. Rows with lse = -inf contribute nothing. A caller that holds the final output rows
+    (B, H, Sq, D) passes them as ``out``; otherwise kernels that want it rebuild one from delta
+    (:func:`surrogate_out`).
 
 Backends: ``cpu`` (aten's flash kernel for CPU), ``cuda`` (flash-attn when installed, else aten's
 CUDA efficient-attention kernel; not exercised on CPU-only machines), ``math`` (plain matmuls in
@@ -48,6 +50,7 @@ class BlockKernel(Protocol):
         causal: bool,
         mask: torch.Tensor | None,
         scale: float,
+        out: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 
@@ -71,7 +74,7 @@ def surrogate_out(dout: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     receiver gives the same gradients while moving D times fewer bytes.
     """
     d32 = dout.to(delta.dtype)
-    norm = (d32 * d32).sum(-1, keepdim=True)
+    norm = torch.linalg.vector_norm(d32, dim=-1, keepdim=True).square_()  # no (B, H, S, D) temporary
     coef = torch.where(norm > 0, delta.unsqueeze(-1) / norm.clamp_min(torch.finfo(norm.dtype).tiny), 0.0)
     return (coef * d32).to(dout.dtype)
 
@@ -92,13 +95,13 @@ class CpuKernel:
             out = out.masked_fill(empty.unsqueeze(-1), 0.0)
         return out, lse
 
-    def backward(self, dout, q, k, v, lse, delta, *, causal, mask, scale):
+    def backward(self, dout, q, k, v, lse, delta, *, causal, mask, scale, out=None):
         op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
         if mask is not None:
             mask = mask.to(q.dtype)
         # P = exp(s - lse): lse = +inf makes a row that saw nothing contribute exactly 0.
         lse = torch.where(torch.isneginf(lse), float("inf"), lse).contiguous()
-        out = surrogate_out(dout, delta)
+        out = surrogate_out(dout, delta) if out is None else out
         dq, dk, dv = op(dout, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
         return dq, dk, dv
 
@@ -139,7 +142,7 @@ class MathKernel:
         out = torch.matmul(p, _expand_kv(v, q.shape[1]).to(p.dtype))
         return out.to(q.dtype), lse
 
-    def backward(self, dout, q, k, v, lse, delta, *, causal, mask, scale):
+    def backward(self, dout, q, k, v, lse, delta, *, causal, mask, scale, out=None):
         s = self._scores(q, k, causal, mask, scale)
         dt = s.dtype
         p = torch.exp(s - lse.to(dt).unsqueeze(-1)).nan_to_num_(nan=0.0)  # (B, H, Sq, Sk)
@@ -193,10 +196,10 @@ class CudaKernel:
             out = out.masked_fill(empty.unsqueeze(-1), 0.0)
         return out, lse
 
-    def backward(self, dout, q, k, v, lse, delta, *, causal, mask, scale):
+    def backward(self, dout, q, k, v, lse, delta, *, causal, mask, scale, out=None):
         heads, kvh = q.shape[1], k.shape[1]
         lse = torch.where(torch.isneginf(lse), float("inf"), lse).contiguous()
-        out = surrogate_out(dout, delta)
+        out = surrogate_out(dout, delta) if out is None else out
         if self._use_flash(q, mask):
             t = [x.transpose(1, 2).contiguous() for x in (dout, q, k, v, out)]
             dq, dk, dv = (torch.empty_like(x) for x in t[1:4])

@@ -207,19 +207,28 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPl
         lse = torch.cat([b[2] for b in done], dim=1)
         return out.to(q.dtype), lse
 
-    acc_o, acc_l = empty_accumulator(q)
+    adt = acc_dtype(q.dtype)
+    n_rows = (0, local_chunks(plan.layout))
+    acc: list[torch.Tensor] = []  # [out, lse], fp32/fp64
 
     def compute(block: Block, qb: list[torch.Tensor]) -> list[torch.Tensor]:
         kk, vv = kv(block)
         o, l = kern.forward(qb[0], kk, vv, causal=block.diagonal, mask=None, scale=scale)
-        return [o, l.to(acc_l.dtype)]
+        return [o, l.to(adt)]
 
     def absorb(rows: Rows, part: list[torch.Tensor]) -> None:
-        merge_(_rows(acc_o, rows, chunk), _rows(acc_l, rows, chunk), part[0], part[1])
+        if not acc:
+            if rows == n_rows:  # the first partial (step 0, all local rows) becomes the accumulator
+                acc.extend([part[0].to(adt), part[1]])
+                return
+            acc.extend(empty_accumulator(q))
+        merge_(_rows(acc[0], rows, chunk), _rows(acc[1], rows, chunk), part[0], part[1])
 
-    partial_like = [q, acc_l]
+    partial_like = [q, torch.empty(q.shape[:-1], dtype=adt, device="meta")]
     _direct_pass(plan, [q], partial_like, compute, absorb)
-    return acc_o.to(q.dtype), acc_l
+    if not acc:
+        acc.extend(empty_accumulator(q))
+    return acc[0].to(q.dtype), acc[1]
 
 
 def ring_backward(
@@ -230,19 +239,30 @@ def ring_backward(
     kern, scale = plan.kernel, plan.scale
     adt = acc_dtype(q.dtype)
     delta = (dout.to(adt) * out.to(adt)).sum(-1)  # (B, H, S)
-    dk_acc = torch.zeros(k.shape, dtype=adt, device=k.device)
-    dv_acc = torch.zeros(v.shape, dtype=adt, device=v.device)
+    n_rows = (0, local_chunks(plan.layout))
+    kv_grads: list[torch.Tensor] = []  # [dK, dV] accumulators
 
-    def block_grads(block: Block, qq, do, ll, dd, heads: tuple[int, int] | None = None):
+    def block_grads(block: Block, qq, do, ll, dd, heads: tuple[int, int] | None = None, out_rows=None):
         kk, vv = _rows(k, block.k_rows, chunk), _rows(v, block.k_rows, chunk)
-        dk_t, dv_t = _rows(dk_acc, block.k_rows, chunk), _rows(dv_acc, block.k_rows, chunk)
         if heads is not None:
             kk, vv = kk[:, heads[0] : heads[1]], vv[:, heads[0] : heads[1]]
+        dq, dk, dv = kern.backward(do, qq, kk, vv, ll, dd, causal=block.diagonal, mask=None, scale=scale, out=out_rows)
+        if not kv_grads:
+            if heads is None and block.k_rows == n_rows:  # the first block covers every local key row
+                kv_grads.extend([dk.to(adt), dv.to(adt)])
+                return dq
+            kv_grads.extend([torch.zeros(k.shape, dtype=adt, device=k.device), torch.zeros(v.shape, dtype=adt, device=v.device)])
+        dk_t, dv_t = _rows(kv_grads[0], block.k_rows, chunk), _rows(kv_grads[1], block.k_rows, chunk)
+        if heads is not None:
             dk_t, dv_t = dk_t[:, heads[0] : heads[1]], dv_t[:, heads[0] : heads[1]]
-        dq, dk, dv = kern.backward(do, qq, kk, vv, ll, dd, causal=block.diagonal, mask=None, scale=scale)
         dk_t.add_(dk)
         dv_t.add_(dv)
         return dq
+
+    def kv_result() -> tuple[torch.Tensor, torch.Tensor]:
+        if not kv_grads:
+            return torch.zeros_like(k), torch.zeros_like(v)
+        return kv_grads[0].to(k.dtype), kv_grads[1].to(v.dtype)
 
     if plan.topology == "ring" and plan.groups.world > 1:
         split = head_split(q.shape[1], k.shape[1])
@@ -258,18 +278,26 @@ def ring_backward(
 
         done = _relay_pass(plan, bundles, relay_compute)
         dq = torch.cat([b[4] for b in done], dim=1)
-        return dq.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype)
+        return (dq.to(q.dtype), *kv_result())
 
-    dq_acc = torch.zeros(q.shape, dtype=adt, device=q.device)
+    dq_acc: list[torch.Tensor] = []
 
     def compute(block: Block, b: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [block_grads(block, *b)]
+        # this rank's own queries (the diagonal block): the real output is here, no surrogate needed
+        own = _rows(out, block.q_rows, chunk) if block.diagonal else None
+        return [block_grads(block, *b, out_rows=own)]
 
     def absorb(rows: Rows, part: list[torch.Tensor]) -> None:
-        _rows(dq_acc, rows, chunk).add_(part[0])
+        if not dq_acc:
+            if rows == n_rows:  # step 0's dq covers every local row: it becomes the accumulator
+                dq_acc.append(part[0].to(adt))
+                return
+            dq_acc.append(torch.zeros(q.shape, dtype=adt, device=q.device))
+        _rows(dq_acc[0], rows, chunk).add_(part[0])
 
     _direct_pass(plan, [q, dout, lse, delta], [q], compute, absorb)
-    return dq_acc.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype)
+    dq = dq_acc[0] if dq_acc else torch.zeros(q.shape, dtype=adt, device=q.device)
+    return (dq.to(q.dtype), *kv_result())
 
 
 class TokenRingAttention(torch.autograd.Function):

@@ -5,8 +5,10 @@ backward: tokenring, ring, allgather, ulysses, hybrid, auto; DeepSpeed's ``Distr
 (Ulysses; contiguous shards, if deepspeed is installed); torch's ``context_parallel`` (non-causal
 forward only: all it supports on CPU); one process (``single``: the block kernel on the whole
 sequence). Within one configuration the contenders run round-robin (one warm-up round, then
-``--reps`` rounds), so machine noise hits them alike; a round's time is the slowest rank's and a
-row reports the median over rounds. Reports that time, parallel efficiency (single / (W x time)),
+``--reps`` rounds), so machine noise hits them alike; a round's time is the slowest rank's. A row's
+time is the best round (as ``timeit`` advises: noise only ever adds time, and on this 2-core box it
+adds whole scheduler ticks of 4 ms to millisecond calls); the median round is reported beside it and
+the targets are also counted on medians. Reports that time, parallel efficiency (single / (W x time)),
 bytes sent per rank (ringrt's counters; peers: n/a), peak RSS growth per rank, the cost model's
 prediction (calibrated at the start of the run, per-call overheads included; ``auto`` priced as the
 schedule it picks, ``single`` as one kernel call, DeepSpeed as ringrt's Ulysses) with its error per
@@ -20,7 +22,6 @@ import argparse
 import json
 import os
 import statistics
-import threading
 import time
 from pathlib import Path
 
@@ -39,29 +40,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 class _PeakRSS:
-    """Sample this process's RSS every millisecond; ``peak - base`` in bytes."""
+    """Peak RSS growth of this process over a ``with`` block, in bytes (``peak - base``).
+
+    Linux keeps the high-water mark (VmHWM) and resets it to the current RSS when ``5`` is written
+    to ``/proc/self/clear_refs``, so the peak is exact and costs nothing while the block runs (a
+    sampling thread would compete with the ranks for the GIL and the cores). Elsewhere: 0.
+    """
 
     def __enter__(self):
-        self.base = self.peak = self._rss()
-        self._stop = False
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self._ok = True
+        except OSError:
+            self._ok = False
+        self.base = self.peak = self._field("VmRSS") if self._ok else 0
         return self
 
     @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _run(self):
-        while not self._stop:
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.001)
+    def _field(name: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(name + ":"):
+                    return int(line.split()[1]) * 1024
+        return 0
 
     def __exit__(self, *exc):
-        self._stop = True
-        self._t.join()
-        self.peak = max(self.peak, self._rss())
+        if self._ok:
+            self.peak = max(self.base, self._field("VmHWM"))
 
 
 def _inputs(world, rank, seq, heads, kv_heads, d, layout, grad):
@@ -212,7 +218,7 @@ def main(args: argparse.Namespace) -> int:
 
     worlds = args.worlds or [1, 2, 4]
     seqs = args.seqs or ([1024, 2048] if args.quick else [1024, 2048, 4096])
-    reps = args.reps or 3
+    reps = args.reps or 5
     heads_cases = [(16, 16, 32), (16, 4, 32)] if args.quick else [(32, 32, 32), (32, 8, 32)]
     modes = ["fwd", "fwd+bwd"]
     grid = [(s, h, hk, d, c, mo) for s in seqs for (h, hk, d) in heads_cases for c in (True, False) for mo in modes
@@ -247,7 +253,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _merge_ranks(res: list[list[dict]]) -> list[dict]:
     """One row per (configuration, contender): a round's time is its slowest rank's; the row's time is
-    the median over rounds."""
+    the best round, ``median`` the median round."""
     by_key: dict = {}
     for rank_rows in res:
         for r in rank_rows:
@@ -266,7 +272,8 @@ def _merge_ranks(res: list[list[dict]]) -> list[dict]:
                 cur["skipped"] = r["skipped"]
     for r in by_key.values():
         if "times" in r:
-            r["time"] = statistics.median(r["times"])
+            r["time"] = min(r["times"])
+            r["median"] = statistics.median(r["times"])
     return list(by_key.values())
 
 
@@ -294,7 +301,7 @@ def _price(r: dict, machine) -> None:
 
 
 def _agreement(rows) -> dict:
-    """Rows whose model time is within ±20 % of the measured median: in total, per W, per contender."""
+    """Rows whose model time is within ±20 % of the best measured round: in total, per W, per contender."""
     out: dict = {}
     for r in rows:
         if "model_err" not in r:
@@ -307,31 +314,37 @@ def _agreement(rows) -> dict:
 
 
 def _targets(rows) -> dict:
-    groups: dict = {}
-    for r in rows:
-        if "time" in r and r["world"] > 1:
-            groups.setdefault((r["world"], r["seq"], r["heads"], r["kv_heads"], r["causal"], r["mode"]), {})[r["name"]] = r["time"]
-    tr_wins = tr_total = auto_wins = auto_total = 0
-    for (w, s, h, hk, c, mo), t in groups.items():
-        peers = {n: x for n, x in t.items() if n not in ("tokenring", "auto")}
-        if not peers:
-            continue
-        if h == hk and "tokenring" in t:
-            tr_total += 1
-            tr_wins += t["tokenring"] <= min(peers.values())
-        if "auto" in t:
-            auto_total += 1
-            auto_wins += t["auto"] <= min(peers.values())
+    """The issue's targets, counted on the best round (``time``) and on the median round."""
+    out = {}
+    for stat, suffix in (("time", ""), ("median", " (medians)")):
+        groups: dict = {}
+        for r in rows:
+            if stat in r and r["world"] > 1:
+                key = (r["world"], r["seq"], r["heads"], r["kv_heads"], r["causal"], r["mode"])
+                groups.setdefault(key, {})[r["name"]] = r[stat]
+        tr_wins = tr_total = auto_wins = auto_total = 0
+        for (w, s, h, hk, c, mo), t in groups.items():
+            peers = {n: x for n, x in t.items() if n not in ("tokenring", "auto")}
+            if not peers:
+                continue
+            if h == hk and "tokenring" in t:
+                tr_total += 1
+                tr_wins += t["tokenring"] <= min(peers.values())
+            if "auto" in t:
+                auto_total += 1
+                auto_wins += t["auto"] <= min(peers.values())
+        out["tokenring_best_on_mha" + suffix] = f"{tr_wins}/{tr_total}"
+        out["auto_at_least_best_peer" + suffix] = f"{auto_wins}/{auto_total}"
     errs = [abs(r["model_err"]) for r in rows if "model_err" in r and r["name"] != "auto"]
-    return {"tokenring_best_on_mha": f"{tr_wins}/{tr_total}", "auto_at_least_best_peer": f"{auto_wins}/{auto_total}",
-            "model_within_20pct": f"{sum(e <= 0.2 for e in errs)}/{len(errs)}"}
+    out["model_within_20pct"] = f"{sum(e <= 0.2 for e in errs)}/{len(errs)}"
+    return out
 
 
 def _print(result) -> None:
     roof = result["roofline"]
     print(f"\nroofline (1 thread): torch.mm {roof['mm_flops'] / 1e9:.1f} GFLOP/s; kernel fwd {roof['kernel_fwd_flops'] / 1e9:.1f} "
           f"({roof['fwd_fraction']:.2f} of mm), bwd {roof['kernel_bwd_flops'] / 1e9:.1f} ({roof['bwd_fraction']:.2f})")
-    hdr = f"{'W':>2} {'seq':>5} {'H/Hkv':>6} {'causal':>6} {'mode':>7} {'schedule':>10} {'ms':>9} {'eff':>5} {'MB/rank':>8} {'RSS MB':>7} {'model ms':>9} {'err':>6}"
+    hdr = f"{'W':>2} {'seq':>5} {'H/Hkv':>6} {'causal':>6} {'mode':>7} {'schedule':>10} {'best ms':>9} {'median':>8} {'eff':>5} {'MB/rank':>8} {'RSS MB':>7} {'model ms':>9} {'err':>6}"
     print(hdr)
     for r in result["rows"]:
         head = f"{r['world']:>2} {r['seq']:>5} {r['heads']:>3}/{r['kv_heads']:<2} {str(r['causal']):>6} {r['mode']:>7} {r['name']:>10}"
@@ -342,9 +355,9 @@ def _print(result) -> None:
         mb = f"{r['bytes_sent'] / 1e6:.2f}" if r.get("bytes_sent") is not None else "n/a"
         model = f"{r['model'] * 1e3:9.1f} {r['model_err']:+6.0%} {'ok' if abs(r['model_err']) <= 0.2 else '--'}" if "model" in r else f"{'-':>9} {'-':>6}"
         pick = f" -> {r['auto_pick']}" if "auto_pick" in r else ""
-        print(f"{head} {r['time'] * 1e3:9.1f} {eff:>5} {mb:>8} {r['rss'] / 1e6:7.1f} {model}{pick}")
+        print(f"{head} {r['time'] * 1e3:9.1f} {r['median'] * 1e3:8.1f} {eff:>5} {mb:>8} {r['rss'] / 1e6:7.1f} {model}{pick}")
     print("targets:", result["targets"])
-    print("model within ±20 % of the measured median:", result["model_agreement"])
+    print("model within ±20 % of the best measured round:", result["model_agreement"])
 
 
 def _plot(result, path) -> None:

@@ -68,6 +68,7 @@ def allgather_backward(dout, q, k, v, out, lse, plan):
         dq_b, dk_b, dv_b = plan.kernel.backward(
             rows(dout, b.q_rows, chunk), rows(q, b.q_rows, chunk), rows(kf, b.k_rows, chunk), rows(vf, b.k_rows, chunk),
             rows(lse, b.q_rows, chunk), rows(delta, b.q_rows, chunk), causal=b.diagonal, mask=None, scale=plan.scale,
+            out=rows(out, b.q_rows, chunk),
         )
         rows(dq, b.q_rows, chunk).add_(dq_b)
         rows(dkf, b.k_rows, chunk).add_(dk_b)

@@ -50,27 +50,19 @@ def reduce_scatter(pieces: list[torch.Tensor], group, channel: str, timeout: flo
     return out
 
 
-def all_to_all(pieces: list[torch.Tensor], group, channel: str, timeout: float | None = None) -> list[torch.Tensor]:
-    """``pieces[j]`` goes to member j; returns what every member sent to this one (index = sender)."""
-    world = dist.get_world_size(group)
-    rank = dist.get_rank(group)
-    pieces = [p.contiguous() for p in pieces]
-    outs = [torch.empty_like(p) for p in pieces]
-    _wait(dist.all_to_all(outs, pieces, group=group, async_op=True), timeout)
-    sent = sum(p.numel() * p.element_size() for j, p in enumerate(pieces) if j != rank)
-    recv = sum(p.numel() * p.element_size() for j, p in enumerate(outs) if j != rank)
-    count(channel, sent=sent, recv=recv, sends=world - 1, recvs=world - 1)
-    return outs
-
-
 def all_to_all_packed(pieces: list[list[torch.Tensor]], group, channel: str, timeout: float | None = None) -> list[list[torch.Tensor]]:
-    """``pieces[j]`` (a list of tensors) goes to member j packed in one message; returns, per sender,
-    the tensors it sent to this member (views of the received buffer). Every member sends every other
-    the same shapes and dtypes (the all-to-alls of Ulysses are symmetric), so one collective moves
-    them all whatever their number."""
-    bufs = all_to_all([pack(ts) for ts in pieces], group, channel, timeout)
-    specs = [spec_of(t) for t in pieces[dist.get_rank(group)]]
-    return [unpack(b, specs) for b in bufs]
+    """``pieces[j]`` (a list of tensors) goes to member j; returns, per sender, the tensors it sent to
+    this member (views of the received buffer). Every member sends every other the same shapes and
+    dtypes (the all-to-alls of Ulysses are symmetric), so ONE ``all_to_all_single`` of a flat buffer,
+    member j's segment at [j*n, (j+1)*n), moves them all whatever their number."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    specs = [spec_of(t) for t in pieces[rank]]
+    buf = pack([t for ts in pieces for t in ts])
+    got = torch.empty_like(buf)
+    _wait(dist.all_to_all_single(got, buf, group=group, async_op=True), timeout)
+    n = buf.numel() // world
+    count(channel, sent=(world - 1) * n, recv=(world - 1) * n, sends=world - 1, recvs=world - 1)
+    return [unpack(got[i * n : (i + 1) * n], specs) for i in range(world)]
 
 
 def _chunk_positions(member_chunks: list[list[int]]) -> list[list[int]]:
@@ -149,9 +141,3 @@ class HeadsToSeq(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *dxs):
         return (None, None, None, None, *seq_to_heads([d.contiguous() for d in dxs], *ctx.args))
-
-
-def reorder_chunks(x: torch.Tensor, order: list[int], dim: int = 1) -> torch.Tensor:
-    """Cut ``x`` into len(order) equal chunks along ``dim`` and put chunk ``order[i]`` at position i."""
-    parts = x.chunk(len(order), dim=dim)
-    return torch.cat([parts[i] for i in order], dim=dim)

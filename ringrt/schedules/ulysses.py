@@ -70,7 +70,7 @@ class LocalAttention(torch.autograd.Function):
         dout = dout.contiguous()
         adt = lse.dtype
         delta = (dout.to(adt) * out.to(adt)).sum(-1)  # (B, H, S)
-        dq, dk, dv = kernel.backward(dout, q, k, v, lse, delta, causal=causal, mask=None, scale=scale)
+        dq, dk, dv = kernel.backward(dout, q, k, v, lse, delta, causal=causal, mask=None, scale=scale, out=out)
         return dq, dk, dv, None, None, None
 
 

@@ -13,7 +13,7 @@ Measurements (fp32, ``threads`` intra-op threads, best of ``reps``):
 * ``mem_bw``: one fp32 merge of (1, 8, 1024, 64), priced as the model prices it.
 * gloo: ping-pong of 4 KiB and 16 MiB messages (latency, bandwidth), then a 1024-row forward kernel
   with a 16 MiB exchange in flight (``overlap`` = hidden fraction of the shorter of the two).
-* kernel slowdown with 1..max(``worlds``) ranks computing at once (``simulate.sharing``), then the
+* step slowdown with 1..max(``worlds``) ranks computing and exchanging at once (``simulate.sharing``), then the
   per-call overhead of every schedule at each world size of ``worlds`` (``simulate.overhead``).
 """
 
@@ -155,7 +155,7 @@ def calibrate(threads: int = 1, reps: int = 5, worlds: tuple[int, ...] = (2, 4))
         kernel_rates=tuple(costmodel.KernelRate(head_dim=r["head_dim"], peak=r["peak"], bwd_peak=r["bwd_peak"],
                                                 m_half=r["m_half"]) for r in local["per_head_dim"]),
     )
-    m.slowdowns = measure_slowdowns(max(worlds, default=1), threads=threads)
+    m.slowdowns = measure_slowdowns(max(worlds, default=1), m.intra, threads=threads)
     m.call_overheads, calls = measure_call_overheads(m, worlds, threads=threads)
     return m, {"local": local, "link": link, "calls": calls, "slowdowns": [(x.ranks, x.factor) for x in m.slowdowns]}
 

@@ -19,8 +19,9 @@ ranks) is calibrated by timing tiny calls of every schedule (``simulate.overhead
 calibration it is zero.
 Collectives (all-gather, all-to-all, reduce-scatter) are not overlapped. CPU ranks on one node share
 its cores: each rank gets 1 / slowdown(ranks) of its calibrated rates, the slowdown measured by
-running the kernel on that many ranks at once (``Machine.slowdowns``; on a 2-core box about 1.0 at
-2 ranks but 3.6, not 2, at 4); without a measurement, min(1, cores / (ranks * threads)).
+running lockstep kernel + exchange steps on that many ranks at once (``Machine.slowdowns``,
+``simulate.sharing``; on a 2-core box about 1.1 at 2 ranks but about 3, not 2, at 4); without a
+measurement, min(1, cores / (ranks * threads)).
 
 All numbers are estimates for the machine described; presets for GPUs are simulation, not
 measurement (their sources are given next to them). The CPU machine is calibrated from measured
