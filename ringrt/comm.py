@@ -62,6 +62,21 @@ def reset_stats() -> None:
     _COUNTERS.channels.clear()
 
 
+def move_since(snapshot: dict[str, ChannelStats], channel: str) -> None:
+    """Attribute everything counted since ``snapshot`` (a :func:`stats` result) to ``channel``: the
+    other channels go back to their snapshot values, ``channel`` gains the difference."""
+    now = _COUNTERS.channels
+    moved = ChannelStats()
+    for name, c in now.items():
+        before = snapshot.get(name, ChannelStats())
+        moved.bytes_sent += c.bytes_sent - before.bytes_sent
+        moved.bytes_recv += c.bytes_recv - before.bytes_recv
+        moved.sends += c.sends - before.sends
+        moved.recvs += c.recvs - before.recvs
+    _COUNTERS.channels = {k: ChannelStats(v.bytes_sent, v.bytes_recv, v.sends, v.recvs) for k, v in snapshot.items()}
+    count(channel, sent=moved.bytes_sent, recv=moved.bytes_recv, sends=moved.sends, recvs=moved.recvs)
+
+
 def count(channel: str, *, sent: int, recv: int, sends: int = 1, recvs: int = 1) -> None:
     """Add traffic moved outside :class:`P2P` (a collective: all_gather, all_to_all, ...) to the
     counters of ``channel``: ``sent``/``recv`` bytes this rank put on / took off the wire and the

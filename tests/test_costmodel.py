@@ -183,3 +183,19 @@ def test_measured_rank_slowdown_replaces_the_cores_formula():
         assert cm.estimate("ring", p, m, w).compute == pytest.approx(factor * base)
         assert cm.estimate("ring", p, formula, w).compute == pytest.approx(by_cores * base)
     assert cm.machine_from_dict(cm.machine_to_dict(m)) == m
+
+
+def test_single_step_schedules_use_the_burst_slowdown_ring_schedules_the_step_slowdown():
+    """Ulysses and all-gather compute in one uninterrupted call per rank: they pay the burst factor;
+    TokenRing and the KV-ring compute in lockstep steps: they pay the step factor."""
+    steps = (cm.RankSlowdown(ranks=1, factor=1.0), cm.RankSlowdown(ranks=4, factor=3.0))
+    bursts = (cm.RankSlowdown(ranks=1, factor=1.0), cm.RankSlowdown(ranks=4, factor=2.0))
+    m = _cpu_machine(slowdowns=steps, burst_slowdowns=bursts, cores=2)
+    only_steps = _cpu_machine(slowdowns=steps, cores=2)
+    alone = _cpu_machine(cores=None)
+    p = cm.Problem(seq=48 * 64, heads=8, kv_heads=8, head_dim=32, dtype_bytes=4, causal=False)
+    for name, factor in [("tokenring", 3.0), ("ring", 3.0), ("ulysses", 2.0), ("allgather", 2.0)]:
+        base = cm.estimate(name, p, alone, 4).compute
+        assert cm.estimate(name, p, m, 4).compute == pytest.approx(factor * base), name
+        assert cm.estimate(name, p, only_steps, 4).compute == pytest.approx(3.0 * base), name  # no burst table: steps
+    assert cm.machine_from_dict(cm.machine_to_dict(m)) == m

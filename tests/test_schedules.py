@@ -225,3 +225,64 @@ def test_auto_runs_the_schedule_the_model_ranks_first():
         for channels in run(_auto_worker, 4, md, True):
             assert channels == sorted(["auto", *CHANNELS[want]]), (want, channels)
     assert len(picks) == 2, picks
+
+
+def _tuning_worker(rank, world, machine_dict, slow: str | None, tune_env: str):
+    """auto on a machine where the model ties every schedule: the first call measures the shortlist;
+    ``slow`` (if set) is made 60 ms slower on every rank, so the measurement must not pick it."""
+    import os
+    import time
+
+    from ringrt.schedules import auto
+    from ringrt.simulate import costmodel
+
+    os.environ["RINGRT_AUTO_TUNE"] = tune_env
+    auto._MACHINES["cpu"] = costmodel.machine_from_dict(machine_dict)
+    auto._CHOICES.clear()
+    if slow is not None:
+        fast = auto.RUNNERS[slow]
+
+        def slowed(*a):
+            time.sleep(0.06)
+            return fast(*a)
+
+        auto.RUNNERS[slow] = slowed
+    q, k, v, do = _problem(5, world, 8, 8)
+    first = _run_one(q, k, v, do, algo="auto", causal=True, kernel="math")
+    (key, (name, ests, measured)), = auto._CHOICES.items()
+    second = _run_one(q, k, v, do, algo="auto", causal=True, kernel="math")
+    qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
+    ref = reference_attention(qr, kr, vr, causal=True)
+    ref.backward(do)
+    err = max((a - ringrt.shard(b, layout="zigzag")).abs().max().item()
+              for run_ in (first, second) for a, b in zip(run_[1:5], (ref.detach(), qr.grad, kr.grad, vr.grad)))
+    channels = [sorted(n for n, c in r[5].items() if c[0] or c[1]) for r in (first, second)]
+    return name, [e.schedule for e in ests], measured, err, channels
+
+
+@pytest.mark.timeout(180)
+def test_auto_measures_the_candidates_the_model_cannot_tell_apart():
+    from ringrt.schedules.auto import TUNE_MAX
+    from ringrt.simulate import costmodel
+
+    # every schedule priced at ~1 s: the same per-call overhead dwarfs free compute and links (a tie)
+    free = costmodel.machine_to_dict(costmodel.PRESETS["cpu"])
+    free.update(peak=1e30, bwd_peak=1e30, overhead=0.0, mem_bw=1e30, intra={"bandwidth": 1e30, "latency": 0.0, "duplex": True},
+                call_overheads=[{"schedule": n, "world": 2, "backward": True, "seconds": 1.0} for n in costmodel.SCHEDULES])
+    slow = costmodel.rank_schedules(
+        costmodel.Problem(batch=2, seq=16, heads=8, kv_heads=8, head_dim=8, dtype_bytes=8, causal=True, backward=True,
+                          layout="zigzag"), costmodel.machine_from_dict(free), 2)[0].schedule
+    res = run(_tuning_worker, 2, free, slow, "1")
+    picks = {r[0] for r in res}
+    assert len(picks) == 1, res  # every rank runs the same schedule
+    name, order, measured, err, channels = res[0]
+    assert list(measured) == order[:TUNE_MAX] and len(measured) > 1  # the shortlist, in the model's order
+    assert res[1][2] == measured  # the slowest rank's times, identical on every rank
+    assert name == min(measured, key=measured.get) != slow  # the measurement overrode the model's first pick
+    assert measured[slow] >= 0.06
+    for _, _, _, e, _ in res:
+        assert e < 1e-12
+    # the tuning traffic is counted on the "auto" channel; the second call reuses the choice silently
+    assert channels[0] == sorted(["auto", *CHANNELS[name]]) and channels[1] == sorted(CHANNELS[name])
+    off = run(_tuning_worker, 2, free, None, "0")
+    assert all(r[2] == {} and r[0] == slow for r in off)  # RINGRT_AUTO_TUNE=0: the model's first choice

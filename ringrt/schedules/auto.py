@@ -1,25 +1,36 @@
-"""``algorithm="auto"``: pick the schedule per call from the cost model.
+"""``algorithm="auto"``: pick the schedule per problem, from the cost model and, when the model
+cannot tell the best candidates apart, from a measurement.
 
 The problem (batch, global sequence, heads, kv_heads, head_dim, dtype, causal, whether gradients
 will be needed, layout, world size, ranks per node) goes to :func:`ringrt.simulate.costmodel.rank_schedules`
 on this process's machine description: the calibration file of ``ringrt simulate calibrate``
 (``RINGRT_CALIBRATION`` or ``~/.cache/ringrt/calibration.json``) on CPU, else the defaults; on CUDA
-the ``RINGRT_MACHINE`` preset (default ``h100``). The fastest estimate wins; the choice and every
-candidate's estimate go to ``logging.getLogger("ringrt.auto")`` at DEBUG.
+the ``RINGRT_MACHINE`` preset (default ``h100``).
 
-Every rank must run the same schedule, yet calibration files could differ between nodes, so the
-first call with a new problem broadcasts rank 0's choice (one small collective); later calls with the
-same problem reuse it without communication.
+Tuning (as cuDNN's benchmark mode does): the candidates whose estimate is within ``TUNE_MARGIN`` of
+the best (at most ``TUNE_MAX``) form a shortlist; with more than one, the first call of the problem
+runs each of them ``TUNE_ROUNDS`` times round-robin on copies of the inputs (forward, plus backward
+when gradients are needed), every rank times them, one all_reduce takes the slowest rank's times,
+and the fastest best round wins on every rank alike. The traffic this costs is counted on the
+``auto`` channel. ``RINGRT_AUTO_TUNE=0`` turns tuning off (the model's first choice runs); after
+``TUNE_LIMIT`` tuned problems in a process, new problems use the model's choice (one warning).
+
+Every rank must run the same schedule, yet calibration files could differ between nodes, so without
+tuning the first call with a new problem broadcasts rank 0's choice (one small collective). Later
+calls with the same problem reuse the choice without communication. The choice, every estimate and
+any measured times go to ``logging.getLogger("ringrt.auto")`` at DEBUG.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 
 import torch
 import torch.distributed as dist
 
+from .. import comm
 from ..comm import count
 from ..simulate import costmodel
 from ..tokenring import TokenRingAttention
@@ -37,7 +48,11 @@ RUNNERS = {
     "ulysses": ulysses_attention,
     "hybrid": hybrid_attention,
 }
-_CHOICES: dict[tuple, tuple[str, list]] = {}
+TUNE_MARGIN = 0.5
+TUNE_MAX = 3
+TUNE_ROUNDS = 3
+TUNE_LIMIT = 64
+_CHOICES: dict[tuple, tuple[str, list, dict]] = {}
 _MACHINES: dict[str, costmodel.Machine] = {}
 
 
@@ -68,6 +83,83 @@ def choose(p: costmodel.Problem, m: costmodel.Machine, world: int, topology: str
     return ests[0].schedule, ests
 
 
+def shortlist(ests: list[costmodel.Estimate]) -> list[str]:
+    """Candidates worth measuring: estimates within ``TUNE_MARGIN`` of the best, at most ``TUNE_MAX``."""
+    best = ests[0].total
+    return [e.schedule for e in ests if e.total <= (1.0 + TUNE_MARGIN) * best][:TUNE_MAX]
+
+
+def _tuning_enabled() -> bool:
+    return os.environ.get("RINGRT_AUTO_TUNE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _tune(names: list[str], q, k, v, plan, backward: bool) -> dict[str, float]:
+    """Best-round seconds of each schedule in ``names`` on copies of the inputs, the slowest rank's
+    (identical on every rank)."""
+    g = plan.groups
+    rounds: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(TUNE_ROUNDS):
+        for n in names:
+            qq, kk, vv = (x.detach().clone().requires_grad_(backward) for x in (q, k, v))
+            dist.barrier(group=g.base)
+            t0 = time.perf_counter()
+            with torch.enable_grad() if backward else torch.no_grad():
+                out = RUNNERS[n](qq, kk, vv, plan)
+                if backward:
+                    out.backward(torch.ones_like(out))
+            rounds[n].append(time.perf_counter() - t0)
+    best = torch.tensor([min(rounds[n]) for n in names], dtype=torch.float64)
+    best = best.to(q.device) if q.device.type == "cuda" else best
+    dist.all_reduce(best, op=dist.ReduceOp.MAX, group=g.base)
+    return dict(zip(names, best.cpu().tolist()))
+
+
+class _Tuning:
+    tuned = 0
+    warned = False
+
+
+def _agree(name: str, short: list[str], tune: bool, q, g) -> tuple[str, list[str], bool]:
+    """Rank 0's (choice, shortlist, whether to tune), on every rank: one broadcast of 2 + TUNE_MAX
+    integers, so ranks whose calibration files or settings differ still take the same path."""
+    names = list(RUNNERS)
+    vec = torch.full((2 + TUNE_MAX,), -1, dtype=torch.int64)
+    vec[0], vec[1] = names.index(name), int(tune)
+    vec[2 : 2 + len(short)] = torch.tensor([names.index(n) for n in short], dtype=torch.int64)
+    vec = vec.to(q.device) if q.device.type == "cuda" else vec
+    dist.broadcast(vec, group_src=0, group=g.base)
+    n = vec.numel() * vec.element_size()
+    if g.rank == 0:
+        count("auto", sent=(g.world - 1) * n, recv=0, sends=g.world - 1, recvs=0)
+    else:
+        count("auto", sent=0, recv=n, sends=0, recvs=1)
+    got = vec.cpu().tolist()
+    return names[got[0]], [names[i] for i in got[2:] if i >= 0], bool(got[1])
+
+
+def _decide(q, k, v, plan, p: costmodel.Problem, m: costmodel.Machine) -> tuple[str, list, dict]:
+    """(schedule, estimates fastest first, measured best-round seconds if tuned)."""
+    g = plan.groups
+    name, ests = choose(p, m, g.world, plan.topology)
+    if g.world == 1:
+        return name, ests, {}
+    short = shortlist(ests)
+    tune = len(short) > 1 and _tuning_enabled()
+    if tune and _Tuning.tuned >= TUNE_LIMIT:
+        tune = False
+        if not _Tuning.warned:
+            _Tuning.warned = True
+            log.warning("auto: %d problems tuned in this process; new problems use the cost model's choice", TUNE_LIMIT)
+    name, short, tune = _agree(name, short, tune, q, g)
+    if not tune:
+        return name, ests, {}
+    _Tuning.tuned += 1
+    before = comm.stats()
+    measured = _tune(short, q, k, v, plan, p.backward)
+    comm.move_since(before, "auto")
+    return min(measured, key=measured.get), ests, measured
+
+
 def auto_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> torch.Tensor:
     """``algorithm="auto"``: q (B, S_l, H, D), k/v (B, S_l, H_kv, D) shards -> (B, S_l, H, D)."""
     g = plan.groups
@@ -77,24 +169,14 @@ def auto_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> t
     key = (g.rank, g.world, id(g.base), q.device.type, plan.topology,
            *(getattr(p, f) for f in ("batch", "seq", "heads", "kv_heads", "head_dim", "dtype_bytes", "causal", "backward", "layout")))
     if key not in _CHOICES:
-        name, ests = choose(p, m, g.world, plan.topology)
-        if g.world > 1:
-            names = list(RUNNERS)
-            idx = torch.tensor([names.index(name)], dtype=torch.int64, device=q.device if q.device.type == "cuda" else "cpu")
-            dist.broadcast(idx, group_src=0, group=g.base)
-            n = idx.numel() * idx.element_size()
-            if g.rank == 0:
-                count("auto", sent=(g.world - 1) * n, recv=0, sends=g.world - 1, recvs=0)
-            else:
-                count("auto", sent=0, recv=n, sends=0, recvs=1)
-            name = names[int(idx.item())]
-        _CHOICES[key] = (name, ests)
-    name, ests = _CHOICES[key]
+        _CHOICES[key] = _decide(q, k, v, plan, p, m)
+    name, ests, measured = _CHOICES[key]
     if log.isEnabledFor(logging.DEBUG):
         shown = ", ".join(f"{e.schedule}={e.total * 1e3:.3f}ms" for e in ests)
+        timed = "; measured (best of %d): %s" % (TUNE_ROUNDS, ", ".join(f"{n}={t * 1e3:.3f}ms" for n, t in measured.items())) if measured else ""
         log.debug(
-            "auto: %s for B=%d S=%d H=%d H_kv=%d D=%d %s causal=%s %s W=%d layout=%s on %s; estimates: %s",
+            "auto: %s for B=%d S=%d H=%d H_kv=%d D=%d %s causal=%s %s W=%d layout=%s on %s; estimates: %s%s",
             name, p.batch, p.seq, p.heads, p.kv_heads, p.head_dim, q.dtype, p.causal,
-            "fwd+bwd" if backward else "fwd", g.world, plan.layout, m.name, shown,
+            "fwd+bwd" if backward else "fwd", g.world, plan.layout, m.name, shown, timed,
         )
     return RUNNERS[name](q, k, v, plan)

@@ -13,7 +13,7 @@ Measurements (fp32, ``threads`` intra-op threads, best of ``reps``):
 * ``mem_bw``: one fp32 merge of (1, 8, 1024, 64), priced as the model prices it.
 * gloo: ping-pong of 4 KiB and 16 MiB messages (latency, bandwidth), then a 1024-row forward kernel
   with a 16 MiB exchange in flight (``overlap`` = hidden fraction of the shorter of the two).
-* step slowdown with 1..max(``worlds``) ranks computing and exchanging at once (``simulate.sharing``), then the
+* compute slowdown with 1..max(``worlds``) ranks at once, lockstep steps and single bursts (``simulate.sharing``), then the
   per-call overhead of every schedule at each world size of ``worlds`` (``simulate.overhead``).
 """
 
@@ -105,7 +105,7 @@ def _link_worker(rank: int, world: int, reps: int) -> dict:
     chan = P2P(dist.group.WORLD, "calibrate")
     peer = 1 - rank
 
-    def pingpong(n: int) -> float:
+    def pingpong(n: int, tries: int) -> float:
         buf = torch.zeros(n, dtype=torch.uint8)
 
         def once():
@@ -117,10 +117,11 @@ def _link_worker(rank: int, world: int, reps: int) -> dict:
                 chan.post(step=0, sends=[(peer, buf)]).wait()
 
         dist.barrier()
-        return best_time(once, reps) / 2  # one way
+        return best_time(once, tries) / 2  # one way
 
     small, big = 4096, 16 << 20
-    t_small, t_big = pingpong(small), pingpong(big)
+    # many small round trips: a single one can lose a whole scheduler tick (4 ms) on a busy box
+    t_small, t_big = pingpong(small, 10 * reps), pingpong(big, reps)
     bw = (big - small) / max(1e-9, t_big - t_small)
     lat = max(1e-7, t_small - small / bw)
     kern = get_kernel(torch.device("cpu"), "cpu")
@@ -155,9 +156,10 @@ def calibrate(threads: int = 1, reps: int = 5, worlds: tuple[int, ...] = (2, 4))
         kernel_rates=tuple(costmodel.KernelRate(head_dim=r["head_dim"], peak=r["peak"], bwd_peak=r["bwd_peak"],
                                                 m_half=r["m_half"]) for r in local["per_head_dim"]),
     )
-    m.slowdowns = measure_slowdowns(max(worlds, default=1), m.intra, threads=threads)
+    m.slowdowns, m.burst_slowdowns = measure_slowdowns(max(worlds, default=1), m.intra, threads=threads)
     m.call_overheads, calls = measure_call_overheads(m, worlds, threads=threads)
-    return m, {"local": local, "link": link, "calls": calls, "slowdowns": [(x.ranks, x.factor) for x in m.slowdowns]}
+    return m, {"local": local, "link": link, "calls": calls, "slowdowns": [(x.ranks, x.factor) for x in m.slowdowns],
+                "burst_slowdowns": [(x.ranks, x.factor) for x in m.burst_slowdowns]}
 
 
 def write(path: Path, machine: costmodel.Machine, measured: dict) -> None:

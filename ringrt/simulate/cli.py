@@ -54,8 +54,9 @@ def main(args: argparse.Namespace) -> int:
         for r in loc["per_head_dim"]:
             print(f"  D={r['head_dim']:<4d} fwd {r['rate_large'] / 1e9:6.1f} GFLOP/s at 1024 rows ({r['rate_small'] / 1e9:.1f} at 128), "
                   f"m_half {r['m_half']:.0f}, bwd peak {r['bwd_peak'] / 1e9:.1f}")
-        print("  kernel slowdown with n ranks computing at once: "
-              + ", ".join(f"{x.ranks}: {x.factor:.2f}" for x in m.slowdowns))
+        print("  compute slowdown with n ranks at once, ring steps: "
+              + ", ".join(f"{x.ranks}: {x.factor:.2f}" for x in m.slowdowns)
+              + "; single bursts: " + ", ".join(f"{x.ranks}: {x.factor:.2f}" for x in m.burst_slowdowns))
         for c in m.call_overheads:
             print(f"  per-call overhead {c.schedule:>9s} W={c.world} {'fwd+bwd' if c.backward else 'fwd':7s} {c.seconds * 1e3:6.2f} ms")
         print(f"wrote {path}")

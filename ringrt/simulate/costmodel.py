@@ -19,9 +19,10 @@ ranks) is calibrated by timing tiny calls of every schedule (``simulate.overhead
 calibration it is zero.
 Collectives (all-gather, all-to-all, reduce-scatter) are not overlapped. CPU ranks on one node share
 its cores: each rank gets 1 / slowdown(ranks) of its calibrated rates, the slowdown measured by
-running lockstep kernel + exchange steps on that many ranks at once (``Machine.slowdowns``,
-``simulate.sharing``; on a 2-core box about 1.1 at 2 ranks but about 3, not 2, at 4); without a
-measurement, min(1, cores / (ranks * threads)).
+running lockstep kernel + exchange steps on that many ranks at once for the ring schedules
+(``Machine.slowdowns``) and one kernel call per rank for the single-step ones, Ulysses and
+all-gather (``Machine.burst_slowdowns``; ``simulate.sharing``; on a 2-core box about 2 at 4 ranks
+for a burst, 2.1 to 2.5 for steps); without a measurement, min(1, cores / (ranks * threads)).
 
 All numbers are estimates for the machine described; presets for GPUs are simulation, not
 measurement (their sources are given next to them). The CPU machine is calibrated from measured
@@ -140,7 +141,11 @@ class Machine:
     call_overheads: tuple[CallOverhead, ...] = ()
     """Measured per schedule, world size and pass; empty: no per-call overhead."""
     slowdowns: tuple[RankSlowdown, ...] = ()
-    """Measured per number of ranks sharing a node; empty: the ``cores`` formula."""
+    """Measured per number of ranks sharing a node, lockstep kernel + exchange steps (ring schedules);
+    empty: the ``cores`` formula."""
+    burst_slowdowns: tuple[RankSlowdown, ...] = ()
+    """Measured likewise for one kernel call per rank with no exchange in between (single-step
+    schedules: Ulysses, all-gather); empty: ``slowdowns``."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -209,6 +214,7 @@ def machine_from_dict(d: dict) -> Machine:
     d["kernel_rates"] = tuple(KernelRate(**r) for r in d.get("kernel_rates", ()))
     d["call_overheads"] = tuple(CallOverhead(**c) for c in d.get("call_overheads", ()))
     d["slowdowns"] = tuple(RankSlowdown(**x) for x in d.get("slowdowns", ()))
+    d["burst_slowdowns"] = tuple(RankSlowdown(**x) for x in d.get("burst_slowdowns", ()))
     return Machine(**d)
 
 
@@ -225,10 +231,12 @@ def load_machine(path: str | Path | None = None) -> Machine:
 # ------------------------------------------------------------------------------------------------
 
 
-def _share(m: Machine, ranks_on_node: int) -> float:
-    """Fraction of its calibrated rates a rank gets with ``ranks_on_node`` ranks busy on its node."""
-    if m.slowdowns:
-        return 1.0 / _interpolate([(x.ranks, x.factor) for x in m.slowdowns], max(1, ranks_on_node), floor=1.0)
+def _share(m: Machine, ranks_on_node: int, *, stepped: bool = True) -> float:
+    """Fraction of its calibrated rates a rank gets with ``ranks_on_node`` ranks busy on its node,
+    in lockstep ring steps (``stepped``) or in one uninterrupted kernel call."""
+    table = m.slowdowns if stepped or not m.burst_slowdowns else m.burst_slowdowns
+    if table:
+        return 1.0 / _interpolate([(x.ranks, x.factor) for x in table], max(1, ranks_on_node), floor=1.0)
     if m.cores is None:
         return 1.0
     return min(1.0, m.cores / (max(1, ranks_on_node) * m.threads))
@@ -407,7 +415,8 @@ def estimate(schedule: str, p: Problem, m: Machine, world: int, *, ulysses_degre
     if p.seq % (n_local * world):
         raise ValueError(f"seq={p.seq} must be a multiple of {n_local * world} for layout={layout!r} at world {world}")
     chunk = p.seq // (n_local * world)
-    share = _share(m, min(world, m.ranks_per_node))
+    on_node = min(world, m.ranks_per_node)
+    share = (_share(m, on_node), _share(m, on_node, stepped=False))  # (ring steps, single bursts)
     passes = (False, True) if p.backward else (False,)
     parts = [_estimate_pass(schedule, p, m, world, layout, chunk, share, bwd, ulysses_degree) for bwd in passes]
     steps_total = sum(x[0] for x in parts)
@@ -417,8 +426,9 @@ def estimate(schedule: str, p: Problem, m: Machine, world: int, *, ulysses_degre
                     overhead=fixed, steps=parts[0][3], note=parts[0][4])
 
 
-def _estimate_pass(schedule, p, m, world, layout, chunk, share, bwd, ulysses_degree):
+def _estimate_pass(schedule, p, m, world, layout, chunk, shares, bwd, ulysses_degree):
     e, a = p.dtype_bytes, _elem_acc(p)
+    share, burst = shares
     chunks = [rank_chunks(layout, r, world) for r in range(world)]
     if schedule == "ring":
         t, c, x, steps = _kv_ring(m, p, world, p.heads, p.kv_heads, chunks, chunk, list(range(world)), share, backward=bwd)
@@ -428,15 +438,15 @@ def _estimate_pass(schedule, p, m, world, layout, chunk, share, bwd, ulysses_deg
     if schedule == "allgather":
         local = len(chunks[0]) * chunk
         piece = 2 * p.batch * local * p.kv_heads * p.head_dim * e
-        comm = _ring_collective(m, world, piece, share)
+        comm = _ring_collective(m, world, piece, burst)
         if bwd:
-            comm += _ring_collective(m, world, piece * a / e, share)
+            comm += _ring_collective(m, world, piece * a / e, burst)
         all_chunks = list(range(n_chunks_total := len(chunks[0]) * world))
-        comp = max(blocks_time(m, p, chunk_blocks(chunks[r], all_chunks, p.causal), chunk, p.heads, backward=bwd, share=share)
+        comp = max(blocks_time(m, p, chunk_blocks(chunks[r], all_chunks, p.causal), chunk, p.heads, backward=bwd, share=burst)
                    for r in sample_ranks(world, m.ranks_per_node))
         return comp + comm, comp, comm, [(comp, comm)], f"{n_chunks_total} chunks gathered"
     u = world if schedule == "ulysses" else (ulysses_degree or _hybrid_degree(world, p.heads, p.kv_heads, m.ranks_per_node))
-    return _ulysses_ring(m, p, world, u, layout, chunk, share, bwd)
+    return _ulysses_ring(m, p, world, u, layout, chunk, burst if u == world else share, bwd)
 
 
 def _hybrid_degree(world: int, heads: int, kv_heads: int, per_node: int) -> int:

@@ -1,16 +1,18 @@
-"""How much slower a rank's steps run when several ranks of one node compute at once.
+"""How much slower a rank's compute runs when several ranks of one node compute at once.
 
-``ranks`` local gloo processes (1 thread each) run ``STEPS`` lockstep ring steps, as every ring
-schedule does: post a small exchange with both neighbours, run the same forward kernel call
+Two patterns, each measured at 1..n ranks (local gloo processes, 1 thread each):
+
+* burst: every rank runs one kernel call at once, no exchange in between: what a single-step
+  schedule (Ulysses, all-gather) does between its collectives.
+* steps: ``STEPS`` lockstep ring steps, as every ring schedule does: post a small exchange with both neighbours, run the same forward kernel call
 (``ROWS`` x ``ROWS``, ``HEADS`` heads of ``HEAD_DIM``), wait for the exchange. A repetition's time
-per step is the slowest rank's; the factor is the best repetition divided by the best one-rank
-kernel time of the same calibration (the statistic ``ringrt bench compare`` reports), after taking
-off the exchange's own cost as the model prices it.
+per step is the slowest rank's, after taking off the exchange's own cost as the model prices it.
 
-With more ranks than cores the factor is well above ranks / cores. Kernels alone would share the
-cores fairly (about 2 at 4 ranks on 2 cores), but a rank that waits for a neighbour's message is
-woken only when a computing rank gives up its core, so lockstep steps also pay the scheduler's time
-slices (measured on a 2-core box: about 1.1 at 2 ranks, 3 at 4).
+A factor is the best repetition divided by the best one-rank time of the same pattern (the statistic
+``ringrt bench compare`` reports). With more ranks than cores a burst shares the cores fairly (about
+2 at 4 ranks on 2 cores), but lockstep steps cost more (about 2.1 to 2.5): a rank that waits for a
+neighbour's message is woken onto a core where another rank is computing, so the ranks do not spread
+evenly over the cores until the scheduler rebalances them.
 """
 
 from __future__ import annotations
@@ -57,13 +59,38 @@ def _step_worker(rank: int, world: int, reps: int) -> list[float]:
     return out
 
 
-def measure_slowdowns(max_ranks: int, link: cm.Link | None = None, *, reps: int = 7, threads: int = 1) -> tuple[cm.RankSlowdown, ...]:
-    """Slowdown factor at 1..``max_ranks`` ranks stepping at once (1.0 at one rank by definition);
-    ``link`` prices the per-step exchange that is taken off (none if None)."""
-    best = {}
-    for n in range(1, max(1, max_ranks) + 1):
-        res = run_local(_step_worker, n, reps, timeout=300, threads=threads)
-        best[n] = min(max(r[i] for r in res) for i in range(reps))
+def _burst_worker(rank: int, world: int, reps: int) -> list[float]:
+    import torch.distributed as dist
+
+    kern = get_kernel(torch.device("cpu"), "cpu")
+    g = torch.Generator().manual_seed(rank)
+    q, k, v = (torch.randn(1, HEADS, ROWS, HEAD_DIM, generator=g) for _ in range(3))
+    kern.forward(q, k, v, causal=False, mask=None, scale=0.125)
+    out = []
+    for _ in range(reps):
+        dist.barrier()
+        t0 = time.perf_counter()
+        kern.forward(q, k, v, causal=False, mask=None, scale=0.125)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _best(worker, n: int, reps: int, threads: int) -> float:
+    res = run_local(worker, n, reps, timeout=300, threads=threads)
+    return min(max(r[i] for r in res) for i in range(reps))
+
+
+def measure_slowdowns(max_ranks: int, link: cm.Link | None = None, *, reps: int = 7,
+                      threads: int = 1) -> tuple[tuple[cm.RankSlowdown, ...], tuple[cm.RankSlowdown, ...]]:
+    """(lockstep-step factors, burst factors) at 1..``max_ranks`` ranks (1.0 at one rank by
+    definition); ``link`` prices the per-step exchange taken off the steps (none if None)."""
     msg = cm.msg_time(link, MSG_BYTES) if link else 0.0
-    return tuple(cm.RankSlowdown(ranks=n, factor=1.0 if n == 1 else max(1.0, (t - msg) / best[1]))
-                 for n, t in best.items())
+    steps, bursts = {}, {}
+    for n in range(1, max(1, max_ranks) + 1):
+        steps[n] = _best(_step_worker, n, reps, threads) - (msg if n > 1 else 0.0)
+        bursts[n] = _best(_burst_worker, n, 2 * reps, threads)
+
+    def factors(t: dict) -> tuple[cm.RankSlowdown, ...]:
+        return tuple(cm.RankSlowdown(ranks=n, factor=1.0 if n == 1 else max(1.0, x / t[1])) for n, x in t.items())
+
+    return factors(steps), factors(bursts)
