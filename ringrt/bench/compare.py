@@ -132,6 +132,7 @@ def _worker(rank, world, grid, reps):
             else:
                 runnable.append(name)
         times: dict[str, list[float]] = {n: [] for n in runnable}
+        ran: dict = {}  # what auto ran, and what it measured when it tuned
         rss = dict.fromkeys(runnable, 0)
         sent = dict.fromkeys(runnable, 0)
         errors: dict[str, str] = {}
@@ -145,6 +146,13 @@ def _worker(rank, world, grid, reps):
                 except Exception as e:
                     errors[name] = f"error: {type(e).__name__}: {str(e)[:160]}"
                     continue
+                if name == "auto":
+                    from ringrt.schedules.auto import last_choice
+
+                    choice = last_choice()
+                    if choice is not None:
+                        ran["auto_ran"] = choice[0]
+                        ran.setdefault("auto_measured", choice[1])
                 if i > 0:
                     times[name].append(dt)
                     rss[name] = max(rss[name], peak)
@@ -154,7 +162,8 @@ def _worker(rank, world, grid, reps):
                 rows.append(dict(cfg, name=name, skipped=errors[name]))
                 continue
             rows.append(dict(cfg, name=name, times=times[name], rss=rss[name],
-                             bytes_sent=sent[name] if name not in ("deepspeed", "torch_cp") else None))
+                             bytes_sent=sent[name] if name not in ("deepspeed", "torch_cp") else None,
+                             **(ran if name == "auto" else {})))
     return rows
 
 
@@ -278,7 +287,8 @@ def _merge_ranks(res: list[list[dict]]) -> list[dict]:
 
 
 def _price(r: dict, machine) -> None:
-    """The model's time for row ``r`` (``model``, ``model_err``; ``auto`` also ``auto_pick``)."""
+    """The model's time for row ``r`` (``model``, ``model_err``; ``auto`` is priced as the schedule it
+    ran, and ``model_pick`` is the model's own first choice)."""
     from ringrt.schedules.auto import choose
     from ringrt.simulate import costmodel as cm
 
@@ -289,8 +299,9 @@ def _price(r: dict, machine) -> None:
         if r["name"] == "single":
             r["model"] = cm.single_device(p, machine)
         elif r["name"] == "auto":
-            r["auto_pick"], ests = choose(p, machine, r["world"])
-            r["model"] = ests[0].total
+            r["model_pick"], ests = choose(p, machine, r["world"])
+            ran = r.get("auto_ran", r["model_pick"])
+            r["model"] = next((e.total for e in ests if e.schedule == ran), ests[0].total)
         elif r["name"] in cm.SCHEDULES or r["name"] == "deepspeed":
             r["model"] = cm.estimate("ulysses" if r["name"] == "deepspeed" else r["name"], p, machine, r["world"]).total
         else:
@@ -314,25 +325,32 @@ def _agreement(rows) -> dict:
 
 
 def _targets(rows) -> dict:
-    """The issue's targets, counted on the best round (``time``) and on the median round."""
+    """The issue's targets, counted on the best round (``time``) and on the median round, and within
+    noise: a configuration's noise is the median over its contenders of (median round / best round
+    - 1), and a contender within that fraction of the fastest peer counts as a tie."""
     out = {}
-    for stat, suffix in (("time", ""), ("median", " (medians)")):
-        groups: dict = {}
-        for r in rows:
-            if stat in r and r["world"] > 1:
-                key = (r["world"], r["seq"], r["heads"], r["kv_heads"], r["causal"], r["mode"])
-                groups.setdefault(key, {})[r["name"]] = r[stat]
+    configs: dict = {}
+    for r in rows:
+        if "time" in r and r["world"] > 1:
+            key = (r["world"], r["seq"], r["heads"], r["kv_heads"], r["causal"], r["mode"])
+            configs.setdefault(key, {})[r["name"]] = r
+    for stat, suffix in (("time", ""), ("median", " (medians)"), ("noise", " (within noise)")):
         tr_wins = tr_total = auto_wins = auto_total = 0
-        for (w, s, h, hk, c, mo), t in groups.items():
-            peers = {n: x for n, x in t.items() if n not in ("tokenring", "auto")}
+        for (w, s, h, hk, c, mo), t in configs.items():
+            val = "median" if stat == "median" else "time"
+            peers = {n: r[val] for n, r in t.items() if n not in ("tokenring", "auto")}
             if not peers:
                 continue
+            slack = 1.0
+            if stat == "noise":
+                slack += statistics.median(r["median"] / r["time"] - 1.0 for r in t.values())
+            best = min(peers.values()) * slack
             if h == hk and "tokenring" in t:
                 tr_total += 1
-                tr_wins += t["tokenring"] <= min(peers.values())
+                tr_wins += t["tokenring"][val] <= best
             if "auto" in t:
                 auto_total += 1
-                auto_wins += t["auto"] <= min(peers.values())
+                auto_wins += t["auto"][val] <= best
         out["tokenring_best_on_mha" + suffix] = f"{tr_wins}/{tr_total}"
         out["auto_at_least_best_peer" + suffix] = f"{auto_wins}/{auto_total}"
     errs = [abs(r["model_err"]) for r in rows if "model_err" in r and r["name"] != "auto"]
@@ -354,7 +372,10 @@ def _print(result) -> None:
         eff = f"{r['efficiency']:.2f}" if r.get("efficiency") else "-"
         mb = f"{r['bytes_sent'] / 1e6:.2f}" if r.get("bytes_sent") is not None else "n/a"
         model = f"{r['model'] * 1e3:9.1f} {r['model_err']:+6.0%} {'ok' if abs(r['model_err']) <= 0.2 else '--'}" if "model" in r else f"{'-':>9} {'-':>6}"
-        pick = f" -> {r['auto_pick']}" if "auto_pick" in r else ""
+        pick = ""
+        if r["name"] == "auto":
+            tuned = " tuned" if r.get("auto_measured") else ""
+            pick = f" -> {r.get('auto_ran', '?')}{tuned} (model: {r.get('model_pick', '?')})"
         print(f"{head} {r['time'] * 1e3:9.1f} {r['median'] * 1e3:8.1f} {eff:>5} {mb:>8} {r['rss'] / 1e6:7.1f} {model}{pick}")
     print("targets:", result["targets"])
     print("model within ±20 % of the best measured round:", result["model_agreement"])

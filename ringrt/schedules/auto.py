@@ -83,6 +83,15 @@ def choose(p: costmodel.Problem, m: costmodel.Machine, world: int, topology: str
     return ests[0].schedule, ests
 
 
+class _Last:
+    choice: tuple[str, dict] | None = None
+
+
+def last_choice() -> tuple[str, dict] | None:
+    """(schedule, measured best-round seconds if it was tuned) of this process's latest auto call."""
+    return _Last.choice
+
+
 def shortlist(ests: list[costmodel.Estimate]) -> list[str]:
     """Candidates worth measuring: estimates within ``TUNE_MARGIN`` of the best, at most ``TUNE_MAX``."""
     best = ests[0].total
@@ -171,6 +180,7 @@ def auto_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> t
     if key not in _CHOICES:
         _CHOICES[key] = _decide(q, k, v, plan, p, m)
     name, ests, measured = _CHOICES[key]
+    _Last.choice = (name, measured)
     if log.isEnabledFor(logging.DEBUG):
         shown = ", ".join(f"{e.schedule}={e.total * 1e3:.3f}ms" for e in ests)
         timed = "; measured (best of %d): %s" % (TUNE_ROUNDS, ", ".join(f"{n}={t * 1e3:.3f}ms" for n, t in measured.items())) if measured else ""

@@ -57,8 +57,11 @@ def main(args: argparse.Namespace) -> int:
         print("  compute slowdown with n ranks at once, ring steps: "
               + ", ".join(f"{x.ranks}: {x.factor:.2f}" for x in m.slowdowns)
               + "; single bursts: " + ", ".join(f"{x.ranks}: {x.factor:.2f}" for x in m.burst_slowdowns))
+        factors = {(f.schedule, f.world, f.backward): f.factor for f in m.step_factors}
         for c in m.call_overheads:
-            print(f"  per-call overhead {c.schedule:>9s} W={c.world} {'fwd+bwd' if c.backward else 'fwd':7s} {c.seconds * 1e3:6.2f} ms")
+            f = factors.get((c.schedule, c.world, c.backward))
+            print(f"  per-call overhead {c.schedule:>9s} W={c.world} {'fwd+bwd' if c.backward else 'fwd':7s} {c.seconds * 1e3:6.2f} ms"
+                  + (f", step factor {f:.2f}" if f is not None else ""))
         print(f"wrote {path}")
         return 0
     if args.action == "anchors":

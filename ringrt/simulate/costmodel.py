@@ -11,12 +11,14 @@ An estimate walks the same integer step tables the schedules run (``schedule.tok
     merge         t = 8 * B*H*sq*D*4 bytes / mem_bw      (the fp32 out/lse update, memory bound)
     message       t = latency + bytes / bandwidth of the link it crosses (intra- or inter-node)
     step          t = compute + comm - overlap * min(compute, comm)
-    call          t = sum of steps + per-call overhead of the schedule at this W (fwd or fwd+bwd)
+    call          t = factor * sum of steps + per-call overhead of the schedule at this W (fwd or fwd+bwd)
 
 Ranks run in lockstep, so a step lasts as long as its slowest rank; a pass is the sum of its steps.
 The per-call overhead (Python, the input agreement across ranks, packing, autograd, waking the
 ranks) is calibrated by timing tiny calls of every schedule (``simulate.overhead``); without a
-calibration it is zero.
+calibration it is zero. The step factor of each schedule at each W is what a mid-size call measures
+beyond its overhead, divided by its priced steps, on a problem the benchmark grid does not contain
+(``Machine.step_factors``; 1 for the GPU presets and without a calibration).
 Collectives (all-gather, all-to-all, reduce-scatter) are not overlapped. CPU ranks on one node share
 its cores: each rank gets 1 / slowdown(ranks) of its calibrated rates, the slowdown measured by
 running lockstep kernel + exchange steps on that many ranks at once for the ring schedules
@@ -102,6 +104,18 @@ class CallOverhead:
 
 
 @dataclass(kw_only=True, slots=True)
+class StepFactor:
+    """Measured / priced time of the steps of one mid-size call of ``schedule`` at ``world`` ranks
+    (per-call overhead taken off): what the step model misses on this machine (the OS scheduler
+    with ranks sharing cores, cache effects, Python between steps). Multiplies the priced steps."""
+
+    schedule: str
+    world: int
+    backward: bool
+    factor: float
+
+
+@dataclass(kw_only=True, slots=True)
 class RankSlowdown:
     """Measured: a kernel call takes ``factor`` x its single-rank time when ``ranks`` ranks of a node
     run it at the same time (lockstep, time of the slowest)."""
@@ -140,6 +154,8 @@ class Machine:
     """How the block kernel covers a causal block (``tiling.computed_area``)."""
     call_overheads: tuple[CallOverhead, ...] = ()
     """Measured per schedule, world size and pass; empty: no per-call overhead."""
+    step_factors: tuple[StepFactor, ...] = ()
+    """Measured per schedule, world size and pass on a held-out problem; empty: 1."""
     slowdowns: tuple[RankSlowdown, ...] = ()
     """Measured per number of ranks sharing a node, lockstep kernel + exchange steps (ring schedules);
     empty: the ``cores`` formula."""
@@ -213,6 +229,7 @@ def machine_from_dict(d: dict) -> Machine:
     d["inter"] = Link(**d["inter"]) if d.get("inter") else None
     d["kernel_rates"] = tuple(KernelRate(**r) for r in d.get("kernel_rates", ()))
     d["call_overheads"] = tuple(CallOverhead(**c) for c in d.get("call_overheads", ()))
+    d["step_factors"] = tuple(StepFactor(**c) for c in d.get("step_factors", ()))
     d["slowdowns"] = tuple(RankSlowdown(**x) for x in d.get("slowdowns", ()))
     d["burst_slowdowns"] = tuple(RankSlowdown(**x) for x in d.get("burst_slowdowns", ()))
     return Machine(**d)
@@ -291,6 +308,15 @@ def call_overhead(m: Machine, schedule: str, world: int, backward: bool) -> floa
     if world <= 1 or not pts:
         return 0.0
     return _interpolate(pts, world, floor=0.0)
+
+
+def step_factor(m: Machine, schedule: str, world: int, backward: bool) -> float:
+    """The measured step factor of ``schedule`` at ``world`` ranks (linear in W between measured W,
+    the only one if one was measured, never below 0.5); 1 when none was measured or W = 1."""
+    pts = [(c.world, c.factor) for c in m.step_factors if c.schedule == schedule and c.backward == backward]
+    if world <= 1 or not pts:
+        return 1.0
+    return _interpolate(pts, world, floor=0.5)
 
 
 def merge_time(m: Machine, p: Problem, sq: int, heads: int, share: float = 1.0) -> float:
@@ -419,7 +445,7 @@ def estimate(schedule: str, p: Problem, m: Machine, world: int, *, ulysses_degre
     share = (_share(m, on_node), _share(m, on_node, stepped=False))  # (ring steps, single bursts)
     passes = (False, True) if p.backward else (False,)
     parts = [_estimate_pass(schedule, p, m, world, layout, chunk, share, bwd, ulysses_degree) for bwd in passes]
-    steps_total = sum(x[0] for x in parts)
+    steps_total = sum(x[0] for x in parts) * step_factor(m, schedule, world, p.backward)
     fixed = call_overhead(m, schedule, world, p.backward)
     return Estimate(schedule=schedule, world=world, total=steps_total + fixed, compute=sum(x[1] for x in parts),
                     comm=sum(x[2] for x in parts), exposed_comm=steps_total - sum(x[1] for x in parts),

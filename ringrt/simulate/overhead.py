@@ -1,13 +1,18 @@
-"""Per-call overhead of every schedule on this machine: time tiny calls, subtract what the model prices.
+"""Per-call overhead and step factor of every schedule on this machine, from timed calls.
 
-A millisecond-scale call is dominated by what the step model does not price: Python, the input
-agreement across ranks (``validate.agree``), group lookup, packing, autograd bookkeeping and, with
-more ranks than cores, waking ranks that share a core. For each world size W, ``W`` local gloo
+Overhead. A millisecond-scale call is dominated by what the step model does not price: Python, the
+input agreement across ranks (``validate.agree``), group lookup, packing, autograd bookkeeping and,
+with more ranks than cores, waking ranks that share a core. For each world size W, ``W`` local gloo
 processes run every schedule ``ringrt.attention`` offers at W on a tiny causal zigzag problem
 (chunks of ``TINY_CHUNK`` tokens, W heads of ``TINY_HEAD_DIM``), forward and forward + backward,
 round-robin so machine noise hits all schedules alike. A repetition's time is the slowest rank's;
 the overhead is the best repetition (the statistic ``ringrt bench compare`` reports, and the one the
 kernel rates are calibrated with) minus the model's priced steps for the same problem.
+
+Step factor. Then the same processes time a mid-size call (``FIT_TOKENS_PER_RANK`` tokens per rank,
+``FIT_HEADS`` heads of ``FIT_HEAD_DIM``: a problem ``ringrt bench compare`` does not run) the same
+way; factor = (best repetition - overhead) / priced steps. It carries what the step model leaves out
+at that W (the scheduler with ranks sharing cores above all) and multiplies the priced steps.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ from . import costmodel as cm
 
 TINY_CHUNK = 16
 TINY_HEAD_DIM = 32
+FIT_TOKENS_PER_RANK = 768
+FIT_HEADS = 8
+FIT_HEAD_DIM = 64
 
 
 def tiny_problem(world: int, backward: bool) -> cm.Problem:
@@ -29,13 +37,18 @@ def tiny_problem(world: int, backward: bool) -> cm.Problem:
                       causal=True, backward=backward, layout="zigzag")
 
 
-def _tiny_worker(rank: int, world: int, names: list[str], reps: int, warmup: int) -> dict[tuple[str, bool], list[float]]:
+def fit_problem(world: int, backward: bool) -> cm.Problem:
+    return cm.Problem(seq=world * FIT_TOKENS_PER_RANK, heads=FIT_HEADS, kv_heads=FIT_HEADS, head_dim=FIT_HEAD_DIM,
+                      dtype_bytes=4, causal=True, backward=backward, layout="zigzag")
+
+
+def _timing_worker(rank: int, world: int, names: list[str], reps: int, warmup: int, problem: dict) -> dict[tuple[str, bool], list[float]]:
     import torch.distributed as dist
 
     import ringrt
 
     times: dict[tuple[str, bool], list[float]] = {(n, b): [] for n in names for b in (False, True)}
-    p = tiny_problem(world, False)
+    p = cm.Problem(**problem)
     g = torch.Generator().manual_seed(0)
     full = [torch.randn(1, p.seq, p.heads, p.head_dim, generator=g) for _ in range(3)]
     shards = [ringrt.shard(x, layout="zigzag") for x in full]
@@ -53,25 +66,53 @@ def _tiny_worker(rank: int, world: int, names: list[str], reps: int, warmup: int
     return times
 
 
+def _timed(world: int, names: list[str], reps: int, warmup: int, p: cm.Problem, threads: int) -> dict[tuple[str, bool], list[float]]:
+    """Per (schedule, backward): the slowest rank's time of each repetition."""
+    from dataclasses import asdict
+
+    res = run_local(_timing_worker, world, names, reps, warmup, asdict(p), timeout=900, threads=threads)
+    return {key: [max(r[key][i] for r in res) for i in range(reps)] for key in res[0]}
+
+
 def measure_call_overheads(m: cm.Machine, worlds: tuple[int, ...] = (2, 4), *, reps: int = 15, warmup: int = 3,
                            threads: int = 1) -> tuple[tuple[cm.CallOverhead, ...], dict]:
     """(overheads for ``m.call_overheads``, the raw best/median and model times per world and schedule)."""
     out: list[cm.CallOverhead] = []
     raw: dict = {}
+    bare = _without_overheads(m)
     for world in worlds:
         if world < 2:
             continue
         names = list(cm.SCHEDULES)
-        res = run_local(_tiny_worker, world, names, reps, warmup, timeout=600, threads=threads)
-        for name in names:
-            for backward in (False, True):
-                per_rep = [max(r[(name, backward)][i] for r in res) for i in range(reps)]
-                measured = min(per_rep)
-                priced = cm.estimate(name, tiny_problem(world, backward), _without_overheads(m), world).total
-                out.append(cm.CallOverhead(schedule=name, world=world, backward=backward, seconds=max(0.0, measured - priced)))
-                raw[f"{name} W={world} {'fwd+bwd' if backward else 'fwd'}"] = dict(best=measured, median=statistics.median(per_rep), priced=priced)
+        timed = _timed(world, names, reps, warmup, tiny_problem(world, False), threads)
+        for (name, backward), per_rep in timed.items():
+            measured = min(per_rep)
+            priced = cm.estimate(name, tiny_problem(world, backward), bare, world).total
+            out.append(cm.CallOverhead(schedule=name, world=world, backward=backward, seconds=max(0.0, measured - priced)))
+            raw[f"{name} W={world} {'fwd+bwd' if backward else 'fwd'}"] = dict(best=measured, median=statistics.median(per_rep), priced=priced)
+    return tuple(out), raw
+
+
+def measure_step_factors(m: cm.Machine, worlds: tuple[int, ...] = (2, 4), *, reps: int = 4, warmup: int = 1,
+                         threads: int = 1) -> tuple[tuple[cm.StepFactor, ...], dict]:
+    """(factors for ``m.step_factors``, the raw times) from the mid-size problem; ``m`` must carry
+    the per-call overheads already."""
+    out: list[cm.StepFactor] = []
+    raw: dict = {}
+    bare = cm.machine_from_dict({**cm.machine_to_dict(m), "call_overheads": [], "step_factors": []})
+    for world in worlds:
+        if world < 2:
+            continue
+        names = list(cm.SCHEDULES)
+        timed = _timed(world, names, reps, warmup, fit_problem(world, False), threads)
+        for (name, backward), per_rep in timed.items():
+            measured = min(per_rep)
+            priced = cm.estimate(name, fit_problem(world, backward), bare, world).total
+            factor = max(0.5, (measured - cm.call_overhead(m, name, world, backward)) / priced)
+            out.append(cm.StepFactor(schedule=name, world=world, backward=backward, factor=factor))
+            raw[f"{name} W={world} {'fwd+bwd' if backward else 'fwd'}"] = dict(best=measured, priced_steps=priced, factor=factor)
     return tuple(out), raw
 
 
 def _without_overheads(m: cm.Machine) -> cm.Machine:
-    return cm.machine_from_dict({**cm.machine_to_dict(m), "call_overheads": []})
+    return cm.machine_from_dict({**cm.machine_to_dict(m), "call_overheads": [], "step_factors": []})
