@@ -84,3 +84,12 @@ def run_local(fn, world: int, *args, timeout: float = 240.0, threads: int = 1) -
     if errors:
         raise RuntimeError("worker failure:\n" + "\n".join(errors))
     return [results[r] for r in range(world)]
+
+
+def makespans(per_rank: list[list[tuple[float, float]]]) -> list[float]:
+    """Wall time of each repetition of a distributed call timed on one host: the last rank's end minus
+    the first rank's start. ``per_rank[r][i]`` is rank r's (start, end) of repetition i from
+    ``time.perf_counter()``, which reads CLOCK_MONOTONIC, a clock every process of the host shares.
+    (A rank's own elapsed time is not enough when ranks share cores: one that is scheduled late
+    starts its clock late.)"""
+    return [max(r[i][1] for r in per_rank) - min(r[i][0] for r in per_rank) for i in range(len(per_rank[0]))]

@@ -201,19 +201,20 @@ def test_single_step_schedules_use_the_burst_slowdown_ring_schedules_the_step_sl
     assert cm.machine_from_dict(cm.machine_to_dict(m)) == m
 
 
-def test_step_factor_multiplies_the_priced_steps_not_the_overhead():
-    """total = factor(schedule, W, pass) x priced steps + per-call overhead; linear in W between
-    measured W; 1 where nothing was measured (another schedule, W = 1)."""
+def test_linear_cost_adds_seconds_per_byte_of_the_query_shard():
+    """total = priced steps + per-call overhead + linear cost x shard bytes (B * S/W * (H + 2 H_kv) * D * e);
+    linear in W between measured W; nothing where nothing was measured (another schedule, W = 1)."""
     ov = (cm.CallOverhead(schedule="tokenring", world=2, backward=False, seconds=3e-3),)
-    fac = (cm.StepFactor(schedule="tokenring", world=2, backward=False, factor=1.5),
-           cm.StepFactor(schedule="tokenring", world=4, backward=False, factor=2.5))
+    lin = (cm.LinearCost(schedule="tokenring", world=2, backward=False, seconds_per_byte=1e-9),
+           cm.LinearCost(schedule="tokenring", world=4, backward=False, seconds_per_byte=3e-9))
     plain = _cpu_machine(call_overheads=ov)
-    m = _cpu_machine(call_overheads=ov, step_factors=fac)
-    p = cm.Problem(seq=48 * 64, heads=8, kv_heads=8, head_dim=32, dtype_bytes=4, causal=True)
-    for w, f in [(2, 1.5), (3, 2.0), (4, 2.5)]:
+    m = _cpu_machine(call_overheads=ov, linear_costs=lin)
+    p = cm.Problem(batch=2, seq=48 * 64, heads=8, kv_heads=2, head_dim=32, dtype_bytes=4, causal=True)
+    for w, per_byte in [(2, 1e-9), (3, 2e-9), (4, 3e-9)]:
+        shard = 2 * (48 * 64 // w) * (8 + 2 * 2) * 32 * 4
         a, b = cm.estimate("tokenring", p, plain, w), cm.estimate("tokenring", p, m, w)
-        assert b.total - b.overhead == pytest.approx(f * (a.total - a.overhead))
-        assert b.overhead == a.overhead
+        assert b.total - a.total == pytest.approx(per_byte * shard)
+        assert b.overhead - a.overhead == pytest.approx(per_byte * shard)
     assert cm.estimate("ring", p, m, 4).total == cm.estimate("ring", p, plain, 4).total
     assert cm.estimate("tokenring", p, m, 1).total == cm.estimate("tokenring", p, plain, 1).total
     assert cm.machine_from_dict(cm.machine_to_dict(m)) == m

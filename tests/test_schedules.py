@@ -182,9 +182,12 @@ def test_ulysses_rejects_head_counts_on_every_rank_before_any_transfer():
 
 
 def _auto_worker(rank, world, machine_dict, causal):
+    import os
+
     from ringrt.schedules import auto
     from ringrt.simulate import costmodel
 
+    os.environ["RINGRT_AUTO_TUNE"] = "0"  # the model's own choice (tuning: test_auto_measures_*)
     auto._MACHINES["cpu"] = costmodel.machine_from_dict(machine_dict)
     auto._CHOICES.clear()
     heads, kv_heads = 8, 2

@@ -5,7 +5,8 @@ backward: tokenring, ring, allgather, ulysses, hybrid, auto; DeepSpeed's ``Distr
 (Ulysses; contiguous shards, if deepspeed is installed); torch's ``context_parallel`` (non-causal
 forward only: all it supports on CPU); one process (``single``: the block kernel on the whole
 sequence). Within one configuration the contenders run round-robin (one warm-up round, then
-``--reps`` rounds), so machine noise hits them alike; a round's time is the slowest rank's. A row's
+``--reps`` rounds), so machine noise hits them alike; a round's time is its makespan, from the first
+rank's start to the last rank's end on the host's shared monotonic clock. A row's
 time is the best round (as ``timeit`` advises: noise only ever adds time, and on this 2-core box it
 adds whole scheduler ticks of 4 ms to millisecond calls); the median round is reported beside it and
 the targets are also counted on medians. Reports that time, parallel efficiency (single / (W x time)),
@@ -131,7 +132,7 @@ def _worker(rank, world, grid, reps):
                 rows.append(dict(cfg, name=name, skipped=skip))
             else:
                 runnable.append(name)
-        times: dict[str, list[float]] = {n: [] for n in runnable}
+        times: dict[str, list[tuple[float, float]]] = {n: [] for n in runnable}  # (start, end) per round
         ran: dict = {}  # what auto ran, and what it measured when it tuned
         rss = dict.fromkeys(runnable, 0)
         sent = dict.fromkeys(runnable, 0)
@@ -142,7 +143,7 @@ def _worker(rank, world, grid, reps):
                 if name in errors:
                     continue
                 try:
-                    dt, peak, nbytes = _run_once(name, world, rank, seq, heads, kv_heads, d, causal, grad, ds_attn)
+                    span, peak, nbytes = _run_once(name, world, rank, seq, heads, kv_heads, d, causal, grad, ds_attn)
                 except Exception as e:
                     errors[name] = f"error: {type(e).__name__}: {str(e)[:160]}"
                     continue
@@ -154,14 +155,14 @@ def _worker(rank, world, grid, reps):
                         ran["auto_ran"] = choice[0]
                         ran.setdefault("auto_measured", choice[1])
                 if i > 0:
-                    times[name].append(dt)
+                    times[name].append(span)
                     rss[name] = max(rss[name], peak)
                     sent[name] = nbytes
         for name in runnable:
             if name in errors:
                 rows.append(dict(cfg, name=name, skipped=errors[name]))
                 continue
-            rows.append(dict(cfg, name=name, times=times[name], rss=rss[name],
+            rows.append(dict(cfg, name=name, spans=times[name], rss=rss[name],
                              bytes_sent=sent[name] if name not in ("deepspeed", "torch_cp") else None,
                              **(ran if name == "auto" else {})))
     return rows
@@ -177,8 +178,9 @@ def _skip_reason(name, world, heads, kv_heads, causal, mode, ds_attn) -> str | N
     return None
 
 
-def _run_once(name, world, rank, seq, heads, kv_heads, d, causal, grad, ds_attn) -> tuple[float, int, int]:
-    """(seconds, peak RSS growth, bytes sent by ringrt) of one call of ``name`` on fresh inputs."""
+def _run_once(name, world, rank, seq, heads, kv_heads, d, causal, grad, ds_attn) -> tuple[tuple[float, float], int, int]:
+    """((start, end) on the host's monotonic clock, peak RSS growth, bytes sent by ringrt) of one call
+    of ``name`` on fresh inputs."""
     import torch.distributed as dist
 
     from ringrt import comm
@@ -198,9 +200,9 @@ def _run_once(name, world, rank, seq, heads, kv_heads, d, causal, grad, ds_attn)
         out = _call(name, q, k, v, causal, world, ds_attn)
         if grad:
             out.backward(torch.ones_like(out))
-        dt = time.perf_counter() - t0
+        t1 = time.perf_counter()
     sent = sum(c.bytes_sent for n, c in comm.stats().items() if n != "auto")
-    return dt, mem.peak - mem.base, sent
+    return (t0, t1), mem.peak - mem.base, sent
 
 
 def _causal_local(causal):
@@ -261,8 +263,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _merge_ranks(res: list[list[dict]]) -> list[dict]:
-    """One row per (configuration, contender): a round's time is its slowest rank's; the row's time is
-    the best round, ``median`` the median round."""
+    """One row per (configuration, contender): a round's time is its makespan (first rank's start to
+    last rank's end, :func:`ringrt.spawn.makespans`); the row's time is the best round, ``median`` the
+    median round."""
     by_key: dict = {}
     for rank_rows in res:
         for r in rank_rows:
@@ -271,16 +274,17 @@ def _merge_ranks(res: list[list[dict]]) -> list[dict]:
             if cur is None:
                 by_key[key] = dict(r)
                 continue
-            if "times" in r and "times" in cur:
-                cur["times"] = [max(a, b) for a, b in zip(cur["times"], r["times"])]
+            if "spans" in r and "spans" in cur:
+                cur["spans"] = [(min(a[0], b[0]), max(a[1], b[1])) for a, b in zip(cur["spans"], r["spans"])]
                 cur["rss"] = max(cur["rss"], r["rss"])
                 if r.get("bytes_sent") is not None:
                     cur["bytes_sent"] = max(cur["bytes_sent"], r["bytes_sent"])
             elif "skipped" in r:
-                cur.pop("times", None)
+                cur.pop("spans", None)
                 cur["skipped"] = r["skipped"]
     for r in by_key.values():
-        if "times" in r:
+        if "spans" in r:
+            r["times"] = [b - a for a, b in r.pop("spans")]
             r["time"] = min(r["times"])
             r["median"] = statistics.median(r["times"])
     return list(by_key.values())

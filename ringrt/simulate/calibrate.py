@@ -14,8 +14,8 @@ Measurements (fp32, ``threads`` intra-op threads, best of ``reps``):
 * gloo: ping-pong of 4 KiB and 16 MiB messages (latency, bandwidth), then a 1024-row forward kernel
   with a 16 MiB exchange in flight (``overlap`` = hidden fraction of the shorter of the two).
 * compute slowdown with 1..max(``worlds``) ranks at once, lockstep steps and single bursts (``simulate.sharing``), then the
-  per-call overhead of every schedule at each world size of ``worlds``, then its step factor on a
-  mid-size problem (``simulate.overhead``).
+  per-call overhead of every schedule at each world size of ``worlds``, then its size-linear cost
+  on a mid-size problem (``simulate.overhead``).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from ..kernels import get_kernel
 from ..merge import empty_accumulator, merge_
 from ..spawn import run_local
 from . import costmodel
-from .overhead import measure_call_overheads, measure_step_factors
+from .overhead import measure_call_overheads, measure_linear_costs
 from .sharing import measure_slowdowns
 
 HEAD_DIMS = (32, 64, 128)
@@ -159,8 +159,8 @@ def calibrate(threads: int = 1, reps: int = 5, worlds: tuple[int, ...] = (2, 4))
     )
     m.slowdowns, m.burst_slowdowns = measure_slowdowns(max(worlds, default=1), m.intra, threads=threads)
     m.call_overheads, calls = measure_call_overheads(m, worlds, threads=threads)
-    m.step_factors, fits = measure_step_factors(m, worlds, threads=threads)
-    return m, {"local": local, "link": link, "calls": calls, "step_fits": fits, "slowdowns": [(x.ranks, x.factor) for x in m.slowdowns],
+    m.linear_costs, fits = measure_linear_costs(m, worlds, threads=threads)
+    return m, {"local": local, "link": link, "calls": calls, "linear_fits": fits, "slowdowns": [(x.ranks, x.factor) for x in m.slowdowns],
                 "burst_slowdowns": [(x.ranks, x.factor) for x in m.burst_slowdowns]}
 
 

@@ -57,11 +57,11 @@ def main(args: argparse.Namespace) -> int:
         print("  compute slowdown with n ranks at once, ring steps: "
               + ", ".join(f"{x.ranks}: {x.factor:.2f}" for x in m.slowdowns)
               + "; single bursts: " + ", ".join(f"{x.ranks}: {x.factor:.2f}" for x in m.burst_slowdowns))
-        factors = {(f.schedule, f.world, f.backward): f.factor for f in m.step_factors}
+        linear = {(f.schedule, f.world, f.backward): f.seconds_per_byte for f in m.linear_costs}
         for c in m.call_overheads:
-            f = factors.get((c.schedule, c.world, c.backward))
+            f = linear.get((c.schedule, c.world, c.backward))
             print(f"  per-call overhead {c.schedule:>9s} W={c.world} {'fwd+bwd' if c.backward else 'fwd':7s} {c.seconds * 1e3:6.2f} ms"
-                  + (f", step factor {f:.2f}" if f is not None else ""))
+                  + (f", + {f * 1e9:.2f} ms per MB of q, k, v shards" if f is not None else ""))
         print(f"wrote {path}")
         return 0
     if args.action == "anchors":

@@ -11,20 +11,21 @@ An estimate walks the same integer step tables the schedules run (``schedule.tok
     merge         t = 8 * B*H*sq*D*4 bytes / mem_bw      (the fp32 out/lse update, memory bound)
     message       t = latency + bytes / bandwidth of the link it crosses (intra- or inter-node)
     step          t = compute + comm - overlap * min(compute, comm)
-    call          t = factor * sum of steps + per-call overhead of the schedule at this W (fwd or fwd+bwd)
+    call          t = sum of steps + per-call overhead + linear cost * shard bytes (per schedule, W, fwd | fwd+bwd)
 
 Ranks run in lockstep, so a step lasts as long as its slowest rank; a pass is the sum of its steps.
 The per-call overhead (Python, the input agreement across ranks, packing, autograd, waking the
 ranks) is calibrated by timing tiny calls of every schedule (``simulate.overhead``); without a
-calibration it is zero. The step factor of each schedule at each W is what a mid-size call measures
-beyond its overhead, divided by its priced steps, on a problem the benchmark grid does not contain
-(``Machine.step_factors``; 1 for the GPU presets and without a calibration).
+calibration it is zero. The linear cost of each schedule at each W is what a mid-size call measures
+beyond its overhead and priced steps, per byte of the rank's q, k and v shards, on a problem the
+benchmark grid does not contain (``Machine.linear_costs``; none for the GPU presets and without a
+calibration): it grows with the shard, so it fades against the O(S^2) work of long sequences.
 Collectives (all-gather, all-to-all, reduce-scatter) are not overlapped. CPU ranks on one node share
 its cores: each rank gets 1 / slowdown(ranks) of its calibrated rates, the slowdown measured by
 running lockstep kernel + exchange steps on that many ranks at once for the ring schedules
 (``Machine.slowdowns``) and one kernel call per rank for the single-step ones, Ulysses and
-all-gather (``Machine.burst_slowdowns``; ``simulate.sharing``; on a 2-core box about 2 at 4 ranks
-for a burst, 2.1 to 2.5 for steps); without a measurement, min(1, cores / (ranks * threads)).
+all-gather (``Machine.burst_slowdowns``; ``simulate.sharing``; on a 2-core box about 2.1 at 4
+ranks for a burst, 2.5 to 2.7 for steps); without a measurement, min(1, cores / (ranks * threads)).
 
 All numbers are estimates for the machine described; presets for GPUs are simulation, not
 measurement (their sources are given next to them). The CPU machine is calibrated from measured
@@ -104,15 +105,15 @@ class CallOverhead:
 
 
 @dataclass(kw_only=True, slots=True)
-class StepFactor:
-    """Measured / priced time of the steps of one mid-size call of ``schedule`` at ``world`` ranks
-    (per-call overhead taken off): what the step model misses on this machine (the OS scheduler
-    with ranks sharing cores, cache effects, Python between steps). Multiplies the priced steps."""
+class LinearCost:
+    """Seconds per byte of a rank's q, k and v shards that one call of ``schedule`` at ``world`` ranks
+    costs beyond its priced steps and per-call overhead, measured on a mid-size call: fresh buffers
+    (page faults), copies and Python that grow with the shards, not with the attention's O(S^2) work."""
 
     schedule: str
     world: int
     backward: bool
-    factor: float
+    seconds_per_byte: float
 
 
 @dataclass(kw_only=True, slots=True)
@@ -154,8 +155,8 @@ class Machine:
     """How the block kernel covers a causal block (``tiling.computed_area``)."""
     call_overheads: tuple[CallOverhead, ...] = ()
     """Measured per schedule, world size and pass; empty: no per-call overhead."""
-    step_factors: tuple[StepFactor, ...] = ()
-    """Measured per schedule, world size and pass on a held-out problem; empty: 1."""
+    linear_costs: tuple[LinearCost, ...] = ()
+    """Measured per schedule, world size and pass on a held-out problem; empty: none."""
     slowdowns: tuple[RankSlowdown, ...] = ()
     """Measured per number of ranks sharing a node, lockstep kernel + exchange steps (ring schedules);
     empty: the ``cores`` formula."""
@@ -173,7 +174,7 @@ class Estimate:
     comm: float
     exposed_comm: float
     overhead: float = 0.0
-    """The per-call overhead included in ``total``."""
+    """The per-call overhead and linear cost included in ``total``."""
     steps: list[tuple[float, float]] = field(default_factory=list)
     """(compute, comm) of the slowest rank at each step of the forward pass."""
     note: str = ""
@@ -229,7 +230,7 @@ def machine_from_dict(d: dict) -> Machine:
     d["inter"] = Link(**d["inter"]) if d.get("inter") else None
     d["kernel_rates"] = tuple(KernelRate(**r) for r in d.get("kernel_rates", ()))
     d["call_overheads"] = tuple(CallOverhead(**c) for c in d.get("call_overheads", ()))
-    d["step_factors"] = tuple(StepFactor(**c) for c in d.get("step_factors", ()))
+    d["linear_costs"] = tuple(LinearCost(**c) for c in d.get("linear_costs", ()))
     d["slowdowns"] = tuple(RankSlowdown(**x) for x in d.get("slowdowns", ()))
     d["burst_slowdowns"] = tuple(RankSlowdown(**x) for x in d.get("burst_slowdowns", ()))
     return Machine(**d)
@@ -310,13 +311,18 @@ def call_overhead(m: Machine, schedule: str, world: int, backward: bool) -> floa
     return _interpolate(pts, world, floor=0.0)
 
 
-def step_factor(m: Machine, schedule: str, world: int, backward: bool) -> float:
-    """The measured step factor of ``schedule`` at ``world`` ranks (linear in W between measured W,
-    the only one if one was measured, never below 0.5); 1 when none was measured or W = 1."""
-    pts = [(c.world, c.factor) for c in m.step_factors if c.schedule == schedule and c.backward == backward]
+def linear_cost(m: Machine, schedule: str, world: int, p: Problem) -> float:
+    """Seconds of the size-linear cost of one call (``Machine.linear_costs``; linear in W between
+    measured W, the only one if one was measured); 0 when none was measured or W = 1."""
+    pts = [(c.world, c.seconds_per_byte) for c in m.linear_costs if c.schedule == schedule and c.backward == p.backward]
     if world <= 1 or not pts:
-        return 1.0
-    return _interpolate(pts, world, floor=0.5)
+        return 0.0
+    return _interpolate(pts, world, floor=0.0) * shard_bytes(p, world)
+
+
+def shard_bytes(p: Problem, world: int) -> float:
+    """Bytes of one rank's q, k and v shards."""
+    return p.batch * (p.seq / world) * (p.heads + 2 * p.kv_heads) * p.head_dim * p.dtype_bytes
 
 
 def merge_time(m: Machine, p: Problem, sq: int, heads: int, share: float = 1.0) -> float:
@@ -445,8 +451,8 @@ def estimate(schedule: str, p: Problem, m: Machine, world: int, *, ulysses_degre
     share = (_share(m, on_node), _share(m, on_node, stepped=False))  # (ring steps, single bursts)
     passes = (False, True) if p.backward else (False,)
     parts = [_estimate_pass(schedule, p, m, world, layout, chunk, share, bwd, ulysses_degree) for bwd in passes]
-    steps_total = sum(x[0] for x in parts) * step_factor(m, schedule, world, p.backward)
-    fixed = call_overhead(m, schedule, world, p.backward)
+    steps_total = sum(x[0] for x in parts)
+    fixed = call_overhead(m, schedule, world, p.backward) + linear_cost(m, schedule, world, p)
     return Estimate(schedule=schedule, world=world, total=steps_total + fixed, compute=sum(x[1] for x in parts),
                     comm=sum(x[2] for x in parts), exposed_comm=steps_total - sum(x[1] for x in parts),
                     overhead=fixed, steps=parts[0][3], note=parts[0][4])

@@ -1,18 +1,19 @@
-"""Per-call overhead and step factor of every schedule on this machine, from timed calls.
+"""Per-call overhead and linear cost of every schedule on this machine, from timed calls.
 
 Overhead. A millisecond-scale call is dominated by what the step model does not price: Python, the
 input agreement across ranks (``validate.agree``), group lookup, packing, autograd bookkeeping and,
 with more ranks than cores, waking ranks that share a core. For each world size W, ``W`` local gloo
 processes run every schedule ``ringrt.attention`` offers at W on a tiny causal zigzag problem
 (chunks of ``TINY_CHUNK`` tokens, W heads of ``TINY_HEAD_DIM``), forward and forward + backward,
-round-robin so machine noise hits all schedules alike. A repetition's time is the slowest rank's;
+round-robin so machine noise hits all schedules alike. A repetition's time is its makespan;
 the overhead is the best repetition (the statistic ``ringrt bench compare`` reports, and the one the
 kernel rates are calibrated with) minus the model's priced steps for the same problem.
 
-Step factor. Then the same processes time a mid-size call (``FIT_TOKENS_PER_RANK`` tokens per rank,
+Linear cost. Then the same processes time a mid-size call (``FIT_TOKENS_PER_RANK`` tokens per rank,
 ``FIT_HEADS`` heads of ``FIT_HEAD_DIM``: a problem ``ringrt bench compare`` does not run) the same
-way; factor = (best repetition - overhead) / priced steps. It carries what the step model leaves out
-at that W (the scheduler with ranks sharing cores above all) and multiplies the priced steps.
+way; linear cost = (best repetition - overhead - priced steps) / bytes of a rank's q, k, v shards. It
+carries what grows with the shard but is not priced: fresh receive and result buffers (page faults
+cost more than the copies), Python per block, ranks waking on shared cores.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import time
 
 import torch
 
-from ..spawn import run_local
+from ..spawn import makespans, run_local
 from . import costmodel as cm
 
 TINY_CHUNK = 16
@@ -42,12 +43,12 @@ def fit_problem(world: int, backward: bool) -> cm.Problem:
                       dtype_bytes=4, causal=True, backward=backward, layout="zigzag")
 
 
-def _timing_worker(rank: int, world: int, names: list[str], reps: int, warmup: int, problem: dict) -> dict[tuple[str, bool], list[float]]:
+def _timing_worker(rank: int, world: int, names: list[str], reps: int, warmup: int, problem: dict) -> dict[tuple[str, bool], list[tuple[float, float]]]:
     import torch.distributed as dist
 
     import ringrt
 
-    times: dict[tuple[str, bool], list[float]] = {(n, b): [] for n in names for b in (False, True)}
+    times: dict[tuple[str, bool], list[tuple[float, float]]] = {(n, b): [] for n in names for b in (False, True)}
     p = cm.Problem(**problem)
     g = torch.Generator().manual_seed(0)
     full = [torch.randn(1, p.seq, p.heads, p.head_dim, generator=g) for _ in range(3)]
@@ -60,18 +61,18 @@ def _timing_worker(rank: int, world: int, names: list[str], reps: int, warmup: i
             out = ringrt.attention(q, k, v, causal=True, algorithm=name)
             if backward:
                 out.backward(torch.ones_like(out))
-            dt = time.perf_counter() - t0
+            t1 = time.perf_counter()
             if i >= warmup:
-                times[(name, backward)].append(dt)
+                times[(name, backward)].append((t0, t1))
     return times
 
 
 def _timed(world: int, names: list[str], reps: int, warmup: int, p: cm.Problem, threads: int) -> dict[tuple[str, bool], list[float]]:
-    """Per (schedule, backward): the slowest rank's time of each repetition."""
+    """Per (schedule, backward): the makespan of each repetition (:func:`ringrt.spawn.makespans`)."""
     from dataclasses import asdict
 
     res = run_local(_timing_worker, world, names, reps, warmup, asdict(p), timeout=900, threads=threads)
-    return {key: [max(r[key][i] for r in res) for i in range(reps)] for key in res[0]}
+    return {key: makespans([r[key] for r in res]) for key in res[0]}
 
 
 def measure_call_overheads(m: cm.Machine, worlds: tuple[int, ...] = (2, 4), *, reps: int = 15, warmup: int = 3,
@@ -93,26 +94,27 @@ def measure_call_overheads(m: cm.Machine, worlds: tuple[int, ...] = (2, 4), *, r
     return tuple(out), raw
 
 
-def measure_step_factors(m: cm.Machine, worlds: tuple[int, ...] = (2, 4), *, reps: int = 4, warmup: int = 1,
-                         threads: int = 1) -> tuple[tuple[cm.StepFactor, ...], dict]:
-    """(factors for ``m.step_factors``, the raw times) from the mid-size problem; ``m`` must carry
-    the per-call overheads already."""
-    out: list[cm.StepFactor] = []
+def measure_linear_costs(m: cm.Machine, worlds: tuple[int, ...] = (2, 4), *, reps: int = 4, warmup: int = 1,
+                         threads: int = 1) -> tuple[tuple[cm.LinearCost, ...], dict]:
+    """(costs for ``m.linear_costs``, the raw times) from the mid-size problem; ``m`` must carry the
+    per-call overheads already."""
+    out: list[cm.LinearCost] = []
     raw: dict = {}
-    bare = cm.machine_from_dict({**cm.machine_to_dict(m), "call_overheads": [], "step_factors": []})
+    bare = _without_overheads(m)
     for world in worlds:
         if world < 2:
             continue
         names = list(cm.SCHEDULES)
         timed = _timed(world, names, reps, warmup, fit_problem(world, False), threads)
         for (name, backward), per_rep in timed.items():
+            p = fit_problem(world, backward)
             measured = min(per_rep)
-            priced = cm.estimate(name, fit_problem(world, backward), bare, world).total
-            factor = max(0.5, (measured - cm.call_overhead(m, name, world, backward)) / priced)
-            out.append(cm.StepFactor(schedule=name, world=world, backward=backward, factor=factor))
-            raw[f"{name} W={world} {'fwd+bwd' if backward else 'fwd'}"] = dict(best=measured, priced_steps=priced, factor=factor)
+            priced = cm.estimate(name, p, bare, world).total
+            extra = max(0.0, measured - cm.call_overhead(m, name, world, backward) - priced)
+            out.append(cm.LinearCost(schedule=name, world=world, backward=backward, seconds_per_byte=extra / cm.shard_bytes(p, world)))
+            raw[f"{name} W={world} {'fwd+bwd' if backward else 'fwd'}"] = dict(best=measured, priced_steps=priced, extra=extra)
     return tuple(out), raw
 
 
 def _without_overheads(m: cm.Machine) -> cm.Machine:
-    return cm.machine_from_dict({**cm.machine_to_dict(m), "call_overheads": [], "step_factors": []})
+    return cm.machine_from_dict({**cm.machine_to_dict(m), "call_overheads": [], "linear_costs": []})

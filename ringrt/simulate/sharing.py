@@ -6,13 +6,15 @@ Two patterns, each measured at 1..n ranks (local gloo processes, 1 thread each):
   schedule (Ulysses, all-gather) does between its collectives.
 * steps: ``STEPS`` lockstep ring steps, as every ring schedule does: post a small exchange with both neighbours, run the same forward kernel call
 (``ROWS`` x ``ROWS``, ``HEADS`` heads of ``HEAD_DIM``), wait for the exchange. A repetition's time
-per step is the slowest rank's, after taking off the exchange's own cost as the model prices it.
+per step is its makespan (first rank's start to last rank's end, on the clock the processes share)
+divided by the steps, after taking off the exchange's own cost as the model prices it; a burst's
+time is its makespan too: a rank that the scheduler starts late also starts its own clock late.
 
 A factor is the best repetition divided by the best one-rank time of the same pattern (the statistic
 ``ringrt bench compare`` reports). With more ranks than cores a burst shares the cores fairly (about
-2 at 4 ranks on 2 cores), but lockstep steps cost more (about 2.1 to 2.5): a rank that waits for a
-neighbour's message is woken onto a core where another rank is computing, so the ranks do not spread
-evenly over the cores until the scheduler rebalances them.
+2.1 at 4 ranks on 2 cores, 1.0 at 2), but lockstep steps cost more (about 2.5 to 2.7 at 4, 1.1 at
+2): a rank that waits for a neighbour's message is woken onto a core where another rank is
+computing, so the ranks do not spread evenly over the cores until the scheduler rebalances them.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import time
 import torch
 
 from ..kernels import get_kernel
-from ..spawn import run_local
+from ..spawn import makespans, run_local
 from . import costmodel as cm
 
 ROWS, HEADS, HEAD_DIM = 512, 16, 32
@@ -30,7 +32,7 @@ STEPS = 6
 MSG_BYTES = 4096
 
 
-def _step_worker(rank: int, world: int, reps: int) -> list[float]:
+def _step_worker(rank: int, world: int, reps: int) -> list[tuple[float, float]]:
     import torch.distributed as dist
 
     from ..comm import P2P
@@ -55,11 +57,11 @@ def _step_worker(rank: int, world: int, reps: int) -> list[float]:
         t0 = time.perf_counter()
         for s in range(STEPS):
             step(s)
-        out.append((time.perf_counter() - t0) / STEPS)
+        out.append((t0, time.perf_counter()))
     return out
 
 
-def _burst_worker(rank: int, world: int, reps: int) -> list[float]:
+def _burst_worker(rank: int, world: int, reps: int) -> list[tuple[float, float]]:
     import torch.distributed as dist
 
     kern = get_kernel(torch.device("cpu"), "cpu")
@@ -71,13 +73,13 @@ def _burst_worker(rank: int, world: int, reps: int) -> list[float]:
         dist.barrier()
         t0 = time.perf_counter()
         kern.forward(q, k, v, causal=False, mask=None, scale=0.125)
-        out.append(time.perf_counter() - t0)
+        out.append((t0, time.perf_counter()))
     return out
 
 
 def _best(worker, n: int, reps: int, threads: int) -> float:
-    res = run_local(worker, n, reps, timeout=300, threads=threads)
-    return min(max(r[i] for r in res) for i in range(reps))
+    """Best makespan over ``reps`` repetitions (first rank's start to last rank's end)."""
+    return min(makespans(run_local(worker, n, reps, timeout=300, threads=threads)))
 
 
 def measure_slowdowns(max_ranks: int, link: cm.Link | None = None, *, reps: int = 7,
@@ -87,7 +89,7 @@ def measure_slowdowns(max_ranks: int, link: cm.Link | None = None, *, reps: int 
     msg = cm.msg_time(link, MSG_BYTES) if link else 0.0
     steps, bursts = {}, {}
     for n in range(1, max(1, max_ranks) + 1):
-        steps[n] = _best(_step_worker, n, reps, threads) - (msg if n > 1 else 0.0)
+        steps[n] = _best(_step_worker, n, reps, threads) / STEPS - (msg if n > 1 else 0.0)
         bursts[n] = _best(_burst_worker, n, 2 * reps, threads)
 
     def factors(t: dict) -> tuple[cm.RankSlowdown, ...]:
