@@ -127,7 +127,7 @@ class SeqToHeads(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *dys):
-        return (None, None, None, None, *heads_to_seq([d.contiguous() for d in dys], *ctx.args))
+        return (None, None, None, None, *heads_to_seq(list(dys), *ctx.args))
 
 
 class HeadsToSeq(torch.autograd.Function):
@@ -140,4 +140,4 @@ class HeadsToSeq(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *dxs):
-        return (None, None, None, None, *seq_to_heads([d.contiguous() for d in dxs], *ctx.args))
+        return (None, None, None, None, *seq_to_heads(list(dxs), *ctx.args))
