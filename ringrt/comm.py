@@ -55,7 +55,11 @@ _COUNTERS = _Counters()
 
 def stats() -> dict[str, ChannelStats]:
     """Per-channel counters of this process since the last :func:`reset_stats` (copies)."""
-    return {k: ChannelStats(v.bytes_sent, v.bytes_recv, v.sends, v.recvs) for k, v in _COUNTERS.channels.items()}
+    return _copy(_COUNTERS.channels)
+
+
+def _copy(channels: dict[str, ChannelStats]) -> dict[str, ChannelStats]:
+    return {k: ChannelStats(v.bytes_sent, v.bytes_recv, v.sends, v.recvs) for k, v in channels.items()}
 
 
 def reset_stats() -> None:
@@ -73,7 +77,7 @@ def move_since(snapshot: dict[str, ChannelStats], channel: str) -> None:
         moved.bytes_recv += c.bytes_recv - before.bytes_recv
         moved.sends += c.sends - before.sends
         moved.recvs += c.recvs - before.recvs
-    _COUNTERS.channels = {k: ChannelStats(v.bytes_sent, v.bytes_recv, v.sends, v.recvs) for k, v in snapshot.items()}
+    _COUNTERS.channels = _copy(snapshot)
     count(channel, sent=moved.bytes_sent, recv=moved.bytes_recv, sends=moved.sends, recvs=moved.recvs)
 
 

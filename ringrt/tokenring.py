@@ -56,6 +56,19 @@ def _specs(like: list[torch.Tensor], tokens: int) -> list:
     return [((t.shape[0], t.shape[1], tokens, *t.shape[3:]), t.dtype) for t in like]
 
 
+def _accumulate(acc: list[torch.Tensor], parts: list[torch.Tensor], dtype: torch.dtype, covers_all: bool,
+                fresh: Callable[[], list[torch.Tensor]], fold: Callable[[], None]) -> None:
+    """Fold a partial result into the accumulators ``acc``, created on first use: a first partial that
+    covers every local row becomes them (in ``dtype``; no zero-fill and no fold), any other first
+    partial starts from ``fresh()``. ``fold()`` folds ``parts`` into the filled ``acc``."""
+    if not acc:
+        if covers_all:
+            acc.extend(p.to(dtype) for p in parts)
+            return
+        acc.extend(fresh())
+    fold()
+
+
 # ----------------------------------------------------------------------------------------------
 # The direct pass: queries (or the backward's query bundle) one way, partials straight back.
 # ----------------------------------------------------------------------------------------------
@@ -217,12 +230,8 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPl
         return [o, l.to(adt)]
 
     def absorb(rows: Rows, part: list[torch.Tensor]) -> None:
-        if not acc:
-            if rows == n_rows:  # the first partial (step 0, all local rows) becomes the accumulator
-                acc.extend([part[0].to(adt), part[1]])
-                return
-            acc.extend(empty_accumulator(q))
-        merge_(_rows(acc[0], rows, chunk), _rows(acc[1], rows, chunk), part[0], part[1])
+        _accumulate(acc, part, adt, rows == n_rows, lambda: list(empty_accumulator(q)),
+                    lambda: merge_(_rows(acc[0], rows, chunk), _rows(acc[1], rows, chunk), part[0], part[1]))
 
     partial_like = [q, torch.empty(q.shape[:-1], dtype=adt, device="meta")]
     _direct_pass(plan, [q], partial_like, compute, absorb)
@@ -247,16 +256,16 @@ def ring_backward(
         if heads is not None:
             kk, vv = kk[:, heads[0] : heads[1]], vv[:, heads[0] : heads[1]]
         dq, dk, dv = kern.backward(do, qq, kk, vv, ll, dd, causal=block.diagonal, mask=None, scale=scale, out=out_rows)
-        if not kv_grads:
-            if heads is None and block.k_rows == n_rows:  # the first block covers every local key row
-                kv_grads.extend([dk.to(adt), dv.to(adt)])
-                return dq
-            kv_grads.extend([torch.zeros(k.shape, dtype=adt, device=k.device), torch.zeros(v.shape, dtype=adt, device=v.device)])
-        dk_t, dv_t = _rows(kv_grads[0], block.k_rows, chunk), _rows(kv_grads[1], block.k_rows, chunk)
-        if heads is not None:
-            dk_t, dv_t = dk_t[:, heads[0] : heads[1]], dv_t[:, heads[0] : heads[1]]
-        dk_t.add_(dk)
-        dv_t.add_(dv)
+
+        def fold() -> None:
+            dk_t, dv_t = _rows(kv_grads[0], block.k_rows, chunk), _rows(kv_grads[1], block.k_rows, chunk)
+            if heads is not None:
+                dk_t, dv_t = dk_t[:, heads[0] : heads[1]], dv_t[:, heads[0] : heads[1]]
+            dk_t.add_(dk)
+            dv_t.add_(dv)
+
+        _accumulate(kv_grads, [dk, dv], adt, heads is None and block.k_rows == n_rows,
+                    lambda: [torch.zeros(k.shape, dtype=adt, device=k.device), torch.zeros(v.shape, dtype=adt, device=v.device)], fold)
         return dq
 
     def kv_result() -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,12 +297,8 @@ def ring_backward(
         return [block_grads(block, *b, out_rows=own)]
 
     def absorb(rows: Rows, part: list[torch.Tensor]) -> None:
-        if not dq_acc:
-            if rows == n_rows:  # step 0's dq covers every local row: it becomes the accumulator
-                dq_acc.append(part[0].to(adt))
-                return
-            dq_acc.append(torch.zeros(q.shape, dtype=adt, device=q.device))
-        _rows(dq_acc[0], rows, chunk).add_(part[0])
+        _accumulate(dq_acc, part, adt, rows == n_rows, lambda: [torch.zeros(q.shape, dtype=adt, device=q.device)],
+                    lambda: _rows(dq_acc[0], rows, chunk).add_(part[0]))
 
     _direct_pass(plan, [q, dout, lse, delta], [q], compute, absorb)
     dq = dq_acc[0] if dq_acc else torch.zeros(q.shape, dtype=adt, device=q.device)

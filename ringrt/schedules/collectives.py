@@ -4,11 +4,12 @@ Each function issues one torch.distributed collective over ``group`` and records
 channel name, what this rank sends and receives: a collective over W ranks moves W - 1 pieces each
 way (the piece for itself stays local).
 
-``SeqToHeads`` / ``HeadsToSeq`` are the two all-to-alls of Ulysses as autograd Functions (each is
-the other's backward). Each moves several tensors (q, k, v; or their gradients) in ONE all-to-all
-of packed messages, and puts the tokens in global order while copying them out::
+``seq_to_heads`` / ``heads_to_seq`` are the two all-to-alls of Ulysses (``AllToAll`` makes either
+an autograd Function with the other as its backward). Each moves several tensors (q, k, v; or their
+gradients) in ONE all-to-all of packed messages, and puts the tokens in global order while copying
+them out::
 
-    (B, S_l, H, D) sequence shard  --SeqToHeads-->  (B, H/u, u*S_l, D) all tokens of the group, H/u heads
+    (B, S_l, H, D) sequence shard  --seq_to_heads-->  (B, H/u, u*S_l, D) all tokens of the group, H/u heads
 """
 
 from __future__ import annotations
@@ -116,28 +117,17 @@ def heads_to_seq(ys: list[torch.Tensor], group, member_chunks: list[list[int]], 
     return outs
 
 
-class SeqToHeads(torch.autograd.Function):
-    """:func:`seq_to_heads` with :func:`heads_to_seq` as its backward. ``apply(group, member_chunks,
-    channel, timeout, *xs)`` -> tuple of outputs."""
+class AllToAll(torch.autograd.Function):
+    """One of the two all-to-alls of Ulysses, the other as its backward:
+    ``AllToAll.apply(there, back, group, member_chunks, channel, timeout, *xs)`` -> tuple of
+    ``there(xs, ...)``, whose gradients are ``back(grads, ...)``; (there, back) is
+    (:func:`seq_to_heads`, :func:`heads_to_seq`) or the reverse."""
 
     @staticmethod
-    def forward(ctx, group, member_chunks, channel: str, timeout, *xs):
-        ctx.args = (group, member_chunks, channel, timeout)
-        return tuple(seq_to_heads(list(xs), *ctx.args))
+    def forward(ctx, there, back, group, member_chunks, channel: str, timeout, *xs):
+        ctx.back, ctx.args = back, (group, member_chunks, channel, timeout)
+        return tuple(there(list(xs), *ctx.args))
 
     @staticmethod
-    def backward(ctx, *dys):
-        return (None, None, None, None, *heads_to_seq(list(dys), *ctx.args))
-
-
-class HeadsToSeq(torch.autograd.Function):
-    """:func:`heads_to_seq` with :func:`seq_to_heads` as its backward."""
-
-    @staticmethod
-    def forward(ctx, group, member_chunks, channel: str, timeout, *ys):
-        ctx.args = (group, member_chunks, channel, timeout)
-        return tuple(heads_to_seq(list(ys), *ctx.args))
-
-    @staticmethod
-    def backward(ctx, *dxs):
-        return (None, None, None, None, *seq_to_heads(list(dxs), *ctx.args))
+    def backward(ctx, *grads):
+        return (None,) * 6 + tuple(ctx.back(list(grads), *ctx.args))

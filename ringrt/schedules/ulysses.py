@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ..layout import rank_chunks
-from .collectives import HeadsToSeq, SeqToHeads
+from .collectives import AllToAll, heads_to_seq, seq_to_heads
 
 
 def ulysses_problem(heads: int, kv_heads: int, degree: int) -> str | None:
@@ -80,14 +80,14 @@ def to_heads(xs: list[torch.Tensor], group, member_chunks: list[list[int]], time
     group (u = 1) a rank's own chunks are already in ascending order."""
     if group is None:
         return [x.transpose(1, 2).contiguous() for x in xs]
-    return list(SeqToHeads.apply(group, member_chunks, "a2a", timeout, *xs))
+    return list(AllToAll.apply(seq_to_heads, heads_to_seq, group, member_chunks, "a2a", timeout, *xs))
 
 
 def from_heads(y: torch.Tensor, group, member_chunks: list[list[int]], timeout) -> torch.Tensor:
     """Inverse of :func:`to_heads` for one tensor: (B, H/u, u*S_l, D) -> (B, S_l, H, D) contiguous."""
     if group is None:
         return y.transpose(1, 2).contiguous()
-    return HeadsToSeq.apply(group, member_chunks, "a2a", timeout, y)[0]
+    return AllToAll.apply(heads_to_seq, seq_to_heads, group, member_chunks, "a2a", timeout, y)[0]
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> torch.Tensor:

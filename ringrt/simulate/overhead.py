@@ -75,22 +75,32 @@ def _timed(world: int, names: list[str], reps: int, warmup: int, p: cm.Problem, 
     return {key: makespans([r[key] for r in res]) for key in res[0]}
 
 
+def _measured(m: cm.Machine, worlds: tuple[int, ...], problem, reps: int, warmup: int, threads: int):
+    """Per world size > 1, schedule and pass: (world, name, backward, problem, best makespan, median
+    makespan, priced seconds without overheads or linear costs). ``problem(world, backward)``."""
+    bare = _without_overheads(m)
+    for world in worlds:
+        if world < 2:
+            continue
+        timed = _timed(world, list(cm.SCHEDULES), reps, warmup, problem(world, False), threads)
+        for (name, backward), per_rep in timed.items():
+            p = problem(world, backward)
+            priced = cm.estimate(name, p, bare, world).total
+            yield world, name, backward, p, min(per_rep), statistics.median(per_rep), priced
+
+
+def _label(name: str, world: int, backward: bool) -> str:
+    return f"{name} W={world} {'fwd+bwd' if backward else 'fwd'}"
+
+
 def measure_call_overheads(m: cm.Machine, worlds: tuple[int, ...] = (2, 4), *, reps: int = 15, warmup: int = 3,
                            threads: int = 1) -> tuple[tuple[cm.CallOverhead, ...], dict]:
     """(overheads for ``m.call_overheads``, the raw best/median and model times per world and schedule)."""
     out: list[cm.CallOverhead] = []
     raw: dict = {}
-    bare = _without_overheads(m)
-    for world in worlds:
-        if world < 2:
-            continue
-        names = list(cm.SCHEDULES)
-        timed = _timed(world, names, reps, warmup, tiny_problem(world, False), threads)
-        for (name, backward), per_rep in timed.items():
-            measured = min(per_rep)
-            priced = cm.estimate(name, tiny_problem(world, backward), bare, world).total
-            out.append(cm.CallOverhead(schedule=name, world=world, backward=backward, seconds=max(0.0, measured - priced)))
-            raw[f"{name} W={world} {'fwd+bwd' if backward else 'fwd'}"] = dict(best=measured, median=statistics.median(per_rep), priced=priced)
+    for world, name, backward, _, best, median, priced in _measured(m, worlds, tiny_problem, reps, warmup, threads):
+        out.append(cm.CallOverhead(schedule=name, world=world, backward=backward, seconds=max(0.0, best - priced)))
+        raw[_label(name, world, backward)] = dict(best=best, median=median, priced=priced)
     return tuple(out), raw
 
 
@@ -100,19 +110,10 @@ def measure_linear_costs(m: cm.Machine, worlds: tuple[int, ...] = (2, 4), *, rep
     per-call overheads already."""
     out: list[cm.LinearCost] = []
     raw: dict = {}
-    bare = _without_overheads(m)
-    for world in worlds:
-        if world < 2:
-            continue
-        names = list(cm.SCHEDULES)
-        timed = _timed(world, names, reps, warmup, fit_problem(world, False), threads)
-        for (name, backward), per_rep in timed.items():
-            p = fit_problem(world, backward)
-            measured = min(per_rep)
-            priced = cm.estimate(name, p, bare, world).total
-            extra = max(0.0, measured - cm.call_overhead(m, name, world, backward) - priced)
-            out.append(cm.LinearCost(schedule=name, world=world, backward=backward, seconds_per_byte=extra / cm.shard_bytes(p, world)))
-            raw[f"{name} W={world} {'fwd+bwd' if backward else 'fwd'}"] = dict(best=measured, priced_steps=priced, extra=extra)
+    for world, name, backward, p, best, _, priced in _measured(m, worlds, fit_problem, reps, warmup, threads):
+        extra = max(0.0, best - cm.call_overhead(m, name, world, backward) - priced)
+        out.append(cm.LinearCost(schedule=name, world=world, backward=backward, seconds_per_byte=extra / cm.shard_bytes(p, world)))
+        raw[_label(name, world, backward)] = dict(best=best, priced_steps=priced, extra=extra)
     return tuple(out), raw
 
 

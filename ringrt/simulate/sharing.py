@@ -32,7 +32,9 @@ STEPS = 6
 MSG_BYTES = 4096
 
 
-def _step_worker(rank: int, world: int, reps: int) -> list[tuple[float, float]]:
+def _worker(rank: int, world: int, reps: int, steps: int, exchange: bool) -> list[tuple[float, float]]:
+    """(start, end) of each repetition of ``steps`` kernel calls, each inside a small exchange with
+    both ring neighbours when ``exchange`` (lockstep ring steps), else back to back (a burst)."""
     import torch.distributed as dist
 
     from ..comm import P2P
@@ -40,7 +42,7 @@ def _step_worker(rank: int, world: int, reps: int) -> list[tuple[float, float]]:
     kern = get_kernel(torch.device("cpu"), "cpu")
     g = torch.Generator().manual_seed(rank)
     q, k, v = (torch.randn(1, HEADS, ROWS, HEAD_DIM, generator=g) for _ in range(3))
-    chan = P2P(dist.group.WORLD, "sharing") if world > 1 else None
+    chan = P2P(dist.group.WORLD, "sharing") if exchange and world > 1 else None
     nxt, prv = (rank + 1) % world, (rank - 1) % world
     msg = torch.zeros(MSG_BYTES, dtype=torch.uint8)
 
@@ -55,31 +57,15 @@ def _step_worker(rank: int, world: int, reps: int) -> list[tuple[float, float]]:
     for _ in range(reps):
         dist.barrier()
         t0 = time.perf_counter()
-        for s in range(STEPS):
+        for s in range(steps):
             step(s)
         out.append((t0, time.perf_counter()))
     return out
 
 
-def _burst_worker(rank: int, world: int, reps: int) -> list[tuple[float, float]]:
-    import torch.distributed as dist
-
-    kern = get_kernel(torch.device("cpu"), "cpu")
-    g = torch.Generator().manual_seed(rank)
-    q, k, v = (torch.randn(1, HEADS, ROWS, HEAD_DIM, generator=g) for _ in range(3))
-    kern.forward(q, k, v, causal=False, mask=None, scale=0.125)
-    out = []
-    for _ in range(reps):
-        dist.barrier()
-        t0 = time.perf_counter()
-        kern.forward(q, k, v, causal=False, mask=None, scale=0.125)
-        out.append((t0, time.perf_counter()))
-    return out
-
-
-def _best(worker, n: int, reps: int, threads: int) -> float:
+def _best(n: int, reps: int, threads: int, steps: int, exchange: bool) -> float:
     """Best makespan over ``reps`` repetitions (first rank's start to last rank's end)."""
-    return min(makespans(run_local(worker, n, reps, timeout=300, threads=threads)))
+    return min(makespans(run_local(_worker, n, reps, steps, exchange, timeout=300, threads=threads)))
 
 
 def measure_slowdowns(max_ranks: int, link: cm.Link | None = None, *, reps: int = 7,
@@ -89,8 +75,8 @@ def measure_slowdowns(max_ranks: int, link: cm.Link | None = None, *, reps: int 
     msg = cm.msg_time(link, MSG_BYTES) if link else 0.0
     steps, bursts = {}, {}
     for n in range(1, max(1, max_ranks) + 1):
-        steps[n] = _best(_step_worker, n, reps, threads) / STEPS - (msg if n > 1 else 0.0)
-        bursts[n] = _best(_burst_worker, n, 2 * reps, threads)
+        steps[n] = _best(n, reps, threads, STEPS, exchange=True) / STEPS - (msg if n > 1 else 0.0)
+        bursts[n] = _best(n, 2 * reps, threads, 1, exchange=False)
 
     def factors(t: dict) -> tuple[cm.RankSlowdown, ...]:
         return tuple(cm.RankSlowdown(ranks=n, factor=1.0 if n == 1 else max(1.0, x / t[1])) for n, x in t.items())
