@@ -10,9 +10,10 @@ import torch.distributed as dist
 
 from . import layout as _layout
 from .comm import DEFAULT_TIMEOUT_S
-from .groups import base_group, ring_groups
+from .groups import base_group, nccl_problem, ring_groups
 from .kernels import get_kernel
 from .schedules import SCHEDULES
+from .schedules.hybrid import hybrid_degree
 from .tokenring import TOPOLOGIES, RingPlan, TokenRingAttention
 from .validate import agree, local_problem
 
@@ -56,17 +57,20 @@ def attention(
         kernel: local block kernel, ``"auto"`` (CUDA kernel on CUDA tensors, else the CPU one),
             ``"cpu"``, ``"cuda"`` or ``"math"``.
         timeout: seconds a transfer may wait for a peer before raising ``CommTimeout``
-            (default ``RINGRT_P2P_TIMEOUT`` or 300).
+            (default ``RINGRT_P2P_TIMEOUT`` or 300). Applies on gloo; on NCCL waits are
+            stream-ordered and the process group's own timeout and watchdog catch a hang.
         group: process group over which the sequence is sharded; default the default group. With
-            no process group initialised, or a group of one rank, this is plain attention.
+            no process group initialised, or a group of one rank, this is plain attention. A
+            subgroup on NCCL needs dedicated direction groups (``ringrt.groups.new_subgroups`` or
+            ``ringrt.model.parallel.mesh``; see ``ringrt/groups.py``).
 
     Returns:
         (batch, local_seq, heads, head_dim): this rank's output shard, dtype of q, differentiable
         w.r.t. q, k, v. Accumulation is in fp32 (fp64 for fp64 inputs).
 
     Raises:
-        ValueError on every rank, before any transfer, if any rank's inputs are invalid or the ranks
-        disagree on shapes, dtypes or settings.
+        ValueError on every rank, before any transfer, if any rank's inputs are invalid, the ranks
+        disagree on shapes, dtypes or settings, or an NCCL subgroup lacks its dedicated groups.
     """
     if layout is None:
         layout = "zigzag" if causal else "contiguous"
@@ -79,6 +83,7 @@ def attention(
     if problem is None:
         try:
             kern = get_kernel(q.device, kernel)
+            problem = _groups_problem(group, q, k, algorithm)
         except ValueError as e:
             problem = str(e)
     agree(
@@ -91,6 +96,16 @@ def attention(
     plan = RingPlan(causal=causal, layout=layout, scale=float(scale), kernel=kern, groups=groups,
                     topology=topology, timeout=to)
     return ALGORITHMS[algorithm](q, k, v, plan)
+
+
+def _groups_problem(group, q, k, algorithm: str) -> str | None:
+    """What the process groups lack for ``algorithm`` over NCCL (see ``ringrt.groups.nccl_problem``):
+    the collectives-only schedules need nothing beyond the base group."""
+    if algorithm in ("allgather", "ulysses"):
+        return None
+    base, _, world = base_group(group)
+    u = hybrid_degree(world, q.shape[2], k.shape[2]) if algorithm == "hybrid" else None
+    return nccl_problem(base, q.device, hybrid_degree=u)
 
 
 def shard(x: torch.Tensor, *, layout: str, dim: int = 1, group: dist.ProcessGroup | None = None) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """All point-to-point traffic of ringrt goes through this module.
 
 A :class:`P2P` channel wraps one process group. ``post`` starts non-blocking sends and receives of
-flat byte messages and returns a :class:`Pending`; ``Pending.wait`` finishes them within the
-channel's timeout, or raises :class:`CommTimeout` naming this rank, the peer, the channel and the
-step, so a peer that never sends is an error instead of a hang.
+flat byte messages and returns a :class:`Pending`; ``Pending.wait`` finishes them, or raises
+:class:`CommTimeout` (a peer did not complete in time) or :class:`CommError` (any other failure: a
+closed connection, an NCCL error) naming this rank, the peer(s), the channel and the step, so a
+peer that never sends is an error instead of a hang.
 
 Every message is one uint8 tensor: several tensors of mixed dtypes (an fp16 block output and its
 fp32 log-sum-exp, say) are packed into one buffer so each transfer costs one operation.
@@ -11,6 +12,31 @@ fp32 log-sum-exp, say) are packed into one buffer so each transfer costs one ope
 Each channel counts what it moves (bytes and operations, sent and received) into per-process
 counters that tests and benchmarks read with :func:`stats` and clear with :func:`reset_stats`;
 collectives issued elsewhere add their traffic with :func:`count`.
+
+Note [NCCL and gloo]
+--------------------
+The two backends want different things, and every decision between them goes through
+:func:`is_nccl` (which backend carries tensors of a device over a group) so tests can drive the
+NCCL path on CPU through a fake process group:
+
+* Waiting. On NCCL ``work.wait()`` without a timeout only makes the current CUDA stream wait for the
+  transfer (stream-ordered; the host thread runs on), while ``work.wait(timeout)`` busy-polls the
+  host thread until the transfer is done and aborts the communicator when it times out. So on NCCL
+  :func:`wait_work` never passes a timeout: hangs are caught by the process group's own timeout
+  (``init_process_group(timeout=...)``) and its watchdog. On gloo the work is host-side anyway and
+  the channel's timeout applies (``timeout`` / ``RINGRT_P2P_TIMEOUT``).
+* Batching. On NCCL a step's sends and receives go out as ONE ``batch_isend_irecv`` (one NCCL
+  group: they progress together, so a ring of ranks that all send before they receive cannot
+  deadlock). It returns one coalesced work for the whole batch, so a failure cannot be pinned on one
+  peer: the error lists every peer of the batch. On gloo each transfer is a plain isend/irecv with
+  its own work (``batch_isend_irecv`` costs ~0.4-0.6 ms more per exchange there).
+* Tags. NCCL ignores P2P tags: two channels on one communicator would match each other's messages
+  by order alone, and a receive queued on a communicator blocks every later operation on it. Every
+  channel that is in flight at the same time as another must therefore have its own process group
+  (``ringrt.groups``); the per-channel tag below only separates channels that share a gloo group.
+* Metadata. Small host-side agreements (``validate.agree``) run on CPU tensors over a group that
+  carries CPU tensors (gloo, or the gloo half of ``cpu:gloo,cuda:nccl``); only a plain NCCL group
+  forces them onto the device, at the cost of one device sync (:func:`metadata_device`).
 """
 
 from __future__ import annotations
@@ -18,6 +44,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import re
 import zlib
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -30,7 +57,12 @@ DEFAULT_TIMEOUT_S = float(os.environ.get("RINGRT_P2P_TIMEOUT", "300"))
 Spec = tuple[tuple[int, ...], torch.dtype]
 
 
-class CommTimeout(RuntimeError):
+class CommError(RuntimeError):
+    """A transfer or collective failed (a closed connection, a backend error); the message names
+    the rank, the peer(s), the channel and the step."""
+
+
+class CommTimeout(CommError):
     """A peer did not complete a transfer within the timeout."""
 
 
@@ -132,45 +164,126 @@ def spec_of(t: torch.Tensor) -> Spec:
     return tuple(t.shape), t.dtype
 
 
+# ----------------------------------------------------------------------------------------------
+# Which backend carries what (see Note [NCCL and gloo]).
+# ----------------------------------------------------------------------------------------------
+
+
+def backend_for(group: dist.ProcessGroup | None, device) -> str:
+    """Name of the backend that carries tensors on ``device`` over ``group`` ("nccl", "gloo", ...;
+    "" when the group has none for that device type). ``dist.get_backend`` reports one name
+    ("gloo", "nccl") or, for a group initialised with per-device backends, "cpu:gloo,cuda:nccl"."""
+    config = dist.get_backend(group)
+    if ":" not in config:
+        return config
+    table = dict(item.split(":", 1) for item in config.split(","))
+    return table.get(torch.device(device).type, "")
+
+
+def is_nccl(group: dist.ProcessGroup | None, device=None) -> bool:
+    """Whether tensors on ``device`` (default: CUDA) travel over NCCL on ``group``: then waits are
+    stream-ordered, P2P tags are ignored and a step's transfers go out as one batch."""
+    return backend_for(group, "cuda" if device is None else device) == "nccl"
+
+
+def metadata_device(group: dist.ProcessGroup | None, device) -> torch.device:
+    """Where to put a small tensor of host-side metadata for a collective over ``group``: the CPU
+    when the group carries CPU tensors (gloo, or ``cpu:gloo,cuda:nccl``: no device sync at all),
+    else ``device`` (a plain NCCL group; reading the result back costs one device sync)."""
+    if backend_for(group, "cpu") in ("", "nccl"):
+        return torch.device(device) if device is not None else torch.device("cpu")
+    return torch.device("cpu")
+
+
+def wait_work(work, *, nccl: bool, timeout_s: float | None) -> None:
+    """Finish ``work``: on NCCL ``work.wait()`` (the current stream waits; the host does not), else
+    within ``timeout_s`` seconds (no limit when None or 0)."""
+    if nccl or not timeout_s:
+        work.wait()
+    else:
+        work.wait(timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def finish(work, group: dist.ProcessGroup | None, device, timeout_s: float | None) -> None:
+    """:func:`wait_work` for a collective over ``group`` on tensors of ``device``; raises the
+    backend's own error (see :func:`failure_kind` to tell a timeout from other failures)."""
+    wait_work(work, nccl=is_nccl(group, device), timeout_s=timeout_s)
+
+
+_CLOSED = re.compile(r"connection (was )?(closed|reset|refused)|pair closure|broken pipe|remote process exited", re.I)
+_TIMEOUT = re.compile(r"time(d)? ?out", re.I)
+
+
+def failure_kind(e: BaseException) -> str:
+    """"closed" (the connection to a peer went away), "timeout" or "error", from a backend error.
+    gloo closes a pair after one of its transfers timed out ("Application timeout caused pair
+    closure"): that later failure is a closed connection, not a new timeout."""
+    text = str(e)
+    if _CLOSED.search(text):
+        return "closed"
+    if _TIMEOUT.search(text):
+        return "timeout"
+    return "error"
+
+
+# ----------------------------------------------------------------------------------------------
+# Point-to-point channels.
+# ----------------------------------------------------------------------------------------------
+
+Op = tuple[str, int]  # ("send" | "recv", peer)
+
+
+def _describe(ops: Sequence[Op]) -> str:
+    return ", ".join(f"send to peer {p}" if kind == "send" else f"receive from peer {p}" for kind, p in ops)
+
+
 class Pending:
     """Transfers in flight. ``wait()`` once: returns the received buffers in the order posted."""
 
-    def __init__(self, channel: "P2P", step: int, works: list, recv_bufs: list[torch.Tensor], keep: list):
-        self._channel, self._step, self._works = channel, step, works
+    def __init__(self, channel: "P2P", step: int, works: list[tuple[object, list[Op]]], recv_bufs: list[torch.Tensor],
+                 keep: list, nccl: bool = False):
+        self._channel, self._step, self._works, self._nccl = channel, step, works, nccl
         self._recv_bufs, self._keep = recv_bufs, keep
         self._done = False
 
     def wait(self) -> list[torch.Tensor]:
+        """The received buffers. On NCCL they are ready for work queued on the current stream
+        afterwards (nothing blocks the host); elsewhere they are complete when this returns."""
         if self._done:
             raise RuntimeError(f"Pending.wait called twice (channel {self._channel.name!r}, step {self._step})")
         self._done = True
-        timeout = datetime.timedelta(seconds=self._channel.timeout)
-        for work, kind, peer in self._works:
+        for work, ops in self._works:
             try:
-                work.wait(timeout=timeout)
+                wait_work(work, nccl=self._nccl, timeout_s=self._channel.timeout)
             except RuntimeError as e:
-                c = self._channel
-                what = f"receive from peer {peer}" if kind == "recv" else f"send to peer {peer}"
-                raise CommTimeout(
-                    f"rank {c.rank} (of {c.world}) on channel {c.name!r}, step {self._step}: {what} did not "
-                    f"complete within {c.timeout:g} s; is rank {peer} alive and running the same schedule? "
-                    f"({e})"
-                ) from e
+                raise self._channel.failure(self._step, ops, e, nccl=self._nccl) from e
         self._keep.clear()
         return self._recv_bufs
 
 
 class P2P:
-    """Point-to-point channel over ``group`` (ranks are group ranks)."""
+    """Point-to-point channel over ``group`` (ranks are group ranks).
+
+    ``timeout`` (seconds; default ``RINGRT_P2P_TIMEOUT`` or 300) bounds each wait on gloo. On NCCL
+    waits are stream-ordered and the process group's timeout and watchdog catch a hang instead
+    (see Note [NCCL and gloo]).
+    """
 
     def __init__(self, group: dist.ProcessGroup, name: str, timeout: float | None = None):
         self.group, self.name = group, name
         self.timeout = DEFAULT_TIMEOUT_S if timeout is None else float(timeout)
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
-        self._batched = dist.get_backend(group) == "nccl"
-        # Channels that share a process group never match each other's messages: each has its own tag.
+        # Channels sharing a gloo group never match each other's messages: each has its own tag.
+        # NCCL ignores tags; there every channel in flight with another has its own group.
         self.tag = zlib.crc32(name.encode()) & 0x3FFFFFFF
+        self._nccl: dict[str, bool] = {}
+
+    def is_nccl(self, device) -> bool:
+        kind = torch.device(device).type
+        if kind not in self._nccl:
+            self._nccl[kind] = is_nccl(self.group, device)
+        return self._nccl[kind]
 
     def post(
         self,
@@ -180,11 +293,12 @@ class P2P:
         recvs: Sequence[tuple[int, int]] = (),
         device: torch.device | None = None,
     ) -> Pending:
-        """Start sends of packed uint8 messages ``(peer, buf)`` and receives ``(peer, nbytes)``.
+        """Start sends of packed uint8 messages ``(peer, buf)`` and receives ``(peer, nbytes)``
+        (into buffers on ``device``, default the CPU).
 
-        On gloo each transfer is a plain isend/irecv (batch_isend_irecv costs ~0.4-0.6 ms more per
-        exchange there); on NCCL they go out as one ``batch_isend_irecv`` group, which NCCL needs to
-        run a step's sends and receives concurrently without deadlock.
+        Post every send and receive of one exchange in ONE call: on NCCL they go out as one
+        ``batch_isend_irecv`` group, which runs them concurrently; a receive posted on its own
+        would hold up every later operation on the group until its sender gets round to it.
         """
         ops, bufs, keep = [], [], []
         counters = _COUNTERS.get(self.name)
@@ -203,15 +317,45 @@ class P2P:
             bufs.append(buf)
             counters.recvs += 1
             counters.bytes_recv += n
-        if self._batched and ops:
-            p2p = [dist.P2POp(fn, buf, group=self.group, tag=self.tag, group_peer=peer) for fn, buf, _, peer in ops]
-            works = [(w, kind, peer) for w, (_, _, kind, peer) in zip(dist.batch_isend_irecv(p2p), ops)]
+        if not ops:
+            return Pending(self, step, [], bufs, keep)
+        nccl = self.is_nccl(ops[0][1].device)
+        if nccl:
+            every: list[Op] = [(kind, peer) for _, _, kind, peer in ops]
+            try:
+                batch = dist.batch_isend_irecv(
+                    [dist.P2POp(fn, buf, group=self.group, tag=self.tag, group_peer=peer) for fn, buf, _, peer in ops])
+            except RuntimeError as e:
+                raise self.failure(step, every, e, nccl=True, starting=True) from e
+            # NCCL returns one coalesced work for the whole batch: it stands for every peer in it
+            works = [(w, [op]) for w, op in zip(batch, every)] if len(batch) == len(ops) else [(w, every) for w in batch]
         else:
-            works = [
-                (fn(buf, group=self.group, tag=self.tag, **({"group_dst": peer} if kind == "send" else {"group_src": peer})), kind, peer)
-                for fn, buf, kind, peer in ops
-            ]
-        return Pending(self, step, works, bufs, keep)
+            works = []
+            for fn, buf, kind, peer in ops:
+                try:
+                    w = fn(buf, group=self.group, tag=self.tag, **({"group_dst": peer} if kind == "send" else {"group_src": peer}))
+                except RuntimeError as e:
+                    raise self.failure(step, [(kind, peer)], e, nccl=False, starting=True) from e
+                works.append((w, [(kind, peer)]))
+        return Pending(self, step, works, bufs, keep, nccl=nccl)
+
+    def failure(self, step: int, ops: Sequence[Op], e: BaseException, *, nccl: bool, starting: bool = False) -> CommError:
+        """The :class:`CommTimeout` or :class:`CommError` for transfers ``ops`` that failed with ``e``."""
+        where = f"rank {self.rank} (of {self.world}) on channel {self.name!r}, step {step}"
+        peers = sorted({p for _, p in ops})
+        if len(ops) == 1:
+            what, who = _describe(ops), f"is rank {peers[0]} alive and running the same schedule?"
+        else:
+            what = f"the batched transfers ({_describe(ops)})"
+            who = (f"they run as one NCCL group, so the peer at fault can be any of ranks {', '.join(map(str, peers))}; "
+                   f"are they all alive and running the same schedule?")
+        kind = failure_kind(e)
+        if kind == "timeout":
+            limit = "the process group's timeout (NCCL watchdog)" if nccl else f"{self.timeout:g} s"
+            return CommTimeout(f"{where}: {what} did not complete within {limit}; {who} ({e})")
+        reason = "the connection to the peer was closed (did it exit or crash?)" if kind == "closed" else "the backend reported an error"
+        verb = "could not be started" if starting else "failed"
+        return CommError(f"{where}: {what} {verb}: {reason}; {who} ({e})")
 
     def _check_peer(self, peer: int, step: int) -> None:
         if not 0 <= peer < self.world or peer == self.rank:

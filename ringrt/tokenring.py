@@ -159,30 +159,34 @@ def _relay_pass(plan: RingPlan, bundles: list[list[torch.Tensor]], compute: Rela
 
     compute(block, bundle, d) updates the bundle's accumulators in place. Returns this rank's own
     bundles after the full round trip (their accumulators complete).
+
+    Each direction waits for its bundle only just before computing on it, so each direction's
+    transfer overlaps the other direction's compute::
+
+        step s:     compute 0, post 0,  compute 1, post 1
+        step s+1:   wait 0, compute 0, post 0,  wait 1, compute 1, post 1
+                    (post 0 .. wait 0 spans compute 1; post 1 .. wait 1 spans the next compute 0)
     """
     g = plan.groups
     dev = bundles[0][0].device
     dirs = (-1, 1)[: len(bundles)]
     chans = [P2P(g.q, "q", plan.timeout), P2P(g.out, "out", plan.timeout)] if g.world > 1 else []
     scheds = [relay_schedule(g.rank, g.world, plan.causal, plan.layout, d) for d in dirs]
+    specs = [[(tuple(t.shape), t.dtype) for t in b] for b in bundles]
     cur = list(bundles)
+    pend: list[Pending | None] = [None] * len(dirs)
     for s in range(g.world):
-        pend = []
         for d in range(len(dirs)):
+            if pend[d] is not None:
+                cur[d], pend[d] = unpack(pend[d].wait()[0], specs[d]), None
             st = scheds[d][s]
             if st.block is not None:
                 compute(st.block, cur[d], d)
             if g.world > 1:
-                pend.append(
-                    chans[d].post(
-                        step=s,
-                        sends=[(st.send_to, pack(cur[d]))],
-                        recvs=[(st.recv_from, nbytes([(tuple(t.shape), t.dtype) for t in cur[d]]))],
-                        device=dev,
-                    )
-                )
-        for d, p in enumerate(pend):
-            cur[d] = unpack(p.wait()[0], [(tuple(t.shape), t.dtype) for t in bundles[d]])
+                pend[d] = chans[d].post(step=s, sends=[(st.send_to, pack(cur[d]))], recvs=[(st.recv_from, nbytes(specs[d]))], device=dev)
+    for d, p in enumerate(pend):
+        if p is not None:
+            cur[d] = unpack(p.wait()[0], specs[d])
     return cur
 
 

@@ -8,13 +8,13 @@ up. On a single process the local problem is raised directly.
 
 from __future__ import annotations
 
-import datetime
 import math
 
 import torch
 import torch.distributed as dist
 
-from .comm import CommTimeout
+from . import comm
+from .comm import CommError, CommTimeout
 from .layout import LAYOUTS, local_chunks
 
 _DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "meta")
@@ -56,6 +56,12 @@ def local_problem(
         return f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
     if len({q.device, k.device, v.device}) != 1:
         return f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}"
+    if q.device.type == "cuda" and world > 1:  # NCCL runs on the current device: no host sync, one index compare
+        from .device import wrong_cuda_device
+
+        wrong = wrong_cuda_device(q.device, torch.cuda.current_device())
+        if wrong:
+            return wrong
     n = local_chunks(layout)
     if q.shape[1] == 0 or q.shape[1] % n:
         return (
@@ -84,8 +90,10 @@ def _meta(q, k, causal, algorithm, algorithms, layout, topology, topologies, sof
 def agree(group: dist.ProcessGroup | None, rank: int, world: int, problem: str | None, meta_args: tuple, what: str, timeout_s: float, device) -> None:
     """Raise ``ValueError`` on every rank if any rank has a problem or the ranks disagree.
 
-    Uses one all_gather on ``group`` (None on a single process); a rank that never arrives makes
-    the others raise ``CommTimeout`` after ``timeout_s``.
+    Uses one all_gather of a few numbers on ``group`` (None on a single process), on the CPU when
+    the group carries CPU tensors (see :func:`ringrt.comm.metadata_device`). A rank that never
+    arrives makes the others raise ``CommTimeout`` after ``timeout_s`` on gloo; on a plain NCCL
+    group the wait is the process group's own (its timeout and watchdog).
     """
     fields = [] if world == 1 else list(zip(_FIELDS, _meta(*meta_args, ok=problem is None)[1:]))
     agree_fields(group, rank, world, problem, fields, what, timeout_s, device, show=_show)
@@ -103,19 +111,24 @@ def agree_fields(
         if problem:
             raise ValueError(f"{what}: {problem}")
         return
-    meta = torch.tensor([1.0 if problem is None else 0.0, *(float(v) for _, v in fields)], dtype=torch.float64)
-    if dist.get_backend(g) == "nccl":
-        meta = meta.to(device)
+    # Host-side metadata stays on the CPU over a group that carries CPU tensors (gloo, or the gloo
+    # half of "cpu:gloo,cuda:nccl"): no device sync. A plain NCCL group needs it on the device;
+    # reading the rows back is then the one device sync of the agreement.
+    dev = comm.metadata_device(g, device)
+    meta = torch.tensor([1.0 if problem is None else 0.0, *(float(v) for _, v in fields)], dtype=torch.float64, device=dev)
     gathered = [torch.empty_like(meta) for _ in range(world)]
     work = dist.all_gather(gathered, meta, group=g, async_op=True)
     try:
-        work.wait(timeout=datetime.timedelta(seconds=timeout_s))
+        comm.finish(work, g, dev, timeout_s)
     except RuntimeError as e:
-        raise CommTimeout(
-            f"{what}: rank {rank} (of {world}) waited {timeout_s:g} s for the other ranks to check "
-            f"their inputs; did every rank of the group call it? ({e})"
-        ) from e
-    rows = [t.cpu().tolist() for t in gathered]
+        if comm.failure_kind(e) == "timeout":
+            limit = "the process group's timeout" if comm.is_nccl(g, dev) else f"{timeout_s:g} s"
+            raise CommTimeout(
+                f"{what}: rank {rank} (of {world}) waited {limit} for the other ranks to check "
+                f"their inputs; did every rank of the group call it? ({e})"
+            ) from e
+        raise CommError(f"{what}: rank {rank} (of {world}) could not agree on the inputs with the other ranks: {e}") from e
+    rows = torch.stack(gathered).cpu().tolist()
     bad = [r for r, row in enumerate(rows) if row[0] == 0.0]
     if bad:
         msgs: list = [None] * world

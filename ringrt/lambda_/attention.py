@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from ..comm import DEFAULT_TIMEOUT_S
-from ..groups import base_group, ring_groups
+from ..groups import base_group, nccl_problem, ring_groups
 from ..kernels import get_kernel
 from ..rope import apply_rope, inv_freq
 from ..validate import DTYPES, agree_fields, local_problem
@@ -89,9 +89,11 @@ def lambda_attention(
             depend on it (up to rounding): only relative positions enter the local branch.
         block_size: query rows per kernel call; default min(local_seq, 512).
         kernel: local block kernel, ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"math"``.
-        timeout: seconds a transfer may wait for a peer before raising ``CommTimeout``.
+        timeout: seconds a transfer may wait for a peer before raising ``CommTimeout`` (gloo; on
+            NCCL waits are stream-ordered and the process group's timeout and watchdog apply).
         group: process group the sequence is sharded over (default: the default group; none
-            initialised or one rank: single-process attention).
+            initialised or one rank: single-process attention). A subgroup on NCCL needs
+            dedicated direction groups (``ringrt.groups.new_subgroups``).
 
     Returns:
         (batch, local_seq, heads, head_dim): this rank's output shard, dtype of q, differentiable
@@ -112,6 +114,7 @@ def lambda_attention(
     if problem is None:
         try:
             kern = get_kernel(q.device, kernel)
+            problem = nccl_problem(base, q.device)  # an NCCL subgroup needs dedicated direction groups
         except ValueError as e:
             problem = str(e)
     ok = problem is None

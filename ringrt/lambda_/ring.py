@@ -20,6 +20,15 @@ merge the partials that come back to me.
 Backward: each tile's exact gradient from the FINAL lse and delta = rowsum(dout * out); halo
 dK/dV go back to their owners, global dK/dV run up the relay, summed on the way.
 
+Every halo exchange (K/V; query rows; partials; their gradients) is ONE ``post`` per rank with all
+its sends and receives (on NCCL one ``batch_isend_irecv``), posted when the data to send is ready.
+A receive posted earlier, on its own, would complete only after a later send of its peer on the
+same communicator; NCCL runs a communicator's operations in order, so each rank's sends would
+queue behind its own receive and the ranks would finish one after another (O(W)). Exchanges in
+flight at the same time use different groups: halo exchanges the q group, the global-token relay
+the out group. The relay is a chain by design (rank t forwards what t - 1 sent it), alone on its
+communicator, and overlaps the local tiles.
+
 Tensors here are (B, H, S, D) (heads before sequence); lse and delta are (B, H, S).
 """
 
@@ -37,7 +46,8 @@ from .mask import LambdaMask, Tile, global_bias, global_tiles, local_bias, local
 from .plan import HaloPlan
 
 HALO, HALO_GRAD, GLOBAL, GLOBAL_GRAD = "lambda_halo", "lambda_halo_grad", "lambda_global", "lambda_global_grad"
-# algorithm="tokenring": query rows go down to the key owners, partials come back up (both on the q group)
+# algorithm="tokenring": query rows go down to the key owners, partials come back up (both on the q group,
+# one exchange after the other)
 HALO_Q, HALO_OUT, HALO_Q_GRAD, HALO_DQ = "lambda_q", "lambda_out", "lambda_q_grad", "lambda_dq"
 
 
@@ -113,7 +123,7 @@ def lambda_forward(qr, qs, kr, kraw, v, plan: LambdaPlan):
     q0, q1, dev, dt = hp.q0, hp.q1, qr.device, kr.dtype
     tokenring = plan.algorithm == "tokenring"
     halo_ch, glob_ch = _channels(plan, (HALO_Q if tokenring else HALO, GLOBAL))
-    halo_pend = q_pend = part_pend = None
+    halo_pend = q_pend = None
     if tokenring and (hp.q_to or hp.q_from):
         q_pend = halo_ch.post(
             step=0,
@@ -122,7 +132,6 @@ def lambda_forward(qr, qs, kr, kraw, v, plan: LambdaPlan):
             device=dev,
         )
         part_ch = P2P(plan.groups.q, HALO_OUT, plan.timeout)
-        part_pend = part_ch.post(step=1, recvs=[(r.peer, nbytes(_partial_specs(qr, r.n))) for r in hp.q_to], device=dev)
     if not tokenring and (hp.halo_from or hp.halo_to):
         halo_pend = halo_ch.post(
             step=0,
@@ -177,12 +186,11 @@ def lambda_forward(qr, qs, kr, kraw, v, plan: LambdaPlan):
                                       mask=_bias(t, plan, False, vq.dtype, dev), scale=scale)
                 merge_(_seq(o, t.q0 - r.k0, t.q1 - r.k0), _seq(l, t.q0 - r.k0, t.q1 - r.k0), bo, bl)
             sends.append((r.peer, pack([o.to(qr.dtype), l])))
-        send_pend = part_ch.post(step=2, sends=sends) if sends else None
+        # one exchange: my partials go back to the successors as theirs come back to me
+        part_pend = part_ch.post(step=1, sends=sends, recvs=[(r.peer, nbytes(_partial_specs(qr, r.n))) for r in hp.q_to], device=dev)
         for buf, r in zip(part_pend.wait(), hp.q_to):
             o, l = unpack(buf, _partial_specs(qr, r.n))
             merge_(_seq(acc_o, r.k0 - q0, r.k1 - q0), _seq(acc_l, r.k0 - q0, r.k1 - q0), o, l)
-        if send_pend is not None:
-            send_pend.wait()
     if halo_pend is not None:
         bufs = halo_pend.wait()
         if hp.halo_from:
@@ -220,9 +228,6 @@ def lambda_backward(dout, qr, qs, kr, kraw, v, out, lse, halo: _Keys, glob: _Key
             device=dev,
         )
         dq_ch = P2P(plan.groups.q, HALO_DQ, plan.timeout)
-        dq_pend = dq_ch.post(step=1, recvs=[(r.peer, nbytes([_rows_spec(qr, r.n, adt)])) for r in hp.q_to], device=dev)
-    if not tokenring and hp.halo_to:  # gradients for my rows come back from the successors they went to
-        back_pend = halo_ch.post(step=0, recvs=[(r.peer, nbytes(spec(r.n))) for r in hp.halo_to], device=dev)
     up_pend = glob_ch.post(step=0, recvs=[(hp.rank + 1, nbytes(spec(hp.global_out)))], device=dev) if hp.global_out else None
 
     dqr = torch.zeros(qr.shape, dtype=adt, device=dev)
@@ -262,10 +267,15 @@ def lambda_backward(dout, qr, qs, kr, kraw, v, out, lse, halo: _Keys, glob: _Key
             dq_part = torch.zeros(vis[0].shape, dtype=adt, device=dev)
             run(local_tiles(r.k0, r.k1, q0, q1, n_local, plan.block), r.k0, vis, dq_part, own, down, False)
             sends.append((r.peer, pack([dq_part])))
-        if sends:
-            pending_sends.append(dq_ch.post(step=2, sends=sends))
-    if not tokenring and hp.halo_from:
-        pending_sends.append(halo_ch.post(step=1, sends=[(r.peer, pack(list(dhalo.rows(r.k0, r.k1)))) for r in hp.halo_from]))
+        # one exchange: dq partials back to the successors, mine from the predecessors
+        dq_pend = dq_ch.post(step=1, sends=sends, recvs=[(r.peer, nbytes([_rows_spec(qr, r.n, adt)])) for r in hp.q_to], device=dev)
+    if not tokenring and (hp.halo_from or hp.halo_to):  # one exchange: halo dK/dV back to their owners, mine from the successors
+        back_pend = halo_ch.post(
+            step=1,
+            sends=[(r.peer, pack(list(dhalo.rows(r.k0, r.k1)))) for r in hp.halo_from],
+            recvs=[(r.peer, nbytes(spec(r.n))) for r in hp.halo_to],
+            device=dev,
+        )
     if up_pend is not None:  # gradients of [0, global_out) from everyone after me
         gk, gv = unpack(up_pend.wait()[0], spec(hp.global_out))
         dk_g, dv_g = dglob.rows(0, hp.global_out)

@@ -9,14 +9,16 @@ no label crosses a shard boundary.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .. import api
-from ..groups import base_group
+from .. import api, comm
+from ..groups import base_group, new_subgroups
 from ..layout import num_chunks, positions as layout_positions, shard_of
 from .config import AttentionConfig, ModelConfig
 
@@ -75,11 +77,18 @@ class Shard:
     labels: torch.Tensor  # (B, S_local) int64, -100 where nothing is scored
     positions: torch.Tensor  # (S_local,) int64 absolute positions
 
+    def to(self, device: torch.device | str) -> "Shard":
+        """The same shard on ``device`` (the model's): ids, labels and positions move together."""
+        return Shard(*(t.to(device) for t in (self.input_ids, self.labels, self.positions)))
 
-def shard_batch(tokens: torch.Tensor, *, layout: str, group: dist.ProcessGroup | None = None) -> Shard:
+
+def shard_batch(tokens: torch.Tensor, *, layout: str, group: dist.ProcessGroup | None = None,
+                device: torch.device | str | None = None) -> Shard:
     """This rank's shard of a batch ``tokens`` (B, S + 1) held in full by every rank of ``group``.
 
-    S must be a multiple of W (contiguous) or 2W (zigzag); ValueError otherwise.
+    The shard is cut where ``tokens`` lives (the data pipeline's CPU batch: only this rank's tokens
+    then cross to the accelerator) and moved to ``device`` (the model's) when given; its positions
+    are on the shard's device. S must be a multiple of W (contiguous) or 2W (zigzag); ValueError otherwise.
     """
     _, rank, world = base_group(group)
     seq = tokens.shape[1] - 1
@@ -91,7 +100,8 @@ def shard_batch(tokens: torch.Tensor, *, layout: str, group: dist.ProcessGroup |
         )
     ids = shard_of(tokens[:, :-1], layout, rank, world, dim=1)
     labels = shard_of(tokens[:, 1:], layout, rank, world, dim=1)
-    return Shard(ids, labels, layout_positions(layout, rank, world, ids.shape[1]))
+    sh = Shard(ids, labels, layout_positions(layout, rank, world, ids.shape[1]).to(tokens.device))
+    return sh if device is None else sh.to(device)
 
 
 class _GroupSum(torch.autograd.Function):
@@ -145,11 +155,17 @@ def sum_gradients(params, group: dist.ProcessGroup | None = None, *, divide_by: 
             t.div_(divide_by)
 
 
-def mesh(data_parallel: int) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None, int, int]:
+def mesh(data_parallel: int, *, hybrid_degrees: Sequence[int] | None = None) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None, int, int]:
     """(sequence group, data group, data rank, sequence world) of a (data x sequence) mesh.
 
     Ranks [i*sp, (i+1)*sp) shard one sequence (sp = world / data_parallel); rank r is replica
     r // sp. Every rank must call this (group creation is collective). Without distributed: all None.
+
+    Each sequence group comes with its dedicated direction groups (``ringrt.groups.new_subgroups``):
+    NCCL ignores P2P tags, so ringrt's concurrent channels need communicators of their own.
+    ``hybrid_degrees``: the Ulysses degrees whose grids to create for ``algorithm="hybrid"``; default
+    on NCCL every degree the hybrid can pick (the divisors of sp below it, at most
+    ``LOCAL_WORLD_SIZE``, or ``RINGRT_ULYSSES_DEGREE``), on gloo none (tags keep channels apart there).
     """
     if not (dist.is_available() and dist.is_initialized()):
         if data_parallel != 1:
@@ -162,13 +178,22 @@ def mesh(data_parallel: int) -> tuple[dist.ProcessGroup | None, dist.ProcessGrou
     sp = world // data_parallel
     if data_parallel == 1:
         return dist.group.WORLD, None, 0, sp
-    seq_group = data_group = None
-    for i in range(data_parallel):
-        g = dist.new_group(list(range(i * sp, (i + 1) * sp)))
-        if rank // sp == i:
-            seq_group = g
+    if hybrid_degrees is None:
+        hybrid_degrees = _hybrid_candidates(sp) if comm.is_nccl(dist.group.WORLD) else ()
+    seq_group = new_subgroups([list(range(i * sp, (i + 1) * sp)) for i in range(data_parallel)], hybrid_degrees=hybrid_degrees)
+    data_group = None
     for j in range(sp):
         g = dist.new_group(list(range(j, world, sp)))
         if rank % sp == j:
             data_group = g
     return seq_group, data_group, rank // sp, sp
+
+
+def _hybrid_candidates(sp: int) -> list[int]:
+    """The Ulysses degrees ``schedules.hybrid.hybrid_degree`` can pick for a group of sp ranks that
+    need a grid (1 < u < sp)."""
+    env = os.environ.get("RINGRT_ULYSSES_DEGREE")
+    if env:
+        return [int(env)] if 1 < int(env) < sp and sp % int(env) == 0 else []
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", sp))
+    return [u for u in range(2, sp) if sp % u == 0 and u <= per_node]

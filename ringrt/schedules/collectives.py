@@ -10,20 +10,29 @@ gradients) in ONE all-to-all of packed messages, and puts the tokens in global o
 them out::
 
     (B, S_l, H, D) sequence shard  --seq_to_heads-->  (B, H/u, u*S_l, D) all tokens of the group, H/u heads
+
+Waiting goes through :func:`ringrt.comm.finish`: on NCCL the current stream waits for the collective
+(no timeout argument, nothing blocks the host; the process group's timeout and watchdog catch a
+hang), on gloo the wait is bounded by ``timeout`` and a timeout raises ``CommTimeout``.
 """
 
 from __future__ import annotations
 
-import datetime
-
 import torch
 import torch.distributed as dist
 
-from ..comm import count, pack, spec_of, unpack
+from .. import comm
+from ..comm import CommError, CommTimeout, count, pack, spec_of, unpack
 
 
-def _wait(work, timeout: float | None) -> None:
-    work.wait(timeout=datetime.timedelta(seconds=timeout)) if timeout else work.wait()
+def _wait(work, group, device: torch.device, channel: str, timeout: float | None) -> None:
+    try:
+        comm.finish(work, group, device, timeout)
+    except RuntimeError as e:
+        where = f"rank {dist.get_rank(group)} (of {dist.get_world_size(group)}) on channel {channel!r}"
+        if comm.failure_kind(e) == "timeout":
+            raise CommTimeout(f"{where}: a collective did not complete in time; did every rank of the group call it? ({e})") from e
+        raise CommError(f"{where}: a collective failed ({e})") from e
 
 
 def all_gather(tensors: list[torch.Tensor], group, channel: str, timeout: float | None = None) -> list[list[torch.Tensor]]:
@@ -34,7 +43,7 @@ def all_gather(tensors: list[torch.Tensor], group, channel: str, timeout: float 
     world = dist.get_world_size(group)
     buf = pack(tensors)
     parts = [torch.empty_like(buf) for _ in range(world)]
-    _wait(dist.all_gather(parts, buf, group=group, async_op=True), timeout)
+    _wait(dist.all_gather(parts, buf, group=group, async_op=True), group, buf.device, channel, timeout)
     count(channel, sent=(world - 1) * buf.numel(), recv=(world - 1) * buf.numel(), sends=world - 1, recvs=world - 1)
     specs = [spec_of(t) for t in tensors]
     return [unpack(p, specs) for p in parts]
@@ -45,7 +54,7 @@ def reduce_scatter(pieces: list[torch.Tensor], group, channel: str, timeout: flo
     everyone's ``pieces[j]``. All pieces share one shape and dtype."""
     world = dist.get_world_size(group)
     out = torch.empty_like(pieces[0])
-    _wait(dist.reduce_scatter(out, [p.contiguous() for p in pieces], group=group, async_op=True), timeout)
+    _wait(dist.reduce_scatter(out, [p.contiguous() for p in pieces], group=group, async_op=True), group, out.device, channel, timeout)
     n = pieces[0].numel() * pieces[0].element_size()
     count(channel, sent=(world - 1) * n, recv=(world - 1) * n, sends=world - 1, recvs=world - 1)
     return out
@@ -60,7 +69,7 @@ def all_to_all_packed(pieces: list[list[torch.Tensor]], group, channel: str, tim
     specs = [spec_of(t) for t in pieces[rank]]
     buf = pack([t for ts in pieces for t in ts])
     got = torch.empty_like(buf)
-    _wait(dist.all_to_all_single(got, buf, group=group, async_op=True), timeout)
+    _wait(dist.all_to_all_single(got, buf, group=group, async_op=True), group, buf.device, channel, timeout)
     n = buf.numel() // world
     count(channel, sent=(world - 1) * n, recv=(world - 1) * n, sends=world - 1, recvs=world - 1)
     return [unpack(got[i * n : (i + 1) * n], specs) for i in range(world)]

@@ -25,6 +25,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from .. import comm
+from ..groups import grid_ranks, nccl_problem
 from ..layout import rank_chunks
 from .ring import KVRing, KVRingAttention
 from .ulysses import from_heads, replicate_kv, to_heads, ulysses_problem
@@ -46,20 +48,21 @@ def hybrid_degree(world: int, heads: int, kv_heads: int, ranks_per_node: int | N
     return max(proper) if proper else max(ok)
 
 
-def grid_groups(base: dist.ProcessGroup, world: int, rank: int, u: int) -> tuple:
-    """(ulysses group, ring K/V group, ring dK/dV group) of this rank, created once and cached.
+def grid_groups(base: dist.ProcessGroup, world: int, rank: int, u: int, device=None) -> tuple:
+    """(ulysses group, ring K/V group, ring dK/dV group) of this rank on the default group, or on a
+    gloo subgroup without registered grids; created once and cached.
 
     On the default group every rank creates every row and column group, in the same order, so the
     groups are named alike on all ranks. On a subgroup only the members are present: this rank's
     row and column are created with local synchronisation, and the K/V and dK/dV rings share the
-    column group (their channels are kept apart by tags). Never two local groups over the same
-    ranks: their names could pair up differently on different ranks (see ``ringrt.groups``).
+    column group (their channels are kept apart by tags, which only gloo honours: an NCCL subgroup
+    needs its grids registered, see ``ringrt.groups.new_subgroups``). Never two local groups over
+    the same ranks: their names could pair up differently on different ranks (see ``ringrt.groups``).
     """
     ranks = dist.get_process_group_ranks(base)
     key = (id(base), tuple(ranks), u)
     if key not in _CACHE:
-        rows = [[ranks[i * u + b] for b in range(u)] for i in range(world // u)]
-        cols = [[ranks[i * u + c] for i in range(world // u)] for c in range(u)]
+        rows, cols = grid_ranks(ranks, u)
         my_row, my_col = rank // u, rank % u
         if base is dist.group.WORLD:
             row_groups = [dist.new_group(r, group_desc="ringrt_ulysses") for r in rows]
@@ -67,11 +70,30 @@ def grid_groups(base: dist.ProcessGroup, world: int, rank: int, u: int) -> tuple
             dkv_groups = [dist.new_group(c, group_desc="ringrt_ring_dkv") for c in cols]
             _CACHE[key] = (row_groups[my_row], kv_groups[my_col], dkv_groups[my_col])
         else:
+            if comm.is_nccl(base, device):
+                raise ValueError(nccl_problem(base, device, hybrid_degree=u) or "hybrid: no grid for this NCCL subgroup")
             row = dist.new_group(rows[my_row], use_local_synchronization=True, group_desc="ringrt_ulysses")
             col = row if rows[my_row] == cols[my_col] else dist.new_group(
                 cols[my_col], use_local_synchronization=True, group_desc="ringrt_ring_kv")
             _CACHE[key] = (row, col, col)
     return _CACHE[key]
+
+
+def hybrid_groups(g, u: int, device) -> tuple:
+    """(ulysses group, K/V group, dK/dV group) of this rank for degree ``u`` over ``g``
+    (:class:`ringrt.groups.RingGroups`); None where that part does not run. u = 1 is a KV-ring
+    over the whole group (its direction groups); u = W is Ulysses over the whole group (the base);
+    otherwise a registered grid, or :func:`grid_groups`."""
+    n = g.world // u
+    if g.world == 1:
+        return None, None, None
+    if u == 1:
+        return None, g.q, g.out
+    if n == 1:
+        return g.base, None, None
+    if u in g.grids:
+        return g.grids[u]
+    return grid_groups(g.base, g.world, g.rank, u, device)
 
 
 def clear_cache() -> None:
@@ -87,17 +109,13 @@ def hybrid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) ->
     if problem:
         raise ValueError(f"ringrt.attention(algorithm='hybrid'): {problem} (set RINGRT_ULYSSES_DEGREE)")
     n = g.world // u
-    if g.world > 1:
-        ugroup, kv_group, grad_group = grid_groups(g.base, g.world, g.rank, u)
-    else:
-        ugroup = kv_group = grad_group = None
+    ug, kv_group, grad_group = hybrid_groups(g, u, q.device)
     members = [[list(rank_chunks(plan.layout, r * u + b, g.world)) for b in range(u)] for r in range(n)]
     row_ids = [sorted(c for cs in m for c in cs) for m in members]  # each row's chunks, ascending
-    ug = ugroup if u > 1 else None
     mine = members[g.rank // u]
     qh, kh, vh = to_heads([q, replicate_kv(k, u), replicate_kv(v, u)], ug, mine, plan.timeout)  # (B, H/u, u*S_l, D)
     ring = KVRing(
-        kv_group=kv_group if n > 1 else None, grad_group=grad_group if n > 1 else None, rank=g.rank // u, world=n,
+        kv_group=kv_group, grad_group=grad_group, rank=g.rank // u, world=n,
         chunks=tuple(tuple(ids) for ids in row_ids), causal=plan.causal, scale=plan.scale,
         kernel=plan.kernel, timeout=plan.timeout,
     )

@@ -40,7 +40,9 @@ class KVRing:
     """One ring: ``chunks[m]`` are the global chunk ids member m holds (ascending, equal counts)."""
 
     kv_group: dist.ProcessGroup | None  # carries K/V
-    grad_group: dist.ProcessGroup | None  # carries dK/dV (a second group: the two never queue together)
+    # carries dK/dV: a second group, so the two never queue together (on NCCL, which ignores tags and
+    # runs a communicator's operations in order, they must be two communicators; see ringrt.groups)
+    grad_group: dist.ProcessGroup | None
     rank: int
     world: int
     chunks: tuple[tuple[int, ...], ...]
