@@ -16,14 +16,14 @@ Layout (B, H, S, D) throughout. K/V may have fewer heads than Q (GQA/MQA: H a mu
     (B, H, Sq, D) passes them as ``out``; otherwise kernels that want it rebuild one from delta
     (:func:`surrogate_out`).
 
-Backends: ``cpu`` (aten's flash kernel for CPU), ``cuda`` (flash-attn when installed, else aten's
-CUDA efficient-attention kernel; not exercised on CPU-only machines), ``math`` (plain matmuls in
-fp32/fp64; slow, any device).
+Backends: ``cpu`` (aten's flash kernel for CPU), ``cuda`` (``kernels_cuda.py``: flash-attn 2.6-2.8 when
+installed and able, else aten's CUDA efficient-attention kernel, else ``math`` for fp64; every backend
+meets this contract, see ``kernels_cuda.choose_cuda_path`` for which one runs a block), ``math`` (plain
+matmuls in fp32/fp64; slow, any device).
 """
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Protocol
 
 import torch
@@ -55,7 +55,9 @@ class BlockKernel(Protocol):
 
 
 def _empty_rows(mask: torch.Tensor | None, lse_shape: torch.Size) -> torch.Tensor | None:
-    """(B|1, H|1, Sq) bool: rows whose mask entries are all -inf, or None without a mask."""
+    """(B|1, H|1, Sq) bool: rows whose mask entries are all -inf, or None without a mask or such rows.
+    CPU only: ``bool(...)`` is a host sync, free on CPU but a stream stall per block on CUDA (the CUDA
+    kernel masks unconditionally instead)."""
     if mask is None:
         return None
     empty = torch.isneginf(mask).all(dim=-1)
@@ -155,74 +157,6 @@ class MathKernel:
         return dq.to(q.dtype), _fold_kv(dk, kvh).to(k.dtype), _fold_kv(dv, kvh).to(v.dtype)
 
 
-class CudaKernel:
-    """CUDA. flash-attn (>= 2.7, the optional ``flash`` extra) for fp16/bf16 blocks without an explicit
-    mask; otherwise aten's memory-efficient attention, which takes an additive mask and returns lse.
-    Chosen automatically for CUDA tensors; flash-attn is imported only here."""
-
-    name = "cuda"
-
-    def __init__(self) -> None:
-        self._flash = None
-        if importlib.util.find_spec("flash_attn") is not None:
-            from flash_attn import flash_attn_interface  # optional extra, only imported on CUDA
-
-            self._flash = flash_attn_interface
-
-    def _use_flash(self, q, mask) -> bool:
-        return self._flash is not None and mask is None and q.dtype in (torch.float16, torch.bfloat16)
-
-    def forward(self, q, k, v, *, causal, mask, scale):
-        if self._use_flash(q, mask):
-            out, lse, *_ = self._flash._flash_attn_forward(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=0.0, softmax_scale=scale,
-                causal=causal, window_size_left=-1, window_size_right=-1, softcap=0.0, alibi_slopes=None,
-                return_softmax=False,
-            )
-            return out.transpose(1, 2), lse
-        heads = q.shape[1]
-        ke, ve = _expand_kv(k, heads), _expand_kv(v, heads)
-        bias = _full_mask(False, mask, q.shape[2], k.shape[2], q.device, q.dtype)
-        if bias is not None:
-            bias = bias.expand(q.shape[0], heads, q.shape[2], k.shape[2])
-        out, lse, *_ = torch.ops.aten._efficient_attention_forward(
-            q.transpose(1, 2), ke.transpose(1, 2), ve.transpose(1, 2), bias, None, None, None, None,
-            0.0, 1 if causal else 0, True, scale=scale,
-        )
-        out, lse = out.transpose(1, 2), lse[..., : q.shape[2]].float()
-        empty = _empty_rows(mask, lse.shape)
-        if empty is not None:
-            lse = lse.masked_fill(empty, _NEG_INF)
-            out = out.masked_fill(empty.unsqueeze(-1), 0.0)
-        return out, lse
-
-    def backward(self, dout, q, k, v, lse, delta, *, causal, mask, scale, out=None):
-        heads, kvh = q.shape[1], k.shape[1]
-        lse = torch.where(torch.isneginf(lse), float("inf"), lse).contiguous()
-        out = surrogate_out(dout, delta) if out is None else out
-        if self._use_flash(q, mask):
-            t = [x.transpose(1, 2).contiguous() for x in (dout, q, k, v, out)]
-            dq, dk, dv = (torch.empty_like(x) for x in t[1:4])
-            self._flash._flash_attn_backward(
-                *t, lse.float(), dq, dk, dv, dropout_p=0.0, softmax_scale=scale, causal=causal,
-                window_size_left=-1, window_size_right=-1, softcap=0.0, alibi_slopes=None,
-                deterministic=False, rng_state=None,
-            )
-            return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
-        ke, ve = _expand_kv(k, heads), _expand_kv(v, heads)
-        bias = _full_mask(False, mask, q.shape[2], k.shape[2], q.device, q.dtype)
-        if bias is not None:
-            bias = bias.expand(q.shape[0], heads, q.shape[2], k.shape[2])
-        dq, dk, dv, _ = torch.ops.aten._efficient_attention_backward(
-            dout.transpose(1, 2), q.transpose(1, 2), ke.transpose(1, 2), ve.transpose(1, 2), bias,
-            out.transpose(1, 2), None, None, q.shape[2], k.shape[2], lse, 0.0,
-            torch.zeros(2, dtype=torch.int64, device=q.device), torch.zeros((), dtype=torch.int64),
-            1 if causal else 0, scale=scale,
-        )
-        dq, dk, dv = dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
-        return dq, _fold_kv(dk, kvh), _fold_kv(dv, kvh)
-
-
 KERNELS = ("auto", "cpu", "cuda", "math")
 
 
@@ -235,5 +169,15 @@ def get_kernel(device: torch.device, name: str = "auto") -> BlockKernel:
     if name == "cuda":
         if device.type != "cuda":
             raise ValueError(f"kernel='cuda' needs CUDA tensors, got device {device}")
+        from .kernels_cuda import CudaKernel  # CUDA-only code (and the optional flash-attn) loads on demand
+
         return CudaKernel()
     return CpuKernel() if name == "cpu" else MathKernel()
+
+
+def __getattr__(name: str):
+    if name == "CudaKernel":  # ``from ringrt.kernels import CudaKernel`` without importing it for CPU runs
+        from .kernels_cuda import CudaKernel
+
+        return CudaKernel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

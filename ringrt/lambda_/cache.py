@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from ..attn_layout import aligned_zeros
 from ..kernels import get_kernel
 from ..merge import empty_accumulator, merge_
 from ..rope import apply_rope
@@ -123,7 +124,8 @@ class LambdaKVCache:
         acc_o, acc_l = empty_accumulator(qr)
         for qq, kk, keep in ((qr, kr, local), (qs, kraw, far)):
             if bool(keep.any()):
-                bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~keep, _NEG_INF)
+                # rows padded to 16 bytes: aten's CUDA kernel takes the bias as it is, with no aligned copy
+                bias = aligned_zeros(tuple(keep.shape), q.dtype, q.device).masked_fill_(~keep, _NEG_INF)  # (T, n)
                 o, l = kern.forward(qq, kk, v, causal=False, mask=bias, scale=scale)
                 merge_(acc_o, acc_l, o, l)
         return acc_o.to(q.dtype).transpose(1, 2)  # (B, T, H, D)
