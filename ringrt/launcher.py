@@ -29,6 +29,8 @@ from typing import Literal, Mapping
 import torch
 import torch.distributed as dist
 
+from .device import cuda_index
+
 Source = Literal["torchrun", "slurm", "mpi", "submitit", "single"]
 BACKENDS = ("auto", "gloo", "nccl")
 
@@ -49,7 +51,9 @@ class LaunchConfig:
     """How ``init_distributed`` joins the ranks (the ``launcher`` config group)."""
 
     backend: Literal["auto", "gloo", "nccl"] = "auto"
-    """``auto``: nccl when CUDA is available, else gloo."""
+    """``auto``: ``cpu:gloo,cuda:nccl`` when CUDA is available (CUDA tensors over NCCL, CPU tensors
+    such as small metadata collectives over gloo), else ``gloo``. ``nccl``: the same pair, but an
+    error without CUDA. ``gloo``: gloo only (jobs then run on the CPU, see :mod:`ringrt.device`)."""
     timeout_s: float = 1800.0
     """Seconds a collective may wait for a peer before the process group raises."""
 
@@ -195,10 +199,30 @@ def global_rank() -> int:
     return detect().rank
 
 
+def process_group_backend(backend: str, local_rank: int) -> tuple[str, torch.device | None]:
+    """(backend string for ``init_process_group``, CUDA device to bind it to or None).
+
+    ``auto`` -> ``cpu:gloo,cuda:nccl`` on ``cuda:<local_rank % device_count>`` when CUDA is
+    available, else ``gloo``; ``nccl`` -> the same pair, ValueError without CUDA (CPU tensors keep a
+    gloo path: ``all_gather_object``, barriers and CPU metadata collectives work either way);
+    ``gloo`` -> ``gloo``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"launcher.backend={backend!r} is not valid; valid: {', '.join(BACKENDS)}")
+    if backend == "gloo" or (backend == "auto" and not torch.cuda.is_available()):
+        return "gloo", None
+    if not torch.cuda.is_available():
+        raise ValueError("launcher.backend='nccl' needs CUDA, but torch.cuda.is_available() is False on this rank "
+                         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); valid here: 'auto', 'gloo'")
+    return "cpu:gloo,cuda:nccl", torch.device("cuda", cuda_index(local_rank))
+
+
 def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> LaunchEnv:
     """Initialise the default process group from the launcher's environment (no-op for one process).
 
-    backend ``auto``: nccl when CUDA is available, else gloo. Sets the CUDA device to the local rank.
+    The backend is :func:`process_group_backend`'s: with CUDA, ``cpu:gloo,cuda:nccl``, the current
+    CUDA device set to ``local_rank % device_count`` and the group bound to it (``device_id``: NCCL
+    connects at once and sub-groups split from it). Jobs then run on :func:`ringrt.device.job_device`.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not valid; valid: {', '.join(BACKENDS)}")
@@ -207,10 +231,9 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> Launch
         le = _mpi_rendezvous(le)
     if le.world_size == 1 or dist.is_initialized():
         return le
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(le.local_rank)
+    pg_backend, device = process_group_backend(backend, le.local_rank)
+    if device is not None:
+        torch.cuda.set_device(device)
     if not le.master_addr or not le.master_port:
         raise ValueError(f"launcher {le.source!r} gave no MASTER_ADDR/MASTER_PORT; set them in the environment")
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -220,12 +243,12 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> Launch
         # addresses from the previous attempt and fail with "connectFullMesh ... Connection refused".
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         store = dist.TCPStore(le.master_addr, le.master_port, le.world_size, is_master=False, timeout=timeout)
-        dist.init_process_group(backend, store=dist.PrefixStore(f"ringrt/attempt_{attempt}", store),
-                                rank=le.rank, world_size=le.world_size, timeout=timeout)
+        dist.init_process_group(pg_backend, store=dist.PrefixStore(f"ringrt/attempt_{attempt}", store),
+                                rank=le.rank, world_size=le.world_size, timeout=timeout, device_id=device)
         return le
     dist.init_process_group(
-        backend, init_method=f"tcp://{le.master_addr}:{le.master_port}", rank=le.rank, world_size=le.world_size,
-        timeout=timeout,
+        pg_backend, init_method=f"tcp://{le.master_addr}:{le.master_port}", rank=le.rank, world_size=le.world_size,
+        timeout=timeout, device_id=device,
     )
     return le
 

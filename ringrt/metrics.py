@@ -2,6 +2,9 @@
 
 Sinks are callables ``sink(step: int, metrics: dict) -> None`` with an optional ``close()``;
 ``ConsoleSink`` prints one line, ``JsonlSink`` appends one JSON object per call.
+
+Values may be 0-dim tensors on the job's device (``grad_norm``): the logger reads them back only
+when it has sinks (rank 0), so the other ranks never wait for a number nobody prints.
 """
 
 from __future__ import annotations
@@ -45,6 +48,11 @@ class JsonlSink:
         self._f.close()
 
 
+def _number(v):
+    """A 0-dim tensor (any device) or numpy scalar as a Python number; anything else as it is."""
+    return v.item() if getattr(v, "ndim", None) == 0 and hasattr(v, "item") else v
+
+
 class MetricsLogger:
     """Fans ``log(step, **metrics)`` out to ``sinks``; does nothing unless ``enabled`` (rank 0)."""
 
@@ -57,6 +65,9 @@ class MetricsLogger:
             self.sinks.append(sink)
 
     def log(self, step: int, **metrics) -> None:
+        if not self.sinks:
+            return
+        metrics = {k: _number(v) for k, v in metrics.items()}
         for s in self.sinks:
             s(step, metrics)
 

@@ -1,9 +1,11 @@
 """``ringrt probe``: a tiny distributed job that proves a launch works end to end.
 
 Every rank joins the process group through :func:`ringrt.launcher.init_distributed` (torchrun,
-Slurm, MPI or a single process), builds the same random q/k/v from a seed, runs ``ringrt.attention``
-forward and backward on its shard, and compares output and gradients against a single-process fp64
-reference. Rank 0 writes the result as JSON atomically; the exit code is 0 only if every rank passed.
+Slurm, MPI or a single process), builds the same random q/k/v from a seed (drawn on the CPU, then
+moved to :func:`ringrt.device.job_device`: its GPU on a CUDA node), runs ``ringrt.attention``
+forward and backward on its shard there, and compares output and gradients against a
+single-process fp64 reference computed on the same device. Rank 0 writes the result as JSON
+atomically (each rank's entry names its device); the exit code is 0 only if every rank passed.
 
     torchrun --standalone --nproc-per-node=2 -m ringrt.probe --out probe.json
 """
@@ -21,6 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
+from . import device as devices
 from .launcher import init_distributed, shutdown
 
 
@@ -50,13 +53,14 @@ class ProbeConfig:
 
 
 def _reference(q, k, v, causal: bool) -> torch.Tensor:
-    """softmax(q kᵀ / sqrt(d) + mask) v in the dtype of the inputs; (B, S, H, D) layout, GQA repeated."""
+    """softmax(q kᵀ / sqrt(d) + mask) v in the dtype and on the device of the inputs; (B, S, H, D)
+    layout, GQA repeated."""
     rep = q.shape[2] // k.shape[2]
     k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
     s = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
     if causal:
         n = q.shape[1]
-        s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+        s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=q.device).tril(), float("-inf"))
     return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, dim=-1), v)
 
 
@@ -76,11 +80,11 @@ def run_probe(cfg: ProbeConfig) -> dict:
     world = dist.get_world_size() if dist.is_initialized() else 1
     if cfg.seq_len % (2 * world):
         raise ValueError(f"probe.seq_len={cfg.seq_len} must be a multiple of 2 x world size = {2 * world}")
-    g = torch.Generator().manual_seed(cfg.seed)
+    device = devices.job_device()
+    g = torch.Generator().manual_seed(cfg.seed)  # on the CPU: the same numbers on every rank and device
     shape_q = (cfg.batch, cfg.seq_len, cfg.heads, cfg.head_dim)
     shape_kv = (cfg.batch, cfg.seq_len, cfg.kv_heads, cfg.head_dim)
-    q, k, v = (torch.randn(s, generator=g) for s in (shape_q, shape_kv, shape_kv))
-    dout = torch.randn(shape_q, generator=g)
+    q, k, v, dout = (torch.randn(s, generator=g).to(device) for s in (shape_q, shape_kv, shape_kv, shape_q))
     layout = "zigzag" if cfg.causal else "contiguous"
 
     local = [ringrt.shard(x, layout=layout).clone().requires_grad_() for x in (q, k, v)]
@@ -91,15 +95,19 @@ def run_probe(cfg: ProbeConfig) -> dict:
     ref64_out, ref64_grads = _ref_with_grads(q, k, v, dout, cfg.causal, torch.float64)
     ref32_out, ref32_grads = _ref_with_grads(q, k, v, dout, cfg.causal, torch.float32)
     names = ("out", "dq", "dk", "dv")
-    errs, tols = {}, {}
-    for name, x, r64, r32 in zip(names, got, [ref64_out, *ref64_grads], [ref32_out, *ref32_grads]):
+    err_t, ref_t = [], []
+    for x, r64, r32 in zip(got, [ref64_out, *ref64_grads], [ref32_out, *ref32_grads]):
         r64_local, r32_local = ringrt.shard(r64, layout=layout), ringrt.shard(r32, layout=layout)
-        errs[name] = (x.double() - r64_local).abs().max().item()
-        # An fp32 computation may be off by at most twice what plain fp32 PyTorch is off by (+ one ulp-ish floor).
-        tols[name] = 2 * (r32_local.double() - r64_local).abs().max().item() + 1e-6
+        err_t.append((x.double() - r64_local).abs().max())
+        ref_t.append((r32_local.double() - r64_local).abs().max())
+    read = torch.stack(err_t + ref_t).tolist()  # the one host read
+    errs = dict(zip(names, read[: len(names)]))
+    # An fp32 computation may be off by at most twice what plain fp32 PyTorch is off by (+ one ulp-ish floor).
+    tols = {n: 2 * r + 1e-6 for n, r in zip(names, read[len(names) :])}
     me = {
         "rank": rank, "local_rank": env.local_rank, "host": socket.gethostname(), "pid": os.getpid(),
-        "launcher": env.source, "ok": all(errs[n] <= tols[n] for n in names), "max_abs_err": errs, "tolerance": tols,
+        "device": str(device), "launcher": env.source, "ok": all(errs[n] <= tols[n] for n in names),
+        "max_abs_err": errs, "tolerance": tols,
     }
     ranks = [me]
     if world > 1:

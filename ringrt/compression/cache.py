@@ -25,7 +25,7 @@ from .select import check_k, choose_k, chunk_lengths, downscale, select_indices
 
 
 def _digest(ids: torch.Tensor) -> str:
-    return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+    return hashlib.sha256(ids.to("cpu", torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
 @dataclass(kw_only=True, slots=True)
@@ -46,12 +46,15 @@ class EmbeddingCache:
     @classmethod
     @torch.no_grad()
     def build(cls, embedder, context: torch.Tensor, *, chunk_len: int, base_k: int = 1) -> "EmbeddingCache":
-        """Encode ``context`` (N,) or (1, N) token ids once, chunk by chunk."""
+        """Encode ``context`` (N,) or (1, N) token ids (any device) once, chunk by chunk, on the
+        embedder's device, where the cache then lives."""
+        from ..device import module_device
+
         check_k(base_k, "base_k")
-        ids = context.reshape(1, -1)
+        ids = context.reshape(1, -1).to(module_device(embedder))
         lengths = chunk_lengths(ids.shape[1], chunk_len)
         out = downscale(encode_chunks(embedder, ids, chunk_len), base_k, lengths)[0]  # (M_base, dim)
-        offsets = torch.cat([select_indices(c, base_k) for c in lengths])
+        offsets = torch.cat([select_indices(c, base_k) for c in lengths]).to(out.device)
         return cls(outputs=out, offsets=offsets, lengths=lengths, chunk_len=chunk_len, base_k=base_k, digest=_digest(ids))
 
     def compressed(self, k: int) -> torch.Tensor:
@@ -60,8 +63,11 @@ class EmbeddingCache:
         check_k(k)
         if k % self.base_k:
             raise ValueError(f"k={k} is not a multiple of the cache's base_k={self.base_k}; valid: multiples of {self.base_k}")
-        ends = torch.tensor(self.lengths)
-        chunk_of = torch.repeat_interleave(torch.arange(len(self.lengths)), torch.tensor([-(-c // self.base_k) for c in self.lengths]))
+        dev = self.offsets.device
+        ends = torch.tensor(self.lengths, device=dev)
+        counts = [-(-c // self.base_k) for c in self.lengths]  # outputs per chunk at base_k
+        chunk_of = torch.repeat_interleave(torch.arange(len(self.lengths), device=dev), torch.tensor(counts, device=dev),
+                                           output_size=sum(counts))  # the size given: no host sync on a GPU
         last = ends[chunk_of] - 1  # (M_base,) each output's chunk-last index
         keep = ((self.offsets + 1) % k == 0) | (self.offsets == last)
         return self.outputs[keep][None]
@@ -85,7 +91,8 @@ class EmbeddingCache:
         fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp-", suffix=".safetensors")
         os.close(fd)
         try:
-            save_file({"outputs": self.outputs.contiguous(), "offsets": self.offsets.contiguous()}, tmp, metadata=meta)
+            save_file({"outputs": self.outputs.to("cpu").contiguous(), "offsets": self.offsets.to("cpu").contiguous()}, tmp,
+                      metadata=meta)
             os.replace(tmp, p)
         finally:
             if os.path.exists(tmp):

@@ -43,16 +43,17 @@ class ExtensibleEmbedder(nn.Module):
     """A trainable copy of the first ``n_layers`` blocks of ``llm`` (the LLM itself is not touched)."""
 
     def __init__(self, llm: Llama, n_layers: int | None = None):
+        """On the LLM's device (its copied blocks are there; the new norm is put there)."""
         super().__init__()
         n = default_layers(llm, n_layers)
         self.config = llm.config
         self.n_layers = n
         self.embed_tokens = copy.deepcopy(llm.embed_tokens)
         self.layers = nn.ModuleList(copy.deepcopy(llm.layers[i]) for i in range(n))
-        self.out_norm = RMSNorm(llm.config.dim, llm.config.norm_eps)
+        self.out_norm = RMSNorm(llm.config.dim, llm.config.norm_eps).to(llm.embed_tokens.weight.device)
         with torch.no_grad():
             rms = llm.embed_tokens.weight.float().pow(2).mean(-1).sqrt().mean()
-            self.out_norm.weight.fill_(rms.item())
+            self.out_norm.weight.fill_(rms)  # a device tensor: no host read
         for p in self.parameters():
             p.requires_grad_(True)
 
@@ -93,7 +94,7 @@ def save_embedder(embedder: ExtensibleEmbedder, path: str | os.PathLike, *, extr
 
     p = Path(path)
     p.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().clone() for k, v in embedder.state_dict().items()}
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in embedder.state_dict().items()}
     fd, tmp = tempfile.mkstemp(dir=p, prefix=".tmp-", suffix=".safetensors")
     os.close(fd)
     save_file(state, tmp)

@@ -12,7 +12,8 @@ Each validation document has ``compression.doc_len`` tokens; its last ``raw_len`
   its window — zigzag shards through ``attention.algorithm``;
 * ``auto``: the smallest k of ``compression.ks`` whose whole compressed context fits.
 
-Everything runs sequence-parallel over all ranks (the embedder on chunk-aligned shards).
+Everything runs sequence-parallel over all ranks (the embedder on chunk-aligned shards), on
+:func:`ringrt.device.job_device`: each document moves there once; each row is read back once.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from .. import device as devices
 from ..data.batching import eval_sequences
 from ..data.tokenizer import check_tokenizer, load_tokenizer
 from ..groups import base_group
@@ -36,26 +38,28 @@ from .parallel import compressed_logits
 from .select import choose_k
 
 
-def _sharded_loss(llm, tokens: torch.Tensor, labels: torch.Tensor, attend, layout: str) -> float:
-    """Mean NLL of ``labels`` (B, S) (-100 = not scored) given ``tokens`` (B, S), sharded in ``layout``."""
+def _sharded_loss(llm, tokens: torch.Tensor, labels: torch.Tensor, attend, layout: str) -> torch.Tensor:
+    """Mean NLL (0-dim, on the tokens' device) of ``labels`` (B, S) (-100 = not scored) given
+    ``tokens`` (B, S), sharded in ``layout``."""
     _, rank, world = base_group(None)
     n = num_chunks(layout, world)
     tokens, labels = pad_to_multiple(tokens, n), pad_to_multiple(labels, n, value=-100)
     ids, lab = shard_of(tokens, layout, rank, world), shard_of(labels, layout, rank, world)
-    pos = layout_positions(layout, rank, world, ids.shape[1])
+    pos = layout_positions(layout, rank, world, ids.shape[1]).to(ids.device)
     logits = llm(ids, positions=pos, attend=attend)
-    return sequence_loss(logits, lab).item()
+    return sequence_loss(logits, lab)
 
 
-def _compressed_loss(llm, emb, doc: torch.Tensor, *, raw_len: int, chunk_len: int, k: int, keep: int | None, algorithm: str) -> float:
+def _compressed_loss(llm, emb, doc: torch.Tensor, *, raw_len: int, chunk_len: int, k: int, keep: int | None,
+                     algorithm: str) -> torch.Tensor:
     context, raw = doc[:, :-raw_len], doc[:, -raw_len:]
     logits, pos, M = compressed_logits(llm, emb, context, raw[:, :-1], chunk_len=chunk_len, k=k, keep=keep, algorithm=algorithm)
-    labels = torch.full((doc.shape[0], M + raw_len - 1), -100, dtype=torch.int64)
+    labels = torch.full((doc.shape[0], M + raw_len - 1), -100, dtype=torch.int64, device=doc.device)
     labels[:, M - 1 :] = raw  # row M-1 (last compressed) predicts raw[0]; raw row t predicts raw[t+1]
     _, rank, world = base_group(None)
     if world > 1:
         labels = shard_of(pad_to_multiple(labels, num_chunks("zigzag", world), value=-100), "zigzag", rank, world)
-    return sequence_loss(logits, labels).item()
+    return sequence_loss(logits, labels)
 
 
 @torch.no_grad()
@@ -76,12 +80,13 @@ def run_compression_eval(cfg, print_fn=print) -> dict:
     if c.doc_len <= window:
         raise ValueError(f"compression.doc_len={c.doc_len} must exceed the window {window} (otherwise nothing needs compressing)")
     tok = load_tokenizer(cfg.data.tokenizer if cfg.data.tokenizer is not None else extra.get("tokenizer"))
-    llm = freeze(load_pretrained(hf_dir)).eval()
+    llm = freeze(load_pretrained(hf_dir)).to(devices.job_device()).eval()
     check_tokenizer(tok, llm.config)
     emb, meta = load_embedder(c.embedder, llm)
     emb.eval()
     chunk_len = meta.get("chunk_len", c.chunk_len)
-    docs = eval_sequences(cfg.data, tok, c.doc_len - 1, max(1, e.tokens // c.doc_len))  # (n_docs, doc_len)
+    device = devices.module_device(llm)
+    docs = eval_sequences(cfg.data, tok, c.doc_len - 1, max(1, e.tokens // c.doc_len)).to(device)  # (n_docs, doc_len)
     n_ctx = c.doc_len - R
     rows: dict[str, float] = {}
     truncate_attend = make_attend(dataclasses.replace(cfg.attention, lambda_mask=False, layout="zigzag"), llm.config, train_len=window)
@@ -89,7 +94,10 @@ def run_compression_eval(cfg, print_fn=print) -> dict:
     lambda_attend = make_attend(lambda_cfg, llm.config, train_len=window)
 
     def mean_ppl(loss_of) -> float:
-        return math.exp(sum(loss_of(d[None]) for d in docs) / len(docs))
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for d in docs:
+            total += loss_of(d[None]).double()
+        return math.exp(total.item() / len(docs))  # the row's one host read
 
     def scored_tail(d: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         inp, lab = d[:, start:-1], d[:, start + 1 :].clone()

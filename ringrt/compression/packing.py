@@ -99,7 +99,7 @@ def naive_two_stream_loss(llm: Llama, embedder: nn.Module, tokens: torch.Tensor,
     n, c = _check(tokens, chunk_len), chunk_len
     B = tokens.shape[0]
     comps = [downscale(embedder(tokens[:, j * c : (j + 1) * c]), k) for j in range(n - 1)]  # each (B, m, dim)
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=tokens.device)
     for i in range(1, n):
         x = tokens[:, i * c : (i + 1) * c]  # (B, c)
         inp = torch.cat([*comps[:i], llm.embed_tokens(x[:, :-1])], dim=1)  # (B, M_i + c - 1, dim)
@@ -112,18 +112,19 @@ def naive_two_stream_loss(llm: Llama, embedder: nn.Module, tokens: torch.Tensor,
 def packed_two_stream_loss(llm: Llama, embedder: nn.Module, tokens: torch.Tensor, *, chunk_len: int, k: int) -> tuple[torch.Tensor, int]:
     """Same value as :func:`naive_two_stream_loss`, in one LLM pass over the packed sequence.
 
-    tokens (B, n·c) int64; all B examples use factor k. The embedder encodes chunks 0..n-2 as one
-    batch (the last chunk is only ever read raw).
+    tokens (B, n·c) int64 on the models' device; all B examples use factor k. The embedder encodes
+    chunks 0..n-2 as one batch (the last chunk is only ever read raw).
     """
     n, c = _check(tokens, chunk_len), chunk_len
     B = tokens.shape[0]
-    lay = packed_layout(n, c, k)
+    lay = packed_layout(n, c, k)  # (CPU index math)
+    positions, comp_rows = lay.positions.to(tokens.device), lay.comp_rows.to(tokens.device)
     comp = downscale(encode_chunks(embedder, tokens[:, : (n - 1) * c], c), k, [c] * (n - 1))  # (B, M, dim)
     chunks = tokens.view(B, n, c)[:, 1:]  # (B, n-1, c): the scored chunks
     raw = llm.embed_tokens(chunks[:, :, :-1].reshape(B, -1))  # (B, (n-1)(c-1), dim)
     inp = torch.cat([comp, raw], dim=1)  # (B, S, dim)
-    logits = llm(inputs_embeds=inp, positions=lay.positions, attend=MaskedAttend(lay.mask.to(tokens.device)))
-    first = logits[:, lay.comp_rows]  # (B, n-1, V): predicts X_i[0]
+    logits = llm(inputs_embeds=inp, positions=positions, attend=MaskedAttend(lay.mask.to(tokens.device)))
+    first = logits[:, comp_rows]  # (B, n-1, V): predicts X_i[0]
     rest = logits[:, lay.n_comp :].reshape(B, n - 1, c - 1, -1)  # (B, n-1, c-1, V): predicts X_i[1:]
     total = (F.cross_entropy(first.flatten(0, 1).double(), chunks[:, :, 0].flatten(), reduction="sum")
              + F.cross_entropy(rest.flatten(0, 2).double(), chunks[:, :, 1:].flatten(), reduction="sum"))

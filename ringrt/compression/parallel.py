@@ -82,7 +82,7 @@ def compressed_logits(
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The frozen LLM over [compressed context; raw tokens], sharded zigzag over ``group``.
 
-    context (B, N) and raw (B, R) token ids, the same on every rank. ``keep``: only the last
+    context (B, N) and raw (B, R) token ids, the same on every rank, on the models' device. ``keep``: only the last
     ``keep`` compressed embeddings are read (None = all). The LLM reads the sequence at positions
     0 .. M + R - 1 (compressed first, then raw). Returns (this rank's logits (B, S_local, V), their
     positions (S_local,) in that sequence, M); positions >= M + R are end padding.
@@ -93,11 +93,11 @@ def compressed_logits(
     seq = torch.cat([comp, llm.embed_tokens(raw)], dim=1)  # (B, M + R, dim)
     _, rank, world = base_group(group)
     if world == 1:
-        return llm(inputs_embeds=seq), torch.arange(seq.shape[1]), comp.shape[1]
+        return llm(inputs_embeds=seq), torch.arange(seq.shape[1], device=seq.device), comp.shape[1]
     n = num_chunks("zigzag", world)
     seq = pad_to_multiple(seq, n, dim=1)  # (B, S_pad, dim), zeros at the end
     local = shard_of(seq, "zigzag", rank, world, dim=1)  # (B, S_pad / W, dim)
-    pos = layout_positions("zigzag", rank, world, local.shape[1])
+    pos = layout_positions("zigzag", rank, world, local.shape[1]).to(seq.device)
     logits = llm(inputs_embeds=local, positions=pos, attend=RingAttend(algorithm=algorithm, layout="zigzag", group=group))
     return logits, pos, comp.shape[1]
 

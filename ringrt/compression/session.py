@@ -30,9 +30,10 @@ class CompressionSession:
             raise ValueError(f"window={window} must hold at least one chunk of raw tokens plus its compressed form "
                              f"(chunk_len {chunk_len} + {m}); valid: window >= {chunk_len + m}")
         self.llm, self.embedder, self.k, self.chunk_len, self.window = llm, embedder, k, chunk_len, window
-        dim = llm.config.dim
-        self.comp = torch.zeros(1, 0, dim, dtype=llm.embed_tokens.weight.dtype)  # (1, M, dim)
-        self.raw = torch.zeros(1, 0, dtype=torch.int64)  # (1, R)
+        dim, weight = llm.config.dim, llm.embed_tokens.weight
+        self.comp = torch.zeros(1, 0, dim, dtype=weight.dtype, device=weight.device)  # (1, M, dim), the LLM's device
+        self.raw = torch.zeros(1, 0, dtype=torch.int64, device=weight.device)  # (1, R)
+        self.select = select_indices(chunk_len, k).to(weight.device)  # kept outputs of a condensed chunk
         self.condensed = 0
         """Tokens condensed so far (a multiple of chunk_len)."""
         self.dropped = 0
@@ -43,11 +44,11 @@ class CompressionSession:
 
     @torch.no_grad()
     def append(self, ids: torch.Tensor) -> None:
-        """Add raw tokens ids (T,) or (1, T); condense / drop until the window holds the context."""
-        self.raw = torch.cat([self.raw, ids.reshape(1, -1).to(torch.int64)], dim=1)
+        """Add raw tokens ids (T,) or (1, T), any device; condense / drop until the window holds the context."""
+        self.raw = torch.cat([self.raw, ids.reshape(1, -1).to(self.raw.device, torch.int64)], dim=1)
         while len(self) > self.window and self.raw.shape[1] >= self.chunk_len:
             chunk = self.raw[:, : self.chunk_len]  # (1, c)
-            out = self.embedder(chunk)[:, select_indices(self.chunk_len, self.k)]  # (1, m, dim)
+            out = self.embedder(chunk)[:, self.select]  # (1, m, dim)
             self.comp = torch.cat([self.comp, out.to(self.comp.dtype)], dim=1)
             self.raw = self.raw[:, self.chunk_len :]
             self.condensed += self.chunk_len

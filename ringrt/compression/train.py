@@ -5,7 +5,8 @@ example is ``compression.train_chunks`` chunks of ``compression.chunk_len`` toke
 sampled from ``compression.ks`` (or fixed by ``compression.k``); its loss is the packed two-stream
 loss (``packing.py``). The ranks run data-parallel (each packs its own examples; the block mask is
 not a ring mask) and all-reduce the embedder's gradients. The embedder is written (rank 0,
-atomically) to ``<train.out_dir>/embedder``.
+atomically) to ``<train.out_dir>/embedder``. LLM, embedder, examples and loss totals live on
+:func:`ringrt.device.job_device`; the host reads the loss once per optimizer step.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from .. import device as devices
 from ..data.batching import train_batches
 from ..data.tokenizer import check_tokenizer, load_tokenizer
 from ..metrics import ConsoleSink, JsonlSink, MetricsLogger
@@ -47,6 +49,14 @@ def sample_ks(factors: list[int], n: int, *, seed: int, step: int, rank: int) ->
     return [factors[i] for i in torch.randint(len(factors), (n,), generator=g).tolist()]
 
 
+def _out_of_time(mine: bool, world: int, device: torch.device) -> bool:
+    """True on every rank once any rank's clock ran out (every rank stops at the same step)."""
+    flag = torch.tensor(float(mine), device=device)
+    if world > 1:
+        dist.all_reduce(flag)
+    return flag.item() > 0
+
+
 def run_compression_train(cfg, logger: MetricsLogger | None = None) -> dict:
     """Train the embedder; returns {"step", "loss", "losses", "embedder_dir", "seconds"}. Works on one
     process or on an initialised default process group (every rank calls it)."""
@@ -58,10 +68,10 @@ def run_compression_train(cfg, logger: MetricsLogger | None = None) -> dict:
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     llm_dir, extra = resolve_checkpoint(t.init_from)
     tok = load_tokenizer(cfg.data.tokenizer if cfg.data.tokenizer is not None else extra.get("tokenizer"))
-    llm = freeze(load_pretrained(llm_dir)).eval()
+    llm = freeze(load_pretrained(llm_dir)).to(devices.job_device()).eval()
     check_tokenizer(tok, llm.config)
     torch.manual_seed(t.seed)
-    emb = ExtensibleEmbedder(llm, c.embedder_layers).train()
+    emb = ExtensibleEmbedder(llm, c.embedder_layers).train()  # on the LLM's device
     params = [p for p in emb.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
@@ -74,37 +84,35 @@ def run_compression_train(cfg, logger: MetricsLogger | None = None) -> dict:
     factors = c.factors()
     losses: list[float] = []
     t_start = time.perf_counter()
+    device = devices.module_device(llm)
     step = 0
     while step < t.steps:
         lr = lr_at(step, t)
         for gr in opt.param_groups:
             gr["lr"] = lr
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=device)
         for micro in range(t.grad_accum):
-            tokens = next(batches)  # (B, n·c)
+            tokens = next(batches)  # (B, n·c) on the CPU: grouped by k there, each group moved to the device
             ks = torch.tensor(sample_ks(factors, tokens.shape[0], seed=t.seed, step=step * t.grad_accum + micro, rank=rank))
-            loss_sum, count = torch.zeros((), dtype=torch.float64), 0
+            loss_sum, count = torch.zeros((), dtype=torch.float64, device=device), 0
             for k in ks.unique().tolist():
-                s, n = packed_two_stream_loss(llm, emb, tokens[ks == k], chunk_len=c.chunk_len, k=k)
+                s, n = packed_two_stream_loss(llm, emb, tokens[ks == k].to(device), chunk_len=c.chunk_len, k=k)
                 loss_sum, count = loss_sum + s, count + n
             loss = loss_sum / count / t.grad_accum  # every rank scores the same number of tokens
             loss.backward()
             total += loss.detach()
         sum_gradients(params, None, divide_by=world)
-        gnorm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip) if t.grad_clip > 0 else torch.tensor(float("nan"))
+        gnorm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip) if t.grad_clip > 0 else float("nan")
         opt.step()
         opt.zero_grad(set_to_none=True)
         if world > 1:
             dist.all_reduce(total)
             total /= world
         step += 1
-        losses.append(total.item())
+        losses.append(total.item())  # the step's one host read
         if step % t.log_every == 0 or step == t.steps:
-            logger.log(step, loss=total.item(), lr=lr, grad_norm=float(gnorm))
-        out_of_time = torch.tensor(float(c.train_minutes is not None and time.perf_counter() - t_start > 60 * c.train_minutes))
-        if world > 1:
-            dist.all_reduce(out_of_time)  # every rank stops at the same step
-        if out_of_time.item() > 0:
+            logger.log(step, loss=losses[-1], lr=lr, grad_norm=gnorm)  # a device tensor: read by rank 0 only
+        if c.train_minutes is not None and _out_of_time(time.perf_counter() - t_start > 60 * c.train_minutes, world, device):
             logger.log(step, stopped="compression.train_minutes reached")
             break
     out = os.path.join(t.out_dir, "embedder")

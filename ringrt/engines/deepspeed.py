@@ -11,18 +11,24 @@ the same as the plain trainer's ``sum_gradients(divide_by=data_parallel)``.
 
 Needs ``pip install 'ringrt[deepspeed]'``; on CPU ``DS_ACCELERATOR=cpu`` (``launch/train.py`` sets it
 when there is no GPU). The optimizer is ``torch.optim.AdamW`` through ``"torch_adam": true``.
+The engine runs on :func:`ringrt.device.job_device` (DeepSpeed is told its CUDA index, so a rank
+that sees one GPU uses cuda:0 whatever its local rank); batches and loss totals follow it.
 """
 
 from __future__ import annotations
 
+import os
 import time
+from types import SimpleNamespace
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import torch.distributed as dist
 
-from ..jobs.config import TrainJobConfig
+from .. import device as devices
+from ..jobs.config import TrainConfig, TrainJobConfig
+from ..model.parallel import sequence_loss, shard_batch
 
 
 @dataclass(kw_only=True, slots=True)
@@ -129,6 +135,36 @@ def ds_config(cfg: TrainJobConfig, ds: DeepSpeedConfig) -> dict:
     return conf
 
 
+def engine_args(device: torch.device) -> SimpleNamespace | None:
+    """The ``args`` for ``deepspeed.initialize`` that put the engine on ``device``.
+
+    DeepSpeed puts the engine on ``args.device_rank`` if given, else on LOCAL_RANK, which is out of
+    range where each rank sees one GPU (Slurm ``--gpus-per-task=1``). None for the CPU.
+    """
+    return SimpleNamespace(device_rank=device.index) if device.type == "cuda" else None
+
+
+def deepspeed_step(engine, batches, *, t: TrainConfig, lr: float, layout: str, attend, seq_group, data_group) -> torch.Tensor:
+    """One optimizer step of ``engine`` over ``t.grad_accum`` micro-batches of ``batches`` (CPU
+    (B, S + 1) token batches, each rank's shard moved to ``engine.device``); returns the mean loss
+    over the data replicas, a 0-dim fp64 tensor on ``engine.device`` (no host read here)."""
+    device = torch.device(engine.device)
+    for g in engine.optimizer.param_groups:
+        g["lr"] = lr
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for _ in range(t.grad_accum):
+        sh = shard_batch(next(batches), layout=layout, group=seq_group, device=device)
+        logits = engine(sh.input_ids, positions=sh.positions, attend=attend)  # (B, S_local, V)
+        loss = sequence_loss(logits, sh.labels, seq_group)
+        engine.backward(loss)  # DeepSpeed divides by grad_accum itself
+        engine.step()
+        total += loss.detach().double() / t.grad_accum
+    if data_group is not None:
+        dist.all_reduce(total, group=data_group)
+        total /= t.data_parallel
+    return total
+
+
 def run_train_deepspeed(cfg: TrainJobConfig, ds: DeepSpeedConfig, logger=None) -> dict:
     """Train ``cfg`` with a DeepSpeed ZeRO engine; returns {"step", "loss", "losses", "tokens_per_s"}.
 
@@ -140,9 +176,10 @@ def run_train_deepspeed(cfg: TrainJobConfig, ds: DeepSpeedConfig, logger=None) -
     from ..data.batching import train_batches
     from ..data.tokenizer import check_tokenizer, load_tokenizer
     from ..jobs.train import _validate, lr_at
+    from ..launcher import detect
     from ..model.hf import load_pretrained
     from ..model.llama import Llama
-    from ..model.parallel import make_attend, mesh, sequence_loss, shard_batch
+    from ..model.parallel import make_attend, mesh
 
     if cfg.compression.enabled:
         raise ValueError("compression.enabled=true is not supported with engine=deepspeed; valid: engine=torch "
@@ -159,7 +196,13 @@ def run_train_deepspeed(cfg: TrainJobConfig, ds: DeepSpeedConfig, logger=None) -
     check_tokenizer(tok, model.config)
     groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": t.weight_decay},
               {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config(cfg, ds), mpu=mpu)
+    device = devices.job_device()
+    os.environ.setdefault("LOCAL_RANK", str(detect().local_rank))  # DeepSpeed insists on it (Slurm/MPI set none)
+    engine, _, _, _ = deepspeed.initialize(args=engine_args(device), model=model, model_parameters=groups,
+                                           config=ds_config(cfg, ds), mpu=mpu)
+    if torch.device(engine.device).type != device.type:
+        raise ValueError(f"DeepSpeed's accelerator put the engine on {engine.device}, but the job runs on {device}; "
+                         f"valid: DS_ACCELERATOR=cpu with RINGRT_DEVICE=cpu (or no GPU), else a CUDA job device")
     if ds.zero_stage == 3 and sp > 1:
         sum_over_sequence(engine.module, seq_group)
     layout = cfg.attention.resolved_layout()
@@ -169,21 +212,10 @@ def run_train_deepspeed(cfg: TrainJobConfig, ds: DeepSpeedConfig, logger=None) -
     losses, tps = [], 0.0
     for step in range(t.steps):
         t0 = time.perf_counter()
-        for g in engine.optimizer.param_groups:
-            g["lr"] = lr_at(step, t)
-        total = torch.zeros((), dtype=torch.float64)
-        for _ in range(t.grad_accum):
-            sh = shard_batch(next(batches), layout=layout, group=seq_group)
-            logits = engine(sh.input_ids, positions=sh.positions, attend=attend)  # (B, S_local, V)
-            loss = sequence_loss(logits, sh.labels, seq_group)
-            engine.backward(loss)  # DeepSpeed divides by grad_accum itself
-            engine.step()
-            total += loss.detach().double() / t.grad_accum
-        if data_group is not None:
-            dist.all_reduce(total, group=data_group)
-            total /= t.data_parallel
+        total = deepspeed_step(engine, batches, t=t, lr=lr_at(step, t), layout=layout, attend=attend,
+                               seq_group=seq_group, data_group=data_group)
+        losses.append(total.item())  # the step's one host read
         tps = tokens_per_step / (time.perf_counter() - t0)
-        losses.append(total.item())
         if logger is not None and ((step + 1) % t.log_every == 0 or step + 1 == t.steps):
             logger.log(step + 1, loss=losses[-1], lr=lr_at(step, t), tokens_per_s=tps)
     return {"step": t.steps, "loss": losses[-1] if losses else None, "losses": losses, "tokens_per_s": tps,

@@ -7,7 +7,8 @@
 
 It launches its own gloo ranks (``ringrt.spawn.run_local``), prints the table and writes
 ``results.json``, ``perplexity.png`` and the trained model under ``--out-dir`` (default outputs/demo).
-Running it again reuses the finished training run in that directory.
+Running it again reuses the finished training run in that directory. It runs on the CPU even on a
+GPU node: its process group is gloo only, so :func:`ringrt.device.job_device` is the CPU.
 """
 
 from __future__ import annotations

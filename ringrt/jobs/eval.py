@@ -3,7 +3,9 @@ attention ("vanilla") and with the LM-Infinite Λ-mask ("lambda"), and passkey r
 and depth. Prints tables, writes ``results.json`` and PNG plots (rank 0).
 
 Every sequence is sharded over all ranks (one sequence-parallel group): vanilla with the
-configured ring algorithm (zigzag), lambda over contiguous shards.
+configured ring algorithm (zigzag), lambda over contiguous shards. The model runs on
+:func:`ringrt.device.job_device` (or stays where a given model is); scores add up there and are
+read back once per table cell.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .. import device as devices
 from ..data.batching import eval_sequences
 from ..data.tokenizer import check_tokenizer, load_tokenizer
 from ..model.hf import load_pretrained
@@ -50,33 +53,36 @@ def _attend(cfg: EvalJobConfig, model, mode: str, train_len: int):
 
 @torch.no_grad()
 def perplexity(model, seqs: torch.Tensor, attend, layout: str) -> float:
-    """exp(mean next-token NLL) over every token of ``seqs`` (N, L + 1), each sharded over all ranks."""
-    nll, count = 0.0, 0
+    """exp(mean next-token NLL) over every token of ``seqs`` (N, L + 1), each sharded over all ranks
+    and moved to the model's device."""
+    device = devices.module_device(model)
+    nll, count = torch.zeros((), dtype=torch.float64, device=device), 0
     for seq in seqs:
-        sh = shard_batch(seq[None], layout=layout)
+        sh = shard_batch(seq[None], layout=layout, device=device)
         logits = model(sh.input_ids, positions=sh.positions, attend=attend)  # (1, L_local, V)
         n = seq.numel() - 1
-        nll += sequence_loss(logits, sh.labels).item() * n
+        nll += sequence_loss(logits, sh.labels).double() * n
         count += n
-    return math.exp(nll / count)
+    return math.exp(nll.item() / count)
 
 
 @torch.no_grad()
 def passkey_accuracy(model, tok, length: int, depth: float, trials: int, attend, layout: str, seed: int) -> float:
     """Fraction of ``trials`` prompts whose key the model reproduces exactly (greedy)."""
     rng = random.Random(f"{seed}-{length}-{depth}")
-    hits = 0
+    device = devices.module_device(model)
+    hits = torch.zeros((), dtype=torch.int64, device=device)
     for _ in range(trials):
         ids, n_ans = passkey_example(tok, length, depth, rng)
         labels = torch.full_like(ids, -100)
         labels[-n_ans:] = ids[-n_ans:]
-        sh = shard_batch(ids[None], layout=layout)
-        lab = shard_batch(labels[None], layout=layout).labels
+        sh = shard_batch(ids[None], layout=layout, device=device)
+        lab = shard_batch(labels[None], layout=layout, device=device).labels
         logits = model(sh.input_ids, positions=sh.positions, attend=attend)
         scored = lab != -100
         wrong = ((logits.argmax(-1) != lab) & scored).sum().to(torch.float64)
-        hits += int(group_sum(wrong).item() == 0)
-    return hits / trials
+        hits += group_sum(wrong) == 0
+    return hits.item() / trials
 
 
 def _table(title: str, rows: list[str], cols: list[str], cell) -> str:
@@ -144,7 +150,10 @@ def _write_json(obj: dict, path: str) -> None:
 
 
 def run_eval(cfg: EvalJobConfig, model=None, print_fn=print) -> dict:
-    """Evaluate; returns the results dict (also written to ``<out_dir>/results.json`` by rank 0)."""
+    """Evaluate; returns the results dict (also written to ``<out_dir>/results.json`` by rank 0).
+
+    ``model``: evaluate this model where it is; default: the checkpoint's, on :func:`ringrt.device.job_device`.
+    """
     if cfg.compression.enabled:
         from ..compression.eval import run_compression_eval
 
@@ -159,7 +168,7 @@ def run_eval(cfg: EvalJobConfig, model=None, print_fn=print) -> dict:
     train_len = e.train_len or extra.get("train_len") or cfg.data.seq_len
     tok = load_tokenizer(cfg.data.tokenizer if cfg.data.tokenizer is not None else extra.get("tokenizer"))
     if model is None:
-        model = load_pretrained(hf_dir)
+        model = load_pretrained(hf_dir).to(devices.job_device())
     model.eval()
     check_tokenizer(tok, model.config)
     world = _world()

@@ -1,7 +1,8 @@
 """``ringrt generate``: sharded prefill of a long prompt, then token-by-token decoding with a
 sharded KV cache (``ringrt/model/kvcache.py``); greedy or temperature / top-k sampling. Every rank
 ends with the same tokens: the merged decode outputs are bit-identical across ranks and sampling
-uses one seeded generator per rank.
+uses one seeded generator per rank, on the model's device (:func:`ringrt.device.job_device` unless a
+model is given), where the prompt, the cache and every decoded token live too.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
+from .. import device as devices
 from ..data.tokenizer import check_tokenizer, load_tokenizer
 from ..layout import num_chunks, pad_to_multiple
 from ..model.hf import load_pretrained
@@ -26,8 +28,8 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def _next_token(logits: torch.Tensor, g: GenerateConfig, gen: torch.Generator) -> torch.Tensor:
-    """logits (B, V) -> (B,) token ids."""
+def _next_token(logits: torch.Tensor, g: GenerateConfig, gen: torch.Generator | None) -> torch.Tensor:
+    """logits (B, V) -> (B,) token ids; ``gen`` (on the logits' device) draws when ``g.temperature > 0``."""
     if g.temperature <= 0:
         return logits.argmax(-1)
     logits = logits.double() / g.temperature
@@ -40,11 +42,12 @@ def _next_token(logits: torch.Tensor, g: GenerateConfig, gen: torch.Generator) -
 @torch.no_grad()
 def generate_ids(model, prompt: torch.Tensor, g: GenerateConfig, *, attention=None, train_len: int = 0,
                  eos_id: int | None = None) -> torch.Tensor:
-    """prompt (B, P) int64 -> (B, max_new_tokens) new tokens (fewer if every row hit ``eos_id``).
+    """prompt (B, P) int64 -> (B, max_new_tokens) new tokens (fewer if every row hit ``eos_id``),
+    on the model's device.
 
-    The prompt is sharded over the default group (padded at the end to what the layout needs;
-    padding never enters the cache); ``attention`` is an :class:`AttentionConfig` (default ring,
-    zigzag).
+    The prompt (any device) is sharded over the default group (padded at the end to what the layout
+    needs; padding never enters the cache) and moved to the model's device; ``attention`` is an
+    :class:`AttentionConfig` (default ring, zigzag).
     """
     from ..model.config import AttentionConfig
 
@@ -57,7 +60,8 @@ def generate_ids(model, prompt: torch.Tensor, g: GenerateConfig, *, attention=No
     world, layout = _world(), attn.resolved_layout()
     padded = pad_to_multiple(prompt, num_chunks(layout, world), dim=1)
     tokens = torch.cat([padded, padded[:, -1:]], dim=1)  # (B, P_pad + 1): shard_batch wants one extra target
-    sh = shard_batch(tokens, layout=layout)
+    device = devices.module_device(model)
+    sh = shard_batch(tokens, layout=layout, device=device)
     prefill = make_attend(attn, model.config, train_len=train_len or P, group=None)
     if attn.lambda_mask:  # Λ-mask: bounded cache (first n_global + last n_local tokens) on every rank
         cache = LambdaPrefillCache(n_layers=model.config.n_layers, prefill_attend=prefill, mask=prefill.mask,
@@ -69,8 +73,8 @@ def generate_ids(model, prompt: torch.Tensor, g: GenerateConfig, *, attention=No
     h = group_sum(torch.einsum("bsd,s->bd", hidden, last))  # (B, dim)
     logits = model.lm_head(h).float()  # (B, V)
     cache.advance()
-    gen = torch.Generator().manual_seed(g.seed)
-    out, done = [], torch.zeros(B, dtype=torch.bool)
+    gen = torch.Generator(device=device).manual_seed(g.seed) if g.temperature > 0 else None  # sampling only
+    out, done = [], torch.zeros(B, dtype=torch.bool, device=device)
     for t in range(g.max_new_tokens):
         nxt = _next_token(logits, g, gen)  # (B,)
         out.append(nxt)
@@ -80,7 +84,8 @@ def generate_ids(model, prompt: torch.Tensor, g: GenerateConfig, *, attention=No
                 break
         if t + 1 == g.max_new_tokens:
             break
-        logits = model(nxt[:, None], positions=torch.tensor([P + t]), attend=cache)[:, -1].float()  # (B, V)
+        pos = torch.tensor([P + t], device=device)  # (1,)
+        logits = model(nxt[:, None], positions=pos, attend=cache)[:, -1].float()  # (B, V)
         cache.advance()
     return torch.stack(out, dim=1)
 
@@ -95,7 +100,7 @@ def run_generate(cfg: GenerateJobConfig, model=None) -> dict:
     hf_dir, extra = resolve_checkpoint(g.checkpoint)
     tok = load_tokenizer(cfg.data.tokenizer if cfg.data.tokenizer is not None else extra.get("tokenizer"))
     if model is None:
-        model = load_pretrained(hf_dir)
+        model = load_pretrained(hf_dir).to(devices.job_device())
     model.eval()
     check_tokenizer(tok, model.config)
     text = open(g.prompt_file, encoding="utf-8").read() if g.prompt_file else g.prompt

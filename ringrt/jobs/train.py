@@ -3,6 +3,8 @@ fp32/bf16, periodic atomic checkpoints and resume, progress bar, loss and tokens
 
 One process, ``torchrun --nproc-per-node N -m ringrt train ...``, Slurm or MPI: the same command.
 ``run_train(cfg)`` is the job; ``main(args)`` only parses flags into a :class:`TrainJobConfig`.
+The model and every tensor of a step live on :func:`ringrt.device.job_device` (a GPU per rank on a
+CUDA node, else the CPU); the host reads one number per optimizer step (the loss).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .. import checkpoint
+from .. import checkpoint, device as devices
 from ..layout import num_chunks
 from ..metrics import ConsoleSink, JsonlSink, MetricsLogger
 from ..data.batching import train_batches
@@ -63,10 +65,49 @@ def _optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.AdamW:
                              lr=t.lr, betas=t.betas, fused=False)
 
 
+def autocast_for(precision: str, device: torch.device):
+    """A context-manager factory: bf16 autocast on ``device``'s type, or nothing for fp32."""
+    if precision == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def train_step(model, opt, batches, *, t: TrainConfig, lr: float, layout: str, attend, seq_group, data_group,
+               autocast=contextlib.nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over ``t.grad_accum`` micro-batches of ``batches`` (CPU (B, S + 1) token
+    batches); returns (mean loss over the data replicas, gradient norm before clipping), 0-dim
+    tensors on the model's device. Nothing is read back to the host here.
+    """
+    device = devices.module_device(model)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for _ in range(t.grad_accum):
+        sh = shard_batch(next(batches), layout=layout, group=seq_group, device=device)
+        with autocast():
+            logits = model(sh.input_ids, positions=sh.positions, attend=attend)  # (B, S_local, V)
+        loss = sequence_loss(logits, sh.labels, seq_group) / t.grad_accum
+        loss.backward()
+        total += loss.detach().double()
+    params = [p for p in model.parameters()]
+    sum_gradients(params, None, divide_by=t.data_parallel)
+    if t.grad_clip > 0:
+        gnorm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+    else:
+        gnorm = torch.full((), float("nan"), device=device)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if data_group is not None:
+        dist.all_reduce(total, group=data_group)
+        total /= t.data_parallel
+    return total, gnorm
+
+
 def run_train(cfg: TrainJobConfig, logger: MetricsLogger | None = None) -> dict:
     """Train; returns {"step", "loss", "losses", "tokens_per_s", "hf_dir", "checkpoint"}.
 
-    Works on one process or on an initialised default process group (every rank calls it).
+    Works on one process or on an initialised default process group (every rank calls it). The
+    model runs on :func:`ringrt.device.job_device`.
     """
     if cfg.compression.enabled:
         from ..compression.train import run_compression_train
@@ -78,7 +119,7 @@ def run_train(cfg: TrainJobConfig, logger: MetricsLogger | None = None) -> dict:
     _validate(cfg, sp)
     tok = load_tokenizer(cfg.data.tokenizer)
     torch.manual_seed(t.seed)
-    model = load_pretrained(t.init_from) if t.init_from else Llama(cfg.model)
+    model = (load_pretrained(t.init_from) if t.init_from else Llama(cfg.model)).to(devices.job_device())
     model.train()
     check_tokenizer(tok, model.config)
     layout = cfg.attention.resolved_layout()
@@ -97,9 +138,8 @@ def run_train(cfg: TrainJobConfig, logger: MetricsLogger | None = None) -> dict:
         logger.log(step, resumed_from=str(found))
 
     batches = train_batches(cfg.data, tok, replicas=t.data_parallel, replica=dp_rank, skip=position)
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if t.precision == "bf16" else contextlib.nullcontext
+    autocast = autocast_for(t.precision, devices.module_device(model))
     tokens_per_step = t.data_parallel * cfg.data.batch_size * cfg.data.seq_len * t.grad_accum
-    params = list(model.parameters())
     bar = None
     if rank == 0 and t.progress and sys.stderr.isatty():
         from tqdm import tqdm
@@ -111,33 +151,17 @@ def run_train(cfg: TrainJobConfig, logger: MetricsLogger | None = None) -> dict:
     while step < t.steps:
         t0 = time.perf_counter()
         lr = lr_at(step, t)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        total = torch.zeros((), dtype=torch.float64)
-        for _ in range(t.grad_accum):
-            sh = shard_batch(next(batches), layout=layout, group=seq_group)
-            position += 1
-            with autocast():
-                logits = model(sh.input_ids, positions=sh.positions, attend=attend)  # (B, S_local, V)
-            loss = sequence_loss(logits, sh.labels, seq_group) / t.grad_accum
-            loss.backward()
-            total += loss.detach().double()
-        sum_gradients(params, None, divide_by=t.data_parallel)
-        gnorm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip) if t.grad_clip > 0 else torch.tensor(float("nan"))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if data_group is not None:
-            dist.all_reduce(total, group=data_group)
-            total /= t.data_parallel
+        total, gnorm = train_step(model, opt, batches, t=t, lr=lr, layout=layout, attend=attend, seq_group=seq_group,
+                                  data_group=data_group, autocast=autocast)
+        position += t.grad_accum
         step += 1
-        dt = time.perf_counter() - t0
-        tps = tokens_per_step / dt
-        losses.append(total.item())
+        losses.append(total.item())  # the step's one host read (it also waits for the step to finish)
+        tps = tokens_per_step / (time.perf_counter() - t0)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{total.item():.3f}", tok_s=f"{tps:.0f}")
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tps:.0f}")
         if step % t.log_every == 0 or step == t.steps:
-            logger.log(step, loss=total.item(), lr=lr, grad_norm=float(gnorm), tokens_per_s=tps)
+            logger.log(step, loss=losses[-1], lr=lr, grad_norm=gnorm, tokens_per_s=tps)  # gnorm: read by rank 0 only
         if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.steps:
             checkpoint.save(ckpt_root, step, model=model, optimizer=opt, meta=meta(), keep_last=t.keep_last)
     if bar is not None:

@@ -107,14 +107,18 @@ class LambdaPrefillCache:
         self.decoding = False
         p = real_len  # kept token indices: first n_global and last n_local of the real prompt
         self.keep = torch.cat([torch.arange(min(mask.n_global, p)), torch.arange(max(0, p - mask.n_local), p)]).unique()
+        self._keep_on: torch.Tensor | None = None  # a copy on the model's device, for indexing there
 
     def _kept_rows(self, x: torch.Tensor) -> torch.Tensor:
         """(B, len(keep), ...) rows of the whole prompt at ``self.keep`` from contiguous shards x (B, S_l, ...)."""
         s_l = x.shape[1]
         lo = self.rank * s_l
-        out = x.new_zeros(x.shape[0], self.keep.numel(), *x.shape[2:])
-        mine = (self.keep >= lo) & (self.keep < lo + s_l)
-        out[:, mine] = x[:, self.keep[mine] - lo]
+        if self._keep_on is None or self._keep_on.device != x.device:
+            self._keep_on = self.keep.to(x.device)
+        keep = self._keep_on
+        out = x.new_zeros(x.shape[0], keep.numel(), *x.shape[2:])
+        mine = (keep >= lo) & (keep < lo + s_l)
+        out[:, mine] = x[:, keep[mine] - lo]
         if self.world > 1:
             dist.all_reduce(out, group=self.group)  # exactly one rank contributes each row; x + 0 == x
         return out
@@ -125,7 +129,7 @@ class LambdaPrefillCache:
         out = self.prefill_attend(q, k, v, layer=layer, positions=positions)
         kv = self._kept_rows(torch.cat([k, v], dim=-1))  # one reduction for both: (B, n_keep, H_kv, 2D)
         d = k.shape[-1]
-        self.caches[layer].load(kv[..., :d], kv[..., d:], self.keep, self.real_len)
+        self.caches[layer].load(kv[..., :d], kv[..., d:], self.keep, self.real_len)  # CPU index: checked without a sync
         return out
 
     def advance(self) -> None:
