@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("ringrt.jobs.train", "train a Llama-family model on a sharded sequence (checkpoints, resume)"),
     "eval": ("ringrt.jobs.eval", "perplexity at several lengths (vanilla and Λ-mask) and passkey retrieval; table + PNG"),
     "generate": ("ringrt.jobs.generate", "sharded prefill of a long prompt, then decoding with a sharded KV cache"),
+    "gpucheck": ("ringrt.gpucheck.cli", "GPU acceptance: every kernel vs references, a short demo, FLOP/s vs peak, schedules over NCCL"),
     "demo": ("ringrt.jobs.demo", "train short, evaluate long on 2 local CPU ranks: the Λ-mask keeps perplexity flat"),
 }
 

@@ -1,4 +1,7 @@
-"""Run a function on W local processes joined by a gloo process group (benchmarks, tests, demos).
+"""Run a function on W local processes joined by a process group (benchmarks, tests, demos).
+
+gloo by default; ``backend="cpu:gloo,cuda:nccl"`` gives each process its own GPU (rank modulo the
+visible GPUs) and NCCL for CUDA tensors, gloo for CPU ones.
 
 No ports: the processes meet through a ``file://`` store. Results come back through a queue; a
 worker that raises fails the caller with its traceback, and workers still running after
@@ -20,12 +23,17 @@ import torch.multiprocessing as mp
 _CTX = mp.get_context("spawn")
 
 
-def _worker(fn, rank, world, init_file, q, args, threads):
+def _worker(fn, rank, world, init_file, q, args, threads, backend):
     try:
         torch.set_num_threads(threads)
         import torch.distributed as dist
 
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+        extra = {}
+        if "nccl" in backend:
+            device = torch.device("cuda", rank % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+            extra["device_id"] = device
+        dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world, **extra)
         result = fn(rank, world, *args)
         buf = io.BytesIO()
         torch.save(result, buf)  # by value: shared-memory tensors would die with this process
@@ -40,8 +48,9 @@ def _worker(fn, rank, world, init_file, q, args, threads):
         os._exit(0)  # skip interpreter teardown, where gloo threads can abort the process
 
 
-def run_local(fn, world: int, *args, timeout: float = 240.0, threads: int = 1) -> list:
-    """fn(rank, world, *args) on ``world`` processes (``threads`` intra-op threads each).
+def run_local(fn, world: int, *args, timeout: float = 240.0, threads: int = 1, backend: str = "gloo") -> list:
+    """fn(rank, world, *args) on ``world`` processes (``threads`` intra-op threads each) joined by
+    ``backend`` (``gloo``, or ``cpu:gloo,cuda:nccl`` for one GPU per process).
 
     ``fn`` must be importable (module level) and return something picklable. Returns the results
     indexed by rank.
@@ -50,7 +59,7 @@ def run_local(fn, world: int, *args, timeout: float = 240.0, threads: int = 1) -
     os.close(fd)
     os.unlink(init_file)
     q = _CTX.Queue()
-    procs = [_CTX.Process(target=_worker, args=(fn, r, world, init_file, q, args, threads), daemon=True) for r in range(world)]
+    procs = [_CTX.Process(target=_worker, args=(fn, r, world, init_file, q, args, threads, backend), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
     results: dict[int, object] = {}

@@ -5,12 +5,15 @@ The problem (batch, global sequence, heads, kv_heads, head_dim, dtype, causal, w
 will be needed, layout, world size, ranks per node) goes to :func:`ringrt.simulate.costmodel.rank_schedules`
 on this process's machine description: the calibration file of ``ringrt simulate calibrate``
 (``RINGRT_CALIBRATION`` or ``~/.cache/ringrt/calibration.json``) on CPU, else the defaults; on CUDA
-the ``RINGRT_MACHINE`` preset (default ``h100``).
+the ``RINGRT_MACHINE`` preset when set, else the preset of the GPU's name (:func:`gpu_preset`; an
+unknown GPU is priced as ``h100`` with one warning). GPU presets are simulation, not measurements of
+this machine, so on them the shortlist is wider (``TUNE_MARGIN_SIMULATED``) and measurement decides.
 
 Tuning (as cuDNN's benchmark mode does): the candidates whose estimate is within ``TUNE_MARGIN`` of
 the best (at most ``TUNE_MAX``) form a shortlist; with more than one, the first call of the problem
 runs each of them ``TUNE_ROUNDS`` times round-robin on copies of the inputs (forward, plus backward
-when gradients are needed), every rank times them, one all_reduce takes the slowest rank's times,
+when gradients are needed), every rank times them (device work included: ``ringrt.devtime``
+synchronises CUDA before and after each run), one all_reduce takes the slowest rank's times,
 and the fastest best round wins on every rank alike. The traffic this costs is counted on the
 ``auto`` channel. ``RINGRT_AUTO_TUNE=0`` turns tuning off (the model's first choice runs); after
 ``TUNE_LIMIT`` tuned problems in a process, new problems use the model's choice (one warning).
@@ -25,12 +28,11 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 
 import torch
 import torch.distributed as dist
 
-from .. import comm
+from .. import comm, devtime
 from ..comm import count
 from ..simulate import costmodel
 from ..tokenring import TokenRingAttention
@@ -49,6 +51,7 @@ RUNNERS = {
     "hybrid": hybrid_attention,
 }
 TUNE_MARGIN = 0.5
+TUNE_MARGIN_SIMULATED = 2.0
 TUNE_MAX = 3
 TUNE_ROUNDS = 3
 TUNE_LIMIT = 64
@@ -56,12 +59,37 @@ _CHOICES: dict[tuple, tuple[str, list, dict]] = {}
 _MACHINES: dict[str, costmodel.Machine] = {}
 
 
+# Substrings of ``torch.cuda.get_device_name()`` -> cost-model preset, most specific first.
+_GPU_PRESETS = (("H800", "h800"), ("H100", "h100"), ("H200", "h100"), ("GH200", "h100"), ("A100", "a100"),
+                ("A800", "a100"), ("A10", "a10"))
+
+
+def gpu_preset(device_name: str) -> str | None:
+    """The ``costmodel.PRESETS`` key for a GPU called ``device_name`` (e.g. "NVIDIA H100 80GB HBM3"),
+    or None when no preset describes it."""
+    name = device_name.upper()
+    for needle, preset in _GPU_PRESETS:
+        if needle in name and not (needle == "A10" and "A100" in name):
+            return preset
+    return None
+
+
 def machine_for(device: torch.device) -> costmodel.Machine:
     """The machine description ``auto`` prices schedules on for tensors on ``device``."""
-    key = device.type
+    key = str(device) if device.type == "cuda" else device.type
     if key not in _MACHINES:
         if device.type == "cuda":
-            _MACHINES[key] = costmodel.PRESETS[os.environ.get("RINGRT_MACHINE", "h100")]
+            preset = os.environ.get("RINGRT_MACHINE")
+            if preset is not None and preset not in costmodel.PRESETS:
+                raise ValueError(f"RINGRT_MACHINE={preset!r} is not a known preset; valid: {', '.join(sorted(costmodel.PRESETS))}")
+            if preset is None:
+                gpu = torch.cuda.get_device_name(device)
+                preset = gpu_preset(gpu)
+                if preset is None:
+                    preset = "h100"
+                    log.warning("auto: no cost-model preset describes %r; pricing it as %s (set RINGRT_MACHINE "
+                                "to one of %s) and measuring a wider shortlist", gpu, preset, ", ".join(sorted(costmodel.PRESETS)))
+            _MACHINES[key] = costmodel.PRESETS[preset]
         else:
             _MACHINES[key] = costmodel.load_machine()
     return _MACHINES[key]
@@ -92,10 +120,10 @@ def last_choice() -> tuple[str, dict] | None:
     return _Last.choice
 
 
-def shortlist(ests: list[costmodel.Estimate]) -> list[str]:
-    """Candidates worth measuring: estimates within ``TUNE_MARGIN`` of the best, at most ``TUNE_MAX``."""
+def shortlist(ests: list[costmodel.Estimate], margin: float = TUNE_MARGIN) -> list[str]:
+    """Candidates worth measuring: estimates within ``margin`` of the best, at most ``TUNE_MAX``."""
     best = ests[0].total
-    return [e.schedule for e in ests if e.total <= (1.0 + TUNE_MARGIN) * best][:TUNE_MAX]
+    return [e.schedule for e in ests if e.total <= (1.0 + margin) * best][:TUNE_MAX]
 
 
 def _tuning_enabled() -> bool:
@@ -107,18 +135,19 @@ def _tune(names: list[str], q, k, v, plan, backward: bool) -> dict[str, float]:
     (identical on every rank)."""
     g = plan.groups
     rounds: dict[str, list[float]] = {n: [] for n in names}
+    def run(n: str, qq, kk, vv) -> None:
+        with torch.enable_grad() if backward else torch.no_grad():
+            out = RUNNERS[n](qq, kk, vv, plan)
+            if backward:
+                out.backward(torch.ones_like(out))
+
     for _ in range(TUNE_ROUNDS):
         for n in names:
-            qq, kk, vv = (x.detach().clone().requires_grad_(backward) for x in (q, k, v))
+            copies = [x.detach().clone().requires_grad_(backward) for x in (q, k, v)]
             dist.barrier(group=g.base)
-            t0 = time.perf_counter()
-            with torch.enable_grad() if backward else torch.no_grad():
-                out = RUNNERS[n](qq, kk, vv, plan)
-                if backward:
-                    out.backward(torch.ones_like(out))
-            rounds[n].append(time.perf_counter() - t0)
-    best = torch.tensor([min(rounds[n]) for n in names], dtype=torch.float64)
-    best = best.to(q.device) if q.device.type == "cuda" else best
+            rounds[n].append(devtime.elapsed(lambda: run(n, *copies), q.device))
+    best = torch.tensor([min(rounds[n]) for n in names], dtype=torch.float64,
+                        device=comm.metadata_device(g.base, q.device))
     dist.all_reduce(best, op=dist.ReduceOp.MAX, group=g.base)
     return dict(zip(names, best.cpu().tolist()))
 
@@ -135,7 +164,7 @@ def _agree(name: str, short: list[str], tune: bool, q, g) -> tuple[str, list[str
     vec = torch.full((2 + TUNE_MAX,), -1, dtype=torch.int64)
     vec[0], vec[1] = names.index(name), int(tune)
     vec[2 : 2 + len(short)] = torch.tensor([names.index(n) for n in short], dtype=torch.int64)
-    vec = vec.to(q.device) if q.device.type == "cuda" else vec
+    vec = vec.to(comm.metadata_device(g.base, q.device))
     dist.broadcast(vec, group_src=0, group=g.base)
     n = vec.numel() * vec.element_size()
     if g.rank == 0:
@@ -152,7 +181,7 @@ def _decide(q, k, v, plan, p: costmodel.Problem, m: costmodel.Machine) -> tuple[
     name, ests = choose(p, m, g.world, plan.topology)
     if g.world == 1:
         return name, ests, {}
-    short = shortlist(ests)
+    short = shortlist(ests, TUNE_MARGIN_SIMULATED if m.simulated else TUNE_MARGIN)
     tune = len(short) > 1 and _tuning_enabled()
     if tune and _Tuning.tuned >= TUNE_LIMIT:
         tune = False
