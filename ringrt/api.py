@@ -8,14 +8,14 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from . import comm
 from . import layout as _layout
-from .comm import DEFAULT_TIMEOUT_S
 from .groups import base_group, nccl_problem, ring_groups
 from .kernels import get_kernel
 from .schedules import SCHEDULES
 from .schedules.hybrid import hybrid_degree
 from .tokenring import TOPOLOGIES, RingPlan, TokenRingAttention
-from .validate import agree, local_problem
+from .validate import agree, local_problem, needs_backward
 
 
 def _tokenring(q, k, v, plan: RingPlan) -> torch.Tensor:
@@ -56,9 +56,10 @@ def attention(
             any fully connected fabric); ``"ring"`` — every transfer is between ring neighbours.
         kernel: local block kernel, ``"auto"`` (CUDA kernel on CUDA tensors, else the CPU one),
             ``"cpu"``, ``"cuda"`` or ``"math"``.
-        timeout: seconds a transfer may wait for a peer before raising ``CommTimeout``
-            (default ``RINGRT_P2P_TIMEOUT`` or 300). Applies on gloo; on NCCL waits are
-            stream-ordered and the process group's own timeout and watchdog catch a hang.
+        timeout: seconds (positive, finite) a transfer or collective may wait for a peer before
+            raising ``CommTimeout``; None: ``RINGRT_P2P_TIMEOUT`` or 300. There is no "no limit"
+            value (0 is an error). Applies on gloo; on NCCL waits are stream-ordered and the
+            process group's own timeout and watchdog catch a hang.
         group: process group over which the sequence is sharded; default the default group. With
             no process group initialised, or a group of one rank, this is plain attention. A
             subgroup on NCCL needs dedicated direction groups (``ringrt.groups.new_subgroups`` or
@@ -69,14 +70,20 @@ def attention(
         w.r.t. q, k, v. Accumulation is in fp32 (fp64 for fp64 inputs).
 
     Raises:
-        ValueError on every rank, before any transfer, if any rank's inputs are invalid, the ranks
-        disagree on shapes, dtypes or settings, or an NCCL subgroup lacks its dedicated groups.
+        ValueError on every rank, before any transfer, if any rank's inputs or ``timeout`` are
+        invalid, the ranks disagree on shapes, dtypes, settings or whether a backward will follow
+        (grad mode and ``requires_grad``), or an NCCL subgroup lacks its dedicated groups.
+        ``ringrt.CommTimeout`` / ``ringrt.CommError`` if a peer does not answer in time or its
+        connection closes (naming this rank, the peer or collective, the channel and the step).
     """
     if layout is None:
         layout = "zigzag" if causal else "contiguous"
     base, rank, world = base_group(group)
-    to = DEFAULT_TIMEOUT_S if timeout is None else float(timeout)
-    problem = local_problem(
+    # A bad timeout is this rank's problem, agreed on like any other; the agreement itself then
+    # waits the default so that the other ranks hear about it.
+    problem = comm.timeout_problem(timeout)
+    to = comm.resolve_timeout(None if problem else timeout)
+    problem = problem or local_problem(
         q, k, v, causal=causal, algorithm=algorithm, algorithms=ALGORITHMS, layout=layout,
         topology=topology, topologies=TOPOLOGIES, softmax_scale=softmax_scale, world=world,
     )
@@ -88,11 +95,12 @@ def attention(
             problem = str(e)
     agree(
         base, rank, world, problem,
-        (q, k, causal, algorithm, ALGORITHMS, layout, topology, TOPOLOGIES, softmax_scale),
+        (q, k, causal, algorithm, ALGORITHMS, layout, topology, TOPOLOGIES, softmax_scale, needs_backward(q, k, v)),
         "ringrt.attention", to, q.device if isinstance(q, torch.Tensor) else None,
     )
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    groups = ring_groups(group)  # after the agreement: creating groups needs every rank present
+    # after the agreement: creating groups needs every rank present (a bounded rendezvous first)
+    groups = ring_groups(group, timeout_s=to, device=q.device)
     plan = RingPlan(causal=causal, layout=layout, scale=float(scale), kernel=kern, groups=groups,
                     topology=topology, timeout=to)
     return ALGORITHMS[algorithm](q, k, v, plan)
@@ -119,11 +127,14 @@ def shard(x: torch.Tensor, *, layout: str, dim: int = 1, group: dist.ProcessGrou
 
 
 def unshard(x_local: torch.Tensor, *, layout: str, dim: int = 1, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """The full tensor from every rank's shard (an all_gather; not differentiable)."""
+    """The full tensor from every rank's shard (an all_gather; not differentiable). Waits at most
+    ``RINGRT_P2P_TIMEOUT`` (or 300) seconds on gloo; failures raise ``ringrt.CommError``."""
     _layout.check_layout(layout)
     g, _, world = base_group(group)
     if world == 1:
         return x_local
     parts = [torch.empty_like(x_local) for _ in range(world)]
-    dist.all_gather(parts, x_local.contiguous(), group=g)
+    local = x_local.contiguous()
+    comm.collective("all_gather", lambda: dist.all_gather(parts, local, group=g, async_op=True), group=g,
+                    device=local.device, timeout_s=None, channel="unshard")
     return _layout.assemble(parts, layout, dim)

@@ -4,7 +4,13 @@ A :class:`P2P` channel wraps one process group. ``post`` starts non-blocking sen
 flat byte messages and returns a :class:`Pending`; ``Pending.wait`` finishes them, or raises
 :class:`CommTimeout` (a peer did not complete in time) or :class:`CommError` (any other failure: a
 closed connection, an NCCL error) naming this rank, the peer(s), the channel and the step, so a
-peer that never sends is an error instead of a hang.
+peer that never sends is an error instead of a hang. Collectives (the input agreement, all-gather,
+all-to-all, the loss all-reduce, ...) go through :func:`collective`, which finishes them the same
+way and turns their failures into the same errors; :func:`failure` is the one place that words them.
+
+Timeouts are positive finite seconds (:func:`resolve_timeout`; None is ``RINGRT_P2P_TIMEOUT`` or
+300); there is no "wait forever". A failure is called a timeout only when the wait really ran out;
+a closed connection says so, whenever it happens.
 
 Every message is one uint8 tensor: several tensors of mixed dtypes (an fp16 block output and its
 fp32 log-sum-exp, say) are packed into one buffer so each transfer costs one operation.
@@ -43,16 +49,55 @@ from __future__ import annotations
 
 import datetime
 import math
+import numbers
 import os
 import re
+import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
-DEFAULT_TIMEOUT_S = float(os.environ.get("RINGRT_P2P_TIMEOUT", "300"))
+
+def timeout_from_env() -> float:
+    """``RINGRT_P2P_TIMEOUT`` in seconds: 300 when unset or blank, else a positive finite number
+    (ValueError naming the variable otherwise)."""
+    raw = os.environ.get("RINGRT_P2P_TIMEOUT", "")
+    if not raw.strip():
+        return 300.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"RINGRT_P2P_TIMEOUT={raw!r} must be a positive number of seconds (how long a transfer "
+                         f"may wait for a peer; unset: 300)")
+    return value
+
+
+DEFAULT_TIMEOUT_S = timeout_from_env()
+
+
+def timeout_problem(timeout) -> str | None:
+    """Why ``timeout`` (seconds, as the entry points take it) is not valid, or None. Valid: a
+    positive finite number, or None for the default (``RINGRT_P2P_TIMEOUT`` or 300)."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not (math.isfinite(timeout) and timeout > 0):
+        return (f"timeout={timeout!r} must be a positive finite number of seconds or None (the default: "
+                f"RINGRT_P2P_TIMEOUT or 300 s)")
+    return None
+
+
+def resolve_timeout(timeout) -> float:
+    """Seconds to wait: ``timeout``, or :data:`DEFAULT_TIMEOUT_S` when None; ValueError if invalid."""
+    problem = timeout_problem(timeout)
+    if problem:
+        raise ValueError(problem)
+    return DEFAULT_TIMEOUT_S if timeout is None else float(timeout)
+
 
 Spec = tuple[tuple[int, ...], torch.dtype]
 
@@ -197,21 +242,16 @@ def metadata_device(group: dist.ProcessGroup | None, device) -> torch.device:
 
 def wait_work(work, *, nccl: bool, timeout_s: float | None) -> None:
     """Finish ``work``: on NCCL ``work.wait()`` (the current stream waits; the host does not), else
-    within ``timeout_s`` seconds (no limit when None or 0)."""
-    if nccl or not timeout_s:
+    within ``timeout_s`` seconds (None: the default; see :func:`resolve_timeout`)."""
+    if nccl:
         work.wait()
     else:
-        work.wait(timeout=datetime.timedelta(seconds=timeout_s))
-
-
-def finish(work, group: dist.ProcessGroup | None, device, timeout_s: float | None) -> None:
-    """:func:`wait_work` for a collective over ``group`` on tensors of ``device``; raises the
-    backend's own error (see :func:`failure_kind` to tell a timeout from other failures)."""
-    wait_work(work, nccl=is_nccl(group, device), timeout_s=timeout_s)
+        work.wait(timeout=datetime.timedelta(seconds=resolve_timeout(timeout_s)))
 
 
 _CLOSED = re.compile(r"connection (was )?(closed|reset|refused)|pair closure|broken pipe|remote process exited", re.I)
 _TIMEOUT = re.compile(r"time(d)? ?out", re.I)
+_WAITED_MS = re.compile(r"waiting (\d+) ?ms", re.I)  # gloo: "Timed out waiting 1500ms for recv operation"
 
 
 def failure_kind(e: BaseException) -> str:
@@ -224,6 +264,88 @@ def failure_kind(e: BaseException) -> str:
     if _TIMEOUT.search(text):
         return "timeout"
     return "error"
+
+
+def failure(e: BaseException, *, where: str, what: str, who: str, nccl: bool, timeout_s: float | None,
+            elapsed_s: float, starting: bool = False, peer: str = "the peer") -> CommError:
+    """The :class:`CommTimeout` or :class:`CommError` for ``what`` (a transfer or a collective) that
+    failed with the backend error ``e`` after ``elapsed_s`` seconds. ``where``: "rank r (of W) on
+    channel c, step s" or the like; ``who``: what to check; ``peer``: whose connection it was.
+
+    Only a wait that ran out is a timeout: at least 90% of ``timeout_s`` elapsed, by the clock or by
+    the backend's own account (gloo: "Timed out waiting 1500ms"). A backend "timeout" reported
+    sooner, or when starting, belongs to an earlier operation (gloo then refuses the pair): an
+    error, not a timeout. (On NCCL waits are stream-ordered: a timeout is the watchdog's.)"""
+    kind = failure_kind(e)
+    if kind == "timeout" and not nccl:
+        limit = resolve_timeout(timeout_s)
+        waited = _WAITED_MS.search(str(e))
+        ran_out = elapsed_s >= 0.9 * limit or (waited is not None and int(waited.group(1)) / 1000 >= 0.9 * limit)
+        if starting or not ran_out:
+            kind = "early"
+    if kind == "timeout":
+        if nccl:
+            limit_text = "the process group's timeout (NCCL watchdog)"
+        else:
+            limit = resolve_timeout(timeout_s)
+            limit_text = f"{limit:g} s" + (f" (waited {elapsed_s:.1f} s)" if elapsed_s >= 0.9 * limit else "")
+        return CommTimeout(f"{where}: {what} did not complete within {limit_text}; {who} ({e})")
+    reason = {
+        "closed": f"the connection to {peer} was closed (did it exit or crash?)",
+        "early": (f"the backend reported a timeout after {elapsed_s:.1f} s, before this wait's {resolve_timeout(timeout_s):g} s "
+                  f"could run out (an earlier transfer on this group timed out, which leaves its connections unusable)"),
+        "error": "the backend reported an error",
+    }[kind]
+    verb = "could not be started" if starting else "failed"
+    return CommError(f"{where}: {what} {verb}: {reason}; {who} ({e}; after {elapsed_s:.1f} s)")
+
+
+def location(group: dist.ProcessGroup | None, channel: str, step=None) -> str:
+    """"rank r (of W) on channel 'c', step s" for this process in ``group`` (step left out when None)."""
+    text = f"rank {dist.get_rank(group)} (of {dist.get_world_size(group)}) on channel {channel!r}"
+    return text if step is None else f"{text}, step {step}"
+
+
+_CHECK_RANKS = "did every rank of the group call it, and is each still running?"
+
+
+def collective(op: str, start: Callable[[], object], *, group: dist.ProcessGroup | None, device, timeout_s: float | None,
+               channel: str, step=None, where_text: str | None = None, who: str = _CHECK_RANKS) -> None:
+    """Run one collective of ringrt: ``start()`` issues it (``async_op=True``) and returns its work,
+    which is then finished by :func:`wait_work` (on gloo within ``timeout_s``, None: the default;
+    on NCCL stream-ordered, on the backend that carries ``device`` over ``group``). Any failure, at the start or in the wait, is raised as
+    :class:`CommTimeout` / :class:`CommError` (see :func:`failure`) naming this rank, the group size,
+    ``op``, the ``channel`` and the ``step`` (or ``where_text``), and, in a group of two, the peer.
+    Counting the traffic stays with the caller (:func:`count`)."""
+    nccl = is_nccl(group, device)
+    limit = None if nccl else resolve_timeout(timeout_s)
+    t0 = time.monotonic()
+    starting = True
+    try:
+        work = start()
+        starting = False
+        if work is not None:
+            wait_work(work, nccl=nccl, timeout_s=limit)
+    except (RuntimeError, ConnectionError) as e:
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        peer = f"peer {1 - rank}" if world == 2 else "a peer"
+        raise failure(e, where=where_text or location(group, channel, step), what=op, who=who, nccl=nccl, timeout_s=limit,
+                      elapsed_s=time.monotonic() - t0, starting=starting, peer=peer) from e
+
+
+def rendezvous(group: dist.ProcessGroup | None, *, device, timeout_s: float | None, channel: str, step) -> None:
+    """Return once every rank of ``group`` got here; else raise :class:`CommTimeout` (on gloo within
+    ``timeout_s``) or :class:`CommError`. One all-reduce of one number.
+
+    Put it before anything that would block longer than ringrt's timeout when a rank is missing,
+    such as creating process groups (``dist.new_group`` waits for every rank up to the process
+    group's own timeout): a rank that gave up on the previous collective (its timeout ran out
+    while another rank was late) is then caught here, on every rank, within the timeout."""
+    dev = metadata_device(group, device)
+    flag = torch.ones(1, dtype=torch.int32, device=dev)
+    collective("all_reduce", lambda: dist.all_reduce(flag, group=group, async_op=True), group=group, device=dev,
+               timeout_s=timeout_s, channel=channel, step=step,
+               who="every rank must get here; did one give up on an earlier collective (a timeout), exit or crash?")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,10 +375,11 @@ class Pending:
             raise RuntimeError(f"Pending.wait called twice (channel {self._channel.name!r}, step {self._step})")
         self._done = True
         for work, ops in self._works:
+            t0 = time.monotonic()
             try:
                 wait_work(work, nccl=self._nccl, timeout_s=self._channel.timeout)
-            except RuntimeError as e:
-                raise self._channel.failure(self._step, ops, e, nccl=self._nccl) from e
+            except (RuntimeError, ConnectionError) as e:
+                raise self._channel.failure(self._step, ops, e, nccl=self._nccl, elapsed_s=time.monotonic() - t0) from e
         self._keep.clear()
         return self._recv_bufs
 
@@ -264,14 +387,14 @@ class Pending:
 class P2P:
     """Point-to-point channel over ``group`` (ranks are group ranks).
 
-    ``timeout`` (seconds; default ``RINGRT_P2P_TIMEOUT`` or 300) bounds each wait on gloo. On NCCL
-    waits are stream-ordered and the process group's timeout and watchdog catch a hang instead
-    (see Note [NCCL and gloo]).
+    ``timeout`` (positive seconds; default ``RINGRT_P2P_TIMEOUT`` or 300) bounds each wait on gloo.
+    On NCCL waits are stream-ordered and the process group's timeout and watchdog catch a hang
+    instead (see Note [NCCL and gloo]).
     """
 
     def __init__(self, group: dist.ProcessGroup, name: str, timeout: float | None = None):
         self.group, self.name = group, name
-        self.timeout = DEFAULT_TIMEOUT_S if timeout is None else float(timeout)
+        self.timeout = resolve_timeout(timeout)
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         # Channels sharing a gloo group never match each other's messages: each has its own tag.
@@ -325,7 +448,7 @@ class P2P:
             try:
                 batch = dist.batch_isend_irecv(
                     [dist.P2POp(fn, buf, group=self.group, tag=self.tag, group_peer=peer) for fn, buf, _, peer in ops])
-            except RuntimeError as e:
+            except (RuntimeError, ConnectionError) as e:
                 raise self.failure(step, every, e, nccl=True, starting=True) from e
             # NCCL returns one coalesced work for the whole batch: it stands for every peer in it
             works = [(w, [op]) for w, op in zip(batch, every)] if len(batch) == len(ops) else [(w, every) for w in batch]
@@ -334,14 +457,15 @@ class P2P:
             for fn, buf, kind, peer in ops:
                 try:
                     w = fn(buf, group=self.group, tag=self.tag, **({"group_dst": peer} if kind == "send" else {"group_src": peer}))
-                except RuntimeError as e:
+                except (RuntimeError, ConnectionError) as e:
                     raise self.failure(step, [(kind, peer)], e, nccl=False, starting=True) from e
                 works.append((w, [(kind, peer)]))
         return Pending(self, step, works, bufs, keep, nccl=nccl)
 
-    def failure(self, step: int, ops: Sequence[Op], e: BaseException, *, nccl: bool, starting: bool = False) -> CommError:
-        """The :class:`CommTimeout` or :class:`CommError` for transfers ``ops`` that failed with ``e``."""
-        where = f"rank {self.rank} (of {self.world}) on channel {self.name!r}, step {step}"
+    def failure(self, step: int, ops: Sequence[Op], e: BaseException, *, nccl: bool, starting: bool = False,
+                elapsed_s: float = 0.0) -> CommError:
+        """The :class:`CommTimeout` or :class:`CommError` for transfers ``ops`` that failed with ``e``
+        after ``elapsed_s`` seconds of waiting (see :func:`failure`)."""
         peers = sorted({p for _, p in ops})
         if len(ops) == 1:
             what, who = _describe(ops), f"is rank {peers[0]} alive and running the same schedule?"
@@ -349,13 +473,8 @@ class P2P:
             what = f"the batched transfers ({_describe(ops)})"
             who = (f"they run as one NCCL group, so the peer at fault can be any of ranks {', '.join(map(str, peers))}; "
                    f"are they all alive and running the same schedule?")
-        kind = failure_kind(e)
-        if kind == "timeout":
-            limit = "the process group's timeout (NCCL watchdog)" if nccl else f"{self.timeout:g} s"
-            return CommTimeout(f"{where}: {what} did not complete within {limit}; {who} ({e})")
-        reason = "the connection to the peer was closed (did it exit or crash?)" if kind == "closed" else "the backend reported an error"
-        verb = "could not be started" if starting else "failed"
-        return CommError(f"{where}: {what} {verb}: {reason}; {who} ({e})")
+        return failure(e, where=f"rank {self.rank} (of {self.world}) on channel {self.name!r}, step {step}", what=what,
+                       who=who, nccl=nccl, timeout_s=self.timeout, elapsed_s=elapsed_s, starting=starting)
 
     def _check_peer(self, peer: int, step: int) -> None:
         if not 0 <= peer < self.world or peer == self.rank:

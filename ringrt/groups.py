@@ -11,8 +11,13 @@ same time must never share a communicator there (see Note [NCCL and gloo] in ``c
 
 For the default group the direction groups are created on first use with ``dist.new_group`` over
 all ranks, which every rank reaches because every rank is inside the same ``ringrt.attention``
-call. A subgroup (a sequence-parallel group of a data x sequence mesh) cannot do that —
-``new_group`` is collective over the whole world — so its dedicated groups are made where the
+call. ``new_group`` waits for every rank up to the process group's own timeout (30 minutes, say),
+so a bounded rendezvous (:func:`ringrt.comm.rendezvous`) goes first: a rank that gave up on the
+input agreement just before (its timeout ran out while another rank was late) then makes every
+rank raise within ringrt's timeout instead of leaving the late one blocked.
+
+A subgroup (a sequence-parallel group of a data x sequence mesh) cannot do that — ``new_group`` is
+collective over the whole world — so its dedicated groups are made where the
 subgroups are made, on every rank of the world: :func:`new_subgroups` (what
 ``ringrt.model.parallel.mesh`` uses), or ``dist.new_group`` twice plus :func:`register`. Without
 them a subgroup's channels share the subgroup itself, kept apart by per-channel tags: fine on gloo;
@@ -69,8 +74,11 @@ def _key(g: dist.ProcessGroup) -> tuple:
     return id(g), tuple(dist.get_process_group_ranks(g))
 
 
-def ring_groups(group: dist.ProcessGroup | None) -> RingGroups:
-    """The cached :class:`RingGroups` for ``group`` (default group when None)."""
+def ring_groups(group: dist.ProcessGroup | None, *, timeout_s: float | None = None, device=None) -> RingGroups:
+    """The cached :class:`RingGroups` for ``group`` (default group when None). Creating them (the
+    first call on the default group) waits at most ``timeout_s`` seconds (None: the default) on gloo
+    for every rank to arrive, else raises ``CommTimeout`` / ``CommError``; ``device``: where the
+    caller's tensors live (for the rendezvous, see :func:`ringrt.comm.metadata_device`)."""
     g, rank, world = base_group(group)
     if world == 1:
         return RingGroups(g, None, None, rank, world)
@@ -78,6 +86,7 @@ def ring_groups(group: dist.ProcessGroup | None) -> RingGroups:
     rg = _CACHE.get(key)
     if rg is None:
         if g is dist.group.WORLD:  # every rank is here: a collective creation names them alike everywhere
+            comm.rendezvous(g, device=device, timeout_s=timeout_s, channel="groups", step="setup of the ring groups")
             q = dist.new_group(list(key[1]), group_desc="ringrt_q")
             out = dist.new_group(list(key[1]), group_desc="ringrt_out")
             rg = RingGroups(g, q, out, rank, world)

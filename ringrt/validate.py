@@ -1,9 +1,17 @@
 """Input checks for the attention entry points, agreed on by every rank before any P2P starts.
 
-Each rank first checks its own inputs without raising. Then all ranks exchange a small vector of
-(ok flag, shapes, dtype, settings) in one all_gather. If any rank found a problem, or the ranks
-disagree, every rank raises the same ``ValueError``, so no rank is left waiting on a peer that gave
-up. On a single process the local problem is raised directly.
+Each rank first checks its own inputs (and its ``timeout``) without raising. Then all ranks exchange
+a small vector of (ok flag, shapes, dtype, settings, whether a backward will follow) in one
+all_gather. If any rank found a problem, or the ranks disagree, every rank raises the same
+``ValueError`` (the problems' texts travel in a second all_gather), so no rank is left waiting on a
+peer that gave up. On a single process the local problem is raised directly.
+
+The gathers are ringrt collectives (:func:`ringrt.comm.collective`): bounded by the timeout on gloo,
+and a rank that never arrives, or gave up, is a :class:`~ringrt.comm.CommTimeout` /
+:class:`~ringrt.comm.CommError` naming this rank, not a hang. A timeout cannot tell every rank the
+same story, though: the rank that gave up raises, and a late rank may still receive its summary and
+pass. Whatever a passing rank does next is bounded too (a P2P wait, or the bounded rendezvous in
+front of group creation, :func:`ringrt.comm.rendezvous`), so it raises within one more timeout.
 """
 
 from __future__ import annotations
@@ -14,13 +22,21 @@ import torch
 import torch.distributed as dist
 
 from . import comm
-from .comm import CommError, CommTimeout
 from .layout import LAYOUTS, local_chunks
 
 _DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "meta")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FIELDS = ("batch", "local_seq", "heads", "kv_heads", "head_dim", "dtype", "device type", "causal",
-           "algorithm", "layout", "topology", "softmax_scale")
+           "algorithm", "layout", "topology", "softmax_scale", "requires_grad")
+_HINTS = {
+    "requires_grad": " (torch.is_grad_enabled() and any of q, k, v requiring grad: the backward exchanges data "
+                     "too, so every rank or none must run it)",
+}
+
+
+def needs_backward(*tensors) -> bool:
+    """Whether autograd will run a backward through these inputs (grad mode on, one requires grad)."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
 def local_problem(
@@ -73,7 +89,7 @@ def local_problem(
     return None
 
 
-def _meta(q, k, causal, algorithm, algorithms, layout, topology, topologies, softmax_scale, ok: bool) -> list[float]:
+def _meta(q, k, causal, algorithm, algorithms, layout, topology, topologies, softmax_scale, backward: bool, ok: bool) -> list[float]:
     dims = list(q.shape[:2]) + [q.shape[2], k.shape[2], q.shape[3]] if ok else [-1] * 5
     return [
         1.0 if ok else 0.0, *map(float, dims),
@@ -84,6 +100,7 @@ def _meta(q, k, causal, algorithm, algorithms, layout, topology, topologies, sof
         float(LAYOUTS.index(layout)) if ok else -1.0,
         float(list(topologies).index(topology)) if ok else -1.0,
         float(softmax_scale) if (ok and softmax_scale is not None) else -1.0,
+        float(backward) if ok else -1.0,
     ]
 
 
@@ -96,7 +113,7 @@ def agree(group: dist.ProcessGroup | None, rank: int, world: int, problem: str |
     group the wait is the process group's own (its timeout and watchdog).
     """
     fields = [] if world == 1 else list(zip(_FIELDS, _meta(*meta_args, ok=problem is None)[1:]))
-    agree_fields(group, rank, world, problem, fields, what, timeout_s, device, show=_show)
+    agree_fields(group, rank, world, problem, fields, what, timeout_s, device, show=show_field)
 
 
 def agree_fields(
@@ -105,7 +122,9 @@ def agree_fields(
     """:func:`agree` for any named numeric settings: raise the same ``ValueError`` on every rank if any
     rank has a problem or the ranks' ``fields`` values differ (values matter only where problem is None).
     ``show(name, value)`` formats a value for the message. ``group``, ``rank``, ``world`` as from
-    :func:`ringrt.groups.base_group` (call it before creating any ring groups: that needs every rank)."""
+    :func:`ringrt.groups.base_group` (call it before creating any ring groups: that needs every rank).
+    ``timeout_s``: seconds each gather may wait on gloo (a valid one: the default when the caller's
+    own was invalid, which is then the problem)."""
     g = group
     if world == 1:
         if problem:
@@ -115,39 +134,58 @@ def agree_fields(
     # half of "cpu:gloo,cuda:nccl"): no device sync. A plain NCCL group needs it on the device;
     # reading the rows back is then the one device sync of the agreement.
     dev = comm.metadata_device(g, device)
-    meta = torch.tensor([1.0 if problem is None else 0.0, *(float(v) for _, v in fields)], dtype=torch.float64, device=dev)
+    text = (problem or "").encode()
+    # row: ok flag, length of the problem's text (not compared), the fields
+    meta = torch.tensor([1.0 if problem is None else 0.0, float(len(text)), *(float(v) for _, v in fields)],
+                        dtype=torch.float64, device=dev)
     gathered = [torch.empty_like(meta) for _ in range(world)]
-    work = dist.all_gather(gathered, meta, group=g, async_op=True)
-    try:
-        comm.finish(work, g, dev, timeout_s)
-    except RuntimeError as e:
-        if comm.failure_kind(e) == "timeout":
-            limit = "the process group's timeout" if comm.is_nccl(g, dev) else f"{timeout_s:g} s"
-            raise CommTimeout(
-                f"{what}: rank {rank} (of {world}) waited {limit} for the other ranks to check "
-                f"their inputs; did every rank of the group call it? ({e})"
-            ) from e
-        raise CommError(f"{what}: rank {rank} (of {world}) could not agree on the inputs with the other ranks: {e}") from e
+    _gather(lambda: dist.all_gather(gathered, meta, group=g, async_op=True), g, dev, timeout_s, what, rank, world,
+            "every rank's input summary")
     rows = torch.stack(gathered).cpu().tolist()
     bad = [r for r, row in enumerate(rows) if row[0] == 0.0]
     if bad:
-        msgs: list = [None] * world
-        dist.all_gather_object(msgs, problem, group=g)
+        msgs = _gather_texts(text, [int(row[1]) for row in rows], g, dev, timeout_s, what, rank, world)
         if len(set(msgs[r] for r in bad)) == 1:
             where = f"rank {bad[0]}" if len(bad) == 1 else f"ranks {', '.join(map(str, bad))}"
             raise ValueError(f"{what}: invalid input on {where}: {msgs[bad[0]]}")
         detail = "; ".join(f"rank {r}: {msgs[r]}" for r in bad)
         raise ValueError(f"{what}: invalid input on ranks {', '.join(map(str, bad))}: {detail}")
-    for i, (name, _) in enumerate(fields, start=1):
+    for i, (name, _) in enumerate(fields, start=2):
         vals = [row[i] for row in rows]
         if len(set(vals)) > 1:
             shown = ", ".join(f"rank {r}: {show(name, val) if show else val}" for r, val in enumerate(vals))
-            raise ValueError(f"{what}: the ranks disagree on {name} ({shown}); every rank must call it with the same settings and shard shapes")
+            raise ValueError(f"{what}: the ranks disagree on {name} ({shown}){_HINTS.get(name, '')}; every rank must "
+                             f"call it with the same settings and shard shapes")
 
 
-def _show(name: str, val: float):
+def _gather(start, g, dev, timeout_s, what, rank, world, payload: str) -> None:
+    """One all_gather of the agreement, as a ringrt collective (bounded; failures name this rank)."""
+    comm.collective(
+        f"the all_gather of {payload}", start, group=g, device=dev, timeout_s=timeout_s, channel="agree",
+        where_text=f"{what}: rank {rank} (of {world}), checking the inputs with the other ranks",
+        who="did every rank of the group call it?",
+    )
+
+
+def _gather_texts(text: bytes, lengths: list[int], g, dev, timeout_s, what, rank, world) -> list[str]:
+    """Every rank's problem text (UTF-8 bytes of ``lengths[r]``), padded to one size: one all_gather."""
+    n = max(max(lengths), 1)
+    buf = torch.zeros(n, dtype=torch.uint8)
+    if text:
+        buf[: len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+    buf = buf.to(dev)
+    parts = [torch.empty_like(buf) for _ in range(world)]
+    _gather(lambda: dist.all_gather(parts, buf, group=g, async_op=True), g, dev, timeout_s, what, rank, world,
+            "the ranks' problems")
+    return [bytes(p[:m].cpu().tolist()).decode("utf-8", "replace") for p, m in zip(parts, lengths)]
+
+
+def show_field(name: str, val: float):
+    """A gathered field value as the user wrote it (for the disagreement message)."""
     if name == "dtype":
-        return str(DTYPES[int(val)])
-    if name == "softmax_scale":
-        return "None" if val < 0 else val
-    return int(val) if name != "causal" else bool(val)
+        return str(DTYPES[int(val)]) if 0 <= val < len(DTYPES) else val
+    if name in ("softmax_scale", "block_size") and val < 0:
+        return "None"
+    if name in ("causal", "requires_grad"):
+        return bool(val)
+    return int(val) if float(val).is_integer() else val

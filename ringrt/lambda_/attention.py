@@ -7,11 +7,11 @@ import math
 import torch
 import torch.distributed as dist
 
-from ..comm import DEFAULT_TIMEOUT_S
+from .. import comm
 from ..groups import base_group, nccl_problem, ring_groups
 from ..kernels import get_kernel
 from ..rope import apply_rope, inv_freq
-from ..validate import DTYPES, agree_fields, local_problem
+from ..validate import DTYPES, agree_fields, local_problem, needs_backward, show_field
 from .mask import LambdaMask, sliding_window, stationary_positions
 from .plan import halo_plan
 from .ring import LambdaPlan, LambdaRingAttention
@@ -89,8 +89,9 @@ def lambda_attention(
             depend on it (up to rounding): only relative positions enter the local branch.
         block_size: query rows per kernel call; default min(local_seq, 512).
         kernel: local block kernel, ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"math"``.
-        timeout: seconds a transfer may wait for a peer before raising ``CommTimeout`` (gloo; on
-            NCCL waits are stream-ordered and the process group's timeout and watchdog apply).
+        timeout: seconds (positive, finite) a transfer may wait for a peer before raising
+            ``CommTimeout``; None: ``RINGRT_P2P_TIMEOUT`` or 300; 0 is an error, not "no limit"
+            (gloo; on NCCL waits are stream-ordered and the process group's timeout and watchdog apply).
         group: process group the sequence is sharded over (default: the default group; none
             initialised or one rank: single-process attention). A subgroup on NCCL needs
             dedicated direction groups (``ringrt.groups.new_subgroups``).
@@ -100,12 +101,15 @@ def lambda_attention(
         w.r.t. q, k, v. Accumulation in fp32 (fp64 for fp64 inputs).
 
     Raises:
-        ValueError on every rank, before any transfer, if any rank's inputs or settings are invalid
-        or the ranks disagree.
+        ValueError on every rank, before any transfer, if any rank's inputs, settings or
+        ``timeout`` are invalid or the ranks disagree (whether a backward will follow included).
+        ``ringrt.CommTimeout`` / ``ringrt.CommError`` if a peer does not answer in time or its
+        connection closes.
     """
     base, rank, world = base_group(group)
-    to = DEFAULT_TIMEOUT_S if timeout is None else float(timeout)
-    problem = local_problem(
+    problem = comm.timeout_problem(timeout)  # agreed on like any problem; the agreement then waits the default
+    to = comm.resolve_timeout(None if problem else timeout)
+    problem = problem or local_problem(
         q, k, v, causal=True, algorithm="ring", algorithms=ALGORITHMS, layout="contiguous",
         topology="full", topologies=("full",), softmax_scale=softmax_scale, world=world,
     )
@@ -126,9 +130,12 @@ def lambda_attention(
         ("rope_theta", rope_theta if ok else -1), ("softmax_scale", softmax_scale if ok and softmax_scale is not None else -1),
         ("algorithm", ALGORITHMS.index(algorithm) if ok else -1), ("position_offset", position_offset if ok else -1),
         ("block_size", block_size if ok and block_size is not None else -1),
+        ("requires_grad", needs_backward(q, k, v) if ok else -1),
     ]
-    agree_fields(base, rank, world, problem, fields, "ringrt.lambda_attention", to, q.device if isinstance(q, torch.Tensor) else None)
-    groups = ring_groups(group)  # after the agreement: creating groups needs every rank present
+    agree_fields(base, rank, world, problem, fields, "ringrt.lambda_attention", to,
+                 q.device if isinstance(q, torch.Tensor) else None, show=show_field)
+    # after the agreement: creating groups needs every rank present (a bounded rendezvous first)
+    groups = ring_groups(group, timeout_s=to, device=q.device)
 
     b, s, h, d = q.shape
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)

@@ -104,24 +104,33 @@ def shard_batch(tokens: torch.Tensor, *, layout: str, group: dist.ProcessGroup |
     return sh if device is None else sh.to(device)
 
 
+def all_reduce(x: torch.Tensor, group: dist.ProcessGroup | None, *, channel: str, step=None) -> None:
+    """Sum ``x`` in place over ``group``, as a ringrt collective: bounded by ``RINGRT_P2P_TIMEOUT``
+    (or 300 s) on gloo, stream-ordered on NCCL; a failure is a ``ringrt.CommError`` /
+    ``ringrt.CommTimeout`` naming the rank, the all_reduce, ``channel`` and ``step``."""
+    comm.collective("all_reduce", lambda: dist.all_reduce(x, group=group, async_op=True), group=group, device=x.device,
+                    timeout_s=None, channel=channel, step=step)
+
+
 class _GroupSum(torch.autograd.Function):
     """Sum over the ranks of a group; the gradient passes through unchanged (every rank's copy of
     the sum receives the same upstream gradient, which is d sum / d own term)."""
 
     @staticmethod
-    def forward(ctx, x, group):
+    def forward(ctx, x, group, channel, step):
         y = x.detach().clone()
-        dist.all_reduce(y, group=group)
+        all_reduce(y, group, channel=channel, step=step)
         return y
 
     @staticmethod
     def backward(ctx, g):
-        return g, None
+        return g, None, None, None
 
 
-def group_sum(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+def group_sum(x: torch.Tensor, group: dist.ProcessGroup | None = None, *, channel: str = "group_sum", step=None) -> torch.Tensor:
+    """The sum of ``x`` over the ranks of ``group`` (differentiable; see :class:`_GroupSum`)."""
     g, _, world = base_group(group)
-    return x if world == 1 else _GroupSum.apply(x, g)
+    return x if world == 1 else _GroupSum.apply(x, g, channel, step)
 
 
 def sequence_loss(logits: torch.Tensor, labels: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
@@ -134,7 +143,8 @@ def sequence_loss(logits: torch.Tensor, labels: torch.Tensor, group: dist.Proces
     logits = logits if logits.dtype == torch.float64 else logits.float()  # (B, S_local, V), at least fp32
     total = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
     count = (labels != -100).sum().to(total.dtype)
-    return group_sum(total, group) / group_sum(count, group).clamp_min(1)
+    return group_sum(total, group, channel="loss", step="sum of the loss") / group_sum(
+        count, group, channel="loss", step="count of the scored tokens").clamp_min(1)
 
 
 def sum_gradients(params, group: dist.ProcessGroup | None = None, *, divide_by: int = 1) -> None:
@@ -145,7 +155,7 @@ def sum_gradients(params, group: dist.ProcessGroup | None = None, *, divide_by: 
         return
     if world > 1:
         flat = torch.cat([t.reshape(-1) for t in grads])
-        dist.all_reduce(flat, group=g)
+        all_reduce(flat, g, channel="grads", step="sum of the gradients")
         offset = 0
         for t in grads:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))

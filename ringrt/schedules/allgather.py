@@ -29,11 +29,11 @@ from .blocks import chunk_blocks, rows
 from .collectives import all_gather, reduce_scatter
 
 
-def _gather_kv(k, v, plan):
+def _gather_kv(k, v, plan, step: str):
     g = plan.groups
     if g.world == 1:
         return k, v
-    parts = all_gather([k, v], g.base, "allgather", plan.timeout)
+    parts = all_gather([k, v], g.base, "allgather", plan.timeout, step)
     return (assemble([p[0] for p in parts], plan.layout, dim=2), assemble([p[1] for p in parts], plan.layout, dim=2))
 
 
@@ -45,7 +45,7 @@ def _blocks(plan):
 def allgather_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, H, S_l, D), k/v (B, H_kv, S_l, D) -> out (B, H, S_l, D), lse (B, H, S_l)."""
     chunk = q.shape[2] // len(rank_chunks(plan.layout, 0, plan.groups.world))
-    kf, vf = _gather_kv(k, v, plan)  # (B, H_kv, S, D), global order
+    kf, vf = _gather_kv(k, v, plan, "forward")  # (B, H_kv, S, D), global order
     acc_o, acc_l = empty_accumulator(q)
     for b in _blocks(plan):
         o, l = plan.kernel.forward(rows(q, b.q_rows, chunk), rows(kf, b.k_rows, chunk), rows(vf, b.k_rows, chunk),
@@ -60,7 +60,7 @@ def allgather_backward(dout, q, k, v, out, lse, plan):
     chunk = q.shape[2] // len(rank_chunks(plan.layout, 0, g.world))
     adt = acc_dtype(q.dtype)
     delta = (dout.to(adt) * out.to(adt)).sum(-1)  # (B, H, S_l)
-    kf, vf = _gather_kv(k, v, plan)
+    kf, vf = _gather_kv(k, v, plan, "backward")
     dq = torch.zeros(q.shape, dtype=adt, device=q.device)
     dkf = torch.zeros(kf.shape, dtype=adt, device=q.device)
     dvf = torch.zeros(vf.shape, dtype=adt, device=q.device)
@@ -77,7 +77,7 @@ def allgather_backward(dout, q, k, v, out, lse, plan):
         return dq.to(q.dtype), dkf.to(k.dtype), dvf.to(v.dtype)
     dkv = torch.stack([dkf, dvf])  # (2, B, H_kv, S, D): one reduce-scatter for both
     pieces = [shard_of(dkv, plan.layout, r, g.world, dim=3) for r in range(g.world)]
-    mine = reduce_scatter(pieces, g.base, "allgather", plan.timeout)
+    mine = reduce_scatter(pieces, g.base, "allgather", plan.timeout, "backward")
     return dq.to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype)
 
 

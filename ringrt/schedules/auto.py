@@ -141,14 +141,16 @@ def _tune(names: list[str], q, k, v, plan, backward: bool) -> dict[str, float]:
             if backward:
                 out.backward(torch.ones_like(out))
 
-    for _ in range(TUNE_ROUNDS):
+    for i in range(TUNE_ROUNDS):
         for n in names:
             copies = [x.detach().clone().requires_grad_(backward) for x in (q, k, v)]
-            dist.barrier(group=g.base)
+            comm.collective("barrier", lambda: dist.barrier(group=g.base, async_op=True), group=g.base, device=q.device,
+                            timeout_s=plan.timeout, channel="auto", step=f"tuning round {i}, before {n}")
             rounds[n].append(devtime.elapsed(lambda: run(n, *copies), q.device))
     best = torch.tensor([min(rounds[n]) for n in names], dtype=torch.float64,
                         device=comm.metadata_device(g.base, q.device))
-    dist.all_reduce(best, op=dist.ReduceOp.MAX, group=g.base)
+    comm.collective("all_reduce", lambda: dist.all_reduce(best, op=dist.ReduceOp.MAX, group=g.base, async_op=True),
+                    group=g.base, device=best.device, timeout_s=plan.timeout, channel="auto", step="tuning result")
     return dict(zip(names, best.cpu().tolist()))
 
 
@@ -157,7 +159,7 @@ class _Tuning:
     warned = False
 
 
-def _agree(name: str, short: list[str], tune: bool, q, g) -> tuple[str, list[str], bool]:
+def _agree(name: str, short: list[str], tune: bool, q, g, timeout: float | None = None) -> tuple[str, list[str], bool]:
     """Rank 0's (choice, shortlist, whether to tune), on every rank: one broadcast of 2 + TUNE_MAX
     integers, so ranks whose calibration files or settings differ still take the same path."""
     names = list(RUNNERS)
@@ -165,7 +167,8 @@ def _agree(name: str, short: list[str], tune: bool, q, g) -> tuple[str, list[str
     vec[0], vec[1] = names.index(name), int(tune)
     vec[2 : 2 + len(short)] = torch.tensor([names.index(n) for n in short], dtype=torch.int64)
     vec = vec.to(comm.metadata_device(g.base, q.device))
-    dist.broadcast(vec, group_src=0, group=g.base)
+    comm.collective("broadcast from rank 0", lambda: dist.broadcast(vec, group_src=0, group=g.base, async_op=True),
+                    group=g.base, device=vec.device, timeout_s=timeout, channel="auto", step="choice")
     n = vec.numel() * vec.element_size()
     if g.rank == 0:
         count("auto", sent=(g.world - 1) * n, recv=0, sends=g.world - 1, recvs=0)
@@ -188,7 +191,7 @@ def _decide(q, k, v, plan, p: costmodel.Problem, m: costmodel.Machine) -> tuple[
         if not _Tuning.warned:
             _Tuning.warned = True
             log.warning("auto: %d problems tuned in this process; new problems use the cost model's choice", TUNE_LIMIT)
-    name, short, tune = _agree(name, short, tune, q, g)
+    name, short, tune = _agree(name, short, tune, q, g, plan.timeout)
     if not tune:
         return name, ests, {}
     _Tuning.tuned += 1

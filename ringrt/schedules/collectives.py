@@ -11,9 +11,10 @@ them out::
 
     (B, S_l, H, D) sequence shard  --seq_to_heads-->  (B, H/u, u*S_l, D) all tokens of the group, H/u heads
 
-Waiting goes through :func:`ringrt.comm.finish`: on NCCL the current stream waits for the collective
+Each runs as :func:`ringrt.comm.collective`: on NCCL the current stream waits for the collective
 (no timeout argument, nothing blocks the host; the process group's timeout and watchdog catch a
-hang), on gloo the wait is bounded by ``timeout`` and a timeout raises ``CommTimeout``.
+hang), on gloo the wait is bounded by ``timeout``; a failure raises ``CommTimeout`` / ``CommError``
+naming the rank, the collective, the channel and the ``step`` ("forward", "backward", ...).
 """
 
 from __future__ import annotations
@@ -22,20 +23,10 @@ import torch
 import torch.distributed as dist
 
 from .. import comm
-from ..comm import CommError, CommTimeout, count, pack, spec_of, unpack
+from ..comm import count, pack, spec_of, unpack
 
 
-def _wait(work, group, device: torch.device, channel: str, timeout: float | None) -> None:
-    try:
-        comm.finish(work, group, device, timeout)
-    except RuntimeError as e:
-        where = f"rank {dist.get_rank(group)} (of {dist.get_world_size(group)}) on channel {channel!r}"
-        if comm.failure_kind(e) == "timeout":
-            raise CommTimeout(f"{where}: a collective did not complete in time; did every rank of the group call it? ({e})") from e
-        raise CommError(f"{where}: a collective failed ({e})") from e
-
-
-def all_gather(tensors: list[torch.Tensor], group, channel: str, timeout: float | None = None) -> list[list[torch.Tensor]]:
+def all_gather(tensors: list[torch.Tensor], group, channel: str, timeout: float | None = None, step=None) -> list[list[torch.Tensor]]:
     """Every member's copy of ``tensors`` (same shapes and dtypes on every member), index = group rank.
 
     The tensors travel packed in one buffer, so this is one collective whatever their number.
@@ -43,24 +34,28 @@ def all_gather(tensors: list[torch.Tensor], group, channel: str, timeout: float 
     world = dist.get_world_size(group)
     buf = pack(tensors)
     parts = [torch.empty_like(buf) for _ in range(world)]
-    _wait(dist.all_gather(parts, buf, group=group, async_op=True), group, buf.device, channel, timeout)
+    comm.collective("all_gather", lambda: dist.all_gather(parts, buf, group=group, async_op=True), group=group,
+                    device=buf.device, timeout_s=timeout, channel=channel, step=step)
     count(channel, sent=(world - 1) * buf.numel(), recv=(world - 1) * buf.numel(), sends=world - 1, recvs=world - 1)
     specs = [spec_of(t) for t in tensors]
     return [unpack(p, specs) for p in parts]
 
 
-def reduce_scatter(pieces: list[torch.Tensor], group, channel: str, timeout: float | None = None) -> torch.Tensor:
+def reduce_scatter(pieces: list[torch.Tensor], group, channel: str, timeout: float | None = None, step=None) -> torch.Tensor:
     """Sum over members of ``pieces[rank]``: member j contributes ``pieces`` and receives the sum of
     everyone's ``pieces[j]``. All pieces share one shape and dtype."""
     world = dist.get_world_size(group)
     out = torch.empty_like(pieces[0])
-    _wait(dist.reduce_scatter(out, [p.contiguous() for p in pieces], group=group, async_op=True), group, out.device, channel, timeout)
+    ins = [p.contiguous() for p in pieces]
+    comm.collective("reduce_scatter", lambda: dist.reduce_scatter(out, ins, group=group, async_op=True), group=group,
+                    device=out.device, timeout_s=timeout, channel=channel, step=step)
     n = pieces[0].numel() * pieces[0].element_size()
     count(channel, sent=(world - 1) * n, recv=(world - 1) * n, sends=world - 1, recvs=world - 1)
     return out
 
 
-def all_to_all_packed(pieces: list[list[torch.Tensor]], group, channel: str, timeout: float | None = None) -> list[list[torch.Tensor]]:
+def all_to_all_packed(pieces: list[list[torch.Tensor]], group, channel: str, timeout: float | None = None,
+                      step=None) -> list[list[torch.Tensor]]:
     """``pieces[j]`` (a list of tensors) goes to member j; returns, per sender, the tensors it sent to
     this member (views of the received buffer). Every member sends every other the same shapes and
     dtypes (the all-to-alls of Ulysses are symmetric), so ONE ``all_to_all_single`` of a flat buffer,
@@ -69,7 +64,8 @@ def all_to_all_packed(pieces: list[list[torch.Tensor]], group, channel: str, tim
     specs = [spec_of(t) for t in pieces[rank]]
     buf = pack([t for ts in pieces for t in ts])
     got = torch.empty_like(buf)
-    _wait(dist.all_to_all_single(got, buf, group=group, async_op=True), group, buf.device, channel, timeout)
+    comm.collective("all_to_all_single", lambda: dist.all_to_all_single(got, buf, group=group, async_op=True), group=group,
+                    device=buf.device, timeout_s=timeout, channel=channel, step=step)
     n = buf.numel() // world
     count(channel, sent=(world - 1) * n, recv=(world - 1) * n, sends=world - 1, recvs=world - 1)
     return [unpack(got[i * n : (i + 1) * n], specs) for i in range(world)]
@@ -82,13 +78,13 @@ def _chunk_positions(member_chunks: list[list[int]]) -> list[list[int]]:
     return [[ranked[c] for c in cs] for cs in member_chunks]
 
 
-def seq_to_heads(xs: list[torch.Tensor], group, member_chunks: list[list[int]], channel: str, timeout) -> list[torch.Tensor]:
+def seq_to_heads(xs: list[torch.Tensor], group, member_chunks: list[list[int]], channel: str, timeout, step=None) -> list[torch.Tensor]:
     """Sequence shards (B, S_l, H_t, D) -> (B, H_t/u, u*S_l, D) contiguous, the group's tokens in
     ascending global order (``member_chunks[i]``: member i's global chunk ids in local order).
     All tensors in one all-to-all; one copy into the message, one into the result."""
     u, rank = dist.get_world_size(group), dist.get_rank(group)
     pieces = [[x[:, :, j * (x.shape[2] // u) : (j + 1) * (x.shape[2] // u)] for x in xs] for j in range(u)]
-    got = all_to_all_packed(pieces, group, channel, timeout)
+    got = all_to_all_packed(pieces, group, channel, timeout, step)
     pos = _chunk_positions(member_chunks)
     outs = []
     for t, x in enumerate(xs):
@@ -104,7 +100,7 @@ def seq_to_heads(xs: list[torch.Tensor], group, member_chunks: list[list[int]], 
     return outs
 
 
-def heads_to_seq(ys: list[torch.Tensor], group, member_chunks: list[list[int]], channel: str, timeout) -> list[torch.Tensor]:
+def heads_to_seq(ys: list[torch.Tensor], group, member_chunks: list[list[int]], channel: str, timeout, step=None) -> list[torch.Tensor]:
     """Inverse of :func:`seq_to_heads`: (B, H_t/u, u*S_l, D) in global order -> (B, S_l, H_t, D) contiguous."""
     u, rank = dist.get_world_size(group), dist.get_rank(group)
     pos = _chunk_positions(member_chunks)
@@ -114,7 +110,7 @@ def heads_to_seq(ys: list[torch.Tensor], group, member_chunks: list[list[int]], 
         [y.transpose(1, 2)[:, pos[j][c] * ln : (pos[j][c] + 1) * ln] for y, ln in zip(ys, lns) for c in range(n)]
         for j in range(u)
     ]
-    got = all_to_all_packed(pieces, group, channel, timeout)
+    got = all_to_all_packed(pieces, group, channel, timeout, step)
     outs = []
     for t, (y, ln) in enumerate(zip(ys, lns)):
         b, hu, s, d = y.shape
@@ -135,8 +131,8 @@ class AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, there, back, group, member_chunks, channel: str, timeout, *xs):
         ctx.back, ctx.args = back, (group, member_chunks, channel, timeout)
-        return tuple(there(list(xs), *ctx.args))
+        return tuple(there(list(xs), *ctx.args, step=f"forward ({there.__name__})"))
 
     @staticmethod
     def backward(ctx, *grads):
-        return (None,) * 6 + tuple(ctx.back(list(grads), *ctx.args))
+        return (None,) * 6 + tuple(ctx.back(list(grads), *ctx.args, step=f"backward ({ctx.back.__name__})"))

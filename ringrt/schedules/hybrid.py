@@ -48,7 +48,7 @@ def hybrid_degree(world: int, heads: int, kv_heads: int, ranks_per_node: int | N
     return max(proper) if proper else max(ok)
 
 
-def grid_groups(base: dist.ProcessGroup, world: int, rank: int, u: int, device=None) -> tuple:
+def grid_groups(base: dist.ProcessGroup, world: int, rank: int, u: int, device=None, timeout: float | None = None) -> tuple:
     """(ulysses group, ring K/V group, ring dK/dV group) of this rank on the default group, or on a
     gloo subgroup without registered grids; created once and cached.
 
@@ -58,12 +58,18 @@ def grid_groups(base: dist.ProcessGroup, world: int, rank: int, u: int, device=N
     column group (their channels are kept apart by tags, which only gloo honours: an NCCL subgroup
     needs its grids registered, see ``ringrt.groups.new_subgroups``). Never two local groups over
     the same ranks: their names could pair up differently on different ranks (see ``ringrt.groups``).
+
+    Creation starts with a bounded rendezvous over ``base`` (``timeout`` seconds on gloo, see
+    :func:`ringrt.comm.rendezvous`): ``dist.new_group`` would wait for a missing rank up to the
+    process group's own timeout.
     """
     ranks = dist.get_process_group_ranks(base)
     key = (id(base), tuple(ranks), u)
     if key not in _CACHE:
         rows, cols = grid_ranks(ranks, u)
         my_row, my_col = rank // u, rank % u
+        if base is dist.group.WORLD or not comm.is_nccl(base, device):  # (an NCCL subgroup is refused below)
+            comm.rendezvous(base, device=device, timeout_s=timeout, channel="groups", step=f"setup of the hybrid grid (u={u})")
         if base is dist.group.WORLD:
             row_groups = [dist.new_group(r, group_desc="ringrt_ulysses") for r in rows]
             kv_groups = [dist.new_group(c, group_desc="ringrt_ring_kv") for c in cols]
@@ -79,7 +85,7 @@ def grid_groups(base: dist.ProcessGroup, world: int, rank: int, u: int, device=N
     return _CACHE[key]
 
 
-def hybrid_groups(g, u: int, device) -> tuple:
+def hybrid_groups(g, u: int, device, timeout: float | None = None) -> tuple:
     """(ulysses group, K/V group, dK/dV group) of this rank for degree ``u`` over ``g``
     (:class:`ringrt.groups.RingGroups`); None where that part does not run. u = 1 is a KV-ring
     over the whole group (its direction groups); u = W is Ulysses over the whole group (the base);
@@ -93,7 +99,7 @@ def hybrid_groups(g, u: int, device) -> tuple:
         return g.base, None, None
     if u in g.grids:
         return g.grids[u]
-    return grid_groups(g.base, g.world, g.rank, u, device)
+    return grid_groups(g.base, g.world, g.rank, u, device, timeout)
 
 
 def clear_cache() -> None:
@@ -109,7 +115,7 @@ def hybrid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) ->
     if problem:
         raise ValueError(f"ringrt.attention(algorithm='hybrid'): {problem} (set RINGRT_ULYSSES_DEGREE)")
     n = g.world // u
-    ug, kv_group, grad_group = hybrid_groups(g, u, q.device)
+    ug, kv_group, grad_group = hybrid_groups(g, u, q.device, plan.timeout)
     members = [[list(rank_chunks(plan.layout, r * u + b, g.world)) for b in range(u)] for r in range(n)]
     row_ids = [sorted(c for cs in m for c in cs) for m in members]  # each row's chunks, ascending
     mine = members[g.rank // u]
