@@ -18,6 +18,8 @@ K/V with fewer heads than Q (GQA) natively. Two semantics differ from ringrt's c
 here or avoided by the router (``kernels_cuda.choose_cuda_path``):
 
 * a row that sees no key gets lse = +inf and out = 0 (ours: lse = -inf), and the backward wants +inf;
+  so does a row whose softmax sum is NaN (``sum != sum`` in its epilogue), i.e. a row that attends a
+  NaN: ours is NaN there (``kernels.py``), told apart by the mask's structure, not by the result;
 * ``causal=True`` with Sq != Sk is aligned BOTTOM-RIGHT (query i sees keys <= i + Sk - Sq); ours is
   top-left, so flash is only asked for causal blocks with Sq == Sk, where both agree.
 """
@@ -99,8 +101,15 @@ class FlashAttn:
             alibi_slopes=None, return_softmax=False,
         )
         out, lse = (res[0], res[5]) if self.family == "2.6" else (res[0], res[1])  # (B, Sq, H, D), (B, H, Sq)
-        # flash marks a row that saw no key with lse = +inf (its out row is already 0); no host sync
-        return out.transpose(1, 2), lse.masked_fill(torch.isposinf(lse), -_INF)
+        # lse = +inf: a row that saw no key (its out row is already 0) or a NaN row. No mask reaches
+        # flash, so the empty rows are known from the shapes: causal (bottom-right) hides every key from
+        # the first Sq - Sk rows, and no row sees a key when Sk = 0. No host sync.
+        sq, sk = q.shape[2], k.shape[2]
+        empty = max(0, sq - sk) if causal else (sq if sk == 0 else 0)
+        lse = lse.masked_fill(torch.isposinf(lse), float("nan"))
+        if empty:
+            lse[..., :empty] = -_INF
+        return out.transpose(1, 2), lse
 
     def backward(self, dout, q, k, v, out, lse, *, causal: bool, scale: float):
         """Gradients of one block from the FINAL out rows (or a surrogate) and lse (B, H, Sq)."""

@@ -36,7 +36,7 @@ import torch
 
 from .attn_layout import fold_rows, pack_bias, pad_lse, unfold_lse, unfold_rows
 from .flash import SUPPORTED, FlashAttn, flash_family, flash_runs_on, load_flash
-from .kernels import MathKernel, _expand_kv, _fold_kv, surrogate_out
+from .kernels import MathKernel, _expand_kv, _fold_kv, attended, surrogate_out
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +103,12 @@ def _warn_once(route: CudaRoute) -> None:
         log.warning("ringrt cuda kernel: %s; using the %s path", route.why, route.path)
 
 
-def _empty_rows(mask: torch.Tensor) -> torch.Tensor:
-    """(Sq,) or (B|1, H|1, Sq) bool: mask rows that are all -inf. No host sync (the CPU kernel's check
+def _empty_rows(mask: torch.Tensor, *, causal: bool, dtype: torch.dtype) -> torch.Tensor:
+    """(B|1, H|1, Sq) bool: rows that see no key under ``causal`` and ``mask`` as the kernel gets it (in
+    ``dtype``). From the mask, not from the kernel's lse: a row that sees keys but has a non-finite lse
+    held a NaN and must stay NaN (``kernels.py``). No host sync (the CPU kernel's check
     ``bool(empty.any())`` would stall the stream on every masked block)."""
-    return torch.isneginf(mask).all(dim=-1)
+    return ~attended(causal, mask.to(dtype), mask.shape[-2], mask.shape[-1], mask.device).any(-1)
 
 
 def _unit_last(x: torch.Tensor) -> torch.Tensor:
@@ -185,8 +187,10 @@ def _efficient_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cau
         compute_log_sumexp=True, scale=scale,
     )  # out (B, g*Sq, heads, D), lse (B, heads, ceil32(g*Sq)) fp32
     out, lse = unfold_rows(out, h), unfold_lse(lse[..., : qf.shape[1]], h)
+    # a non-finite lse on a row that sees keys means a NaN in it (kernels.py): NaN, whatever the kernel wrote
+    lse = torch.where(torch.isfinite(lse), lse, float("nan"))
     if mask is not None:  # rows that saw no key: lse = -inf, out = 0 (the kernel may leave NaN there)
-        empty = _empty_rows(mask) | ~torch.isfinite(lse)
+        empty = _empty_rows(mask, causal=causal, dtype=q.dtype)
         out, lse = out.masked_fill(empty.unsqueeze(-1), 0.0), lse.masked_fill(empty, _NEG_INF)
     return out, lse
 

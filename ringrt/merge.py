@@ -9,7 +9,11 @@ result over the union::
         = lerp(out_a, out_b, sigmoid(lse_b - lse_a))                 # one fused pass over out
 
 A row that saw no key carries lse = -inf and out = 0. Two such rows merge to (0, -inf) rather than
-NaN: the sigmoid of (-inf) - (-inf) is NaN and is replaced by 0 (the empty side has no weight).
+NaN: the sigmoid of (-inf) - (-inf) would be NaN, so the accumulator's lse is clamped to the lowest
+finite value first (an empty accumulator loses to anything, an empty block included). That is the
+only case made finite. NaN propagates (the kernels' rule, ``kernels.py``): a row whose out or lse is
+NaN on either side merges to a NaN row (NaN weight, or ``lerp``'s ``w * (b - a)`` with a NaN
+operand), so a query row that saw a NaN in any block ends NaN, and every other row is untouched.
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ def merge_(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_
     out: (B, H, S, D) accumulator in fp32/fp64, lse: (B, H, S) same dtype;
     block_out: (B, H, S, D) any float dtype, block_lse: (B, H, S).
     """
-    w = torch.sigmoid(block_lse.to(lse.dtype) - lse).nan_to_num_(nan=0.0)  # (B, H, S)
+    block_lse = block_lse.to(lse.dtype)
+    # clamp_min keeps NaN and maps only lse = -inf to a finite floor: (-inf, -inf) -> w = 0, no host sync
+    w = torch.sub(block_lse, lse.clamp_min(torch.finfo(lse.dtype).min)).sigmoid_()  # (B, H, S)
     out.lerp_(block_out.to(out.dtype), w.unsqueeze(-1))
-    torch.logaddexp(lse, block_lse.to(lse.dtype), out=lse)
+    torch.logaddexp(lse, block_lse, out=lse)
 
 
 def empty_accumulator(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
