@@ -7,6 +7,18 @@ loss (``packing.py``). The ranks run data-parallel (each packs its own examples;
 not a ring mask) and all-reduce the embedder's gradients. The embedder is written (rank 0,
 atomically) to ``<train.out_dir>/embedder``. LLM, embedder, examples and loss totals live on
 :func:`ringrt.device.job_device`; the host reads the loss once per optimizer step.
+
+Checkpoints and resume work as in the main trainer (``ringrt/jobs/train.py``, ``ringrt/checkpoint.py``):
+every ``train.ckpt_every`` steps, at ``train.steps`` and when ``compression.train_minutes`` stops the
+run, the embedder, its AdamW state, every rank's RNG and the data position go atomically to
+``<train.out_dir>/embedder_checkpoints/step_<n>`` (the newest ``train.keep_last`` kept; a directory of
+its own, so an LLM's ``checkpoints`` in the same out_dir are never read or pruned). The frozen LLM is
+not saved: it is ``train.init_from`` again. With ``train.resume`` (the default) a rerun of the same
+command continues from the newest complete checkpoint: the data stream resumes at the next batch and
+k is a function of (seed, step, rank), so the loss curve after a ``kill -9`` and a rerun is bit-identical
+to an uninterrupted run's (``tests/test_compression_resume.py``); ``resumed_from`` is logged. A
+checkpoint written with other ``compression.chunk_len``/``train_chunks``/``ks``/``k``/``embedder_layers``
+is refused (ValueError naming the setting), since it would continue a different data stream or model.
 """
 
 from __future__ import annotations
@@ -18,7 +30,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .. import device as devices
+from .. import checkpoint, device as devices
 from ..data.batching import train_batches
 from ..data.tokenizer import check_tokenizer, load_tokenizer
 from ..metrics import ConsoleSink, JsonlSink, MetricsLogger
@@ -58,7 +70,8 @@ def _out_of_time(mine: bool, world: int, device: torch.device) -> bool:
 
 
 def run_compression_train(cfg, logger: MetricsLogger | None = None) -> dict:
-    """Train the embedder; returns {"step", "loss", "losses", "embedder_dir", "seconds"}. Works on one
+    """Train the embedder, or continue it from its newest checkpoint (module docstring); returns {"step",
+    "loss", "losses" (this process's steps only), "embedder_dir", "checkpoint", "seconds"}. Works on one
     process or on an initialised default process group (every rank calls it)."""
     from ..jobs.eval import resolve_checkpoint
     from ..jobs.train import lr_at
@@ -76,16 +89,33 @@ def run_compression_train(cfg, logger: MetricsLogger | None = None) -> dict:
     decay = [p for p in params if p.dim() >= 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=t.lr, betas=t.betas)
+    factors = c.factors()
+    settings = {"chunk_len": c.chunk_len, "train_chunks": c.train_chunks, "ks": factors, "embedder_layers": emb.n_layers}
+    ckpt_root = os.path.join(t.out_dir, "embedder_checkpoints")
+    step, position = 0, 0  # position: global batches consumed (one per micro-step)
+    found = checkpoint.latest(ckpt_root) if t.resume else None
+    if found is not None:
+        meta = checkpoint.load(found, model=emb, optimizer=opt)  # and this rank's RNG
+        _check_resumable(meta, settings, found)
+        step, position = meta["step"], meta["data_position"]
     example_len = c.train_chunks * c.chunk_len
     data = dataclasses.replace(cfg.data, seq_len=example_len - 1)  # windows of example_len tokens
-    batches = train_batches(data, tok, replicas=world, replica=rank)
+    batches = train_batches(data, tok, replicas=world, replica=rank, skip=position)
     if logger is None:
         logger = MetricsLogger([ConsoleSink(), JsonlSink(os.path.join(t.out_dir, "metrics.jsonl"))], enabled=rank == 0)
-    factors = c.factors()
+    if found is not None:
+        logger.log(step, resumed_from=str(found))
     losses: list[float] = []
     t_start = time.perf_counter()
     device = devices.module_device(llm)
-    step = 0
+    saved = step
+
+    def save() -> None:
+        nonlocal saved
+        meta = {"data_position": position, "llm": llm_dir, **settings}
+        checkpoint.save(ckpt_root, step, model=emb, optimizer=opt, meta=meta, keep_last=t.keep_last)
+        saved = step
+
     while step < t.steps:
         lr = lr_at(step, t)
         for gr in opt.param_groups:
@@ -101,6 +131,7 @@ def run_compression_train(cfg, logger: MetricsLogger | None = None) -> dict:
             loss = loss_sum / count / t.grad_accum  # every rank scores the same number of tokens
             loss.backward()
             total += loss.detach()
+        position += t.grad_accum
         sum_gradients(params, None, divide_by=world)
         gnorm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip) if t.grad_clip > 0 else float("nan")
         opt.step()
@@ -112,8 +143,12 @@ def run_compression_train(cfg, logger: MetricsLogger | None = None) -> dict:
         losses.append(total.item())  # the step's one host read
         if step % t.log_every == 0 or step == t.steps:
             logger.log(step, loss=losses[-1], lr=lr, grad_norm=gnorm)  # a device tensor: read by rank 0 only
+        if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.steps:
+            save()
         if c.train_minutes is not None and _out_of_time(time.perf_counter() - t_start > 60 * c.train_minutes, world, device):
             logger.log(step, stopped="compression.train_minutes reached")
+            if saved != step:
+                save()
             break
     out = os.path.join(t.out_dir, "embedder")
     if rank == 0:
@@ -122,4 +157,14 @@ def run_compression_train(cfg, logger: MetricsLogger | None = None) -> dict:
     if dist.is_initialized():
         dist.barrier()
     return {"step": step, "loss": losses[-1] if losses else None, "losses": losses, "embedder_dir": out,
-            "seconds": time.perf_counter() - t_start}
+            "checkpoint": str(checkpoint.latest(ckpt_root)), "seconds": time.perf_counter() - t_start}
+
+
+def _check_resumable(meta: dict, settings: dict, path) -> None:
+    """ValueError (the same on every rank: every rank reads the same meta) if the checkpoint was written
+    with other settings than this run's: resuming would continue another data stream or model."""
+    for name, want in settings.items():
+        if meta.get(name) != want:
+            setting = "compression.ks (or compression.k)" if name == "ks" else f"compression.{name}"
+            raise ValueError(f"{setting}={want} but the checkpoint {path} was written with {meta.get(name)}; resume with "
+                             f"the same settings, or start afresh with another train.out_dir or train.resume=false")
