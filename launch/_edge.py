@@ -2,8 +2,12 @@
 
 * Before Hydra starts: refuse ``-m`` inside a distributed launch (sweep outside; each sweep job
   launches its own ranks) and, under torchrun/Slurm/MPI, give every rank one ``hydra.run.dir``
-  (``outputs/run-<launch id>``, the same on every rank and across torchrun restarts) unless the user
-  passed one.
+  unless the user passed one: ``outputs/run-<launch id>`` (Slurm job id, torchrun ``--rdzv-id``) or,
+  when the launch has no id of its own (one node: ``launch/run.sh``, ``torchrun --standalone``),
+  ``outputs/run-<job>-<hash of the command>``: the same on every rank, across torchrun restarts and
+  for a re-run of the same command, which therefore resumes.
+* Ctrl-C / SIGTERM of a single run (:func:`interruptible`): one line per rank saying where the job
+  stopped and the command that resumes it, exit code 130 (143 for SIGTERM).
 * Resolvers used by ``conf/``: ``${ringrt.rank0:x}`` is x on global rank 0 and null elsewhere (so only
   rank 0 writes ``.hydra/`` and the log file), ``${ringrt.run_dir:}`` is the shared run directory.
 * After composition: the config becomes a typed dataclass (``ringrt.schema.from_dict``) at once.
@@ -11,6 +15,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import sys
 import time
@@ -18,17 +24,21 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ringrt.launcher import detect, global_rank, run_id
+from ringrt.launcher import command_id, detect, global_rank, program_argv, run_id
 from ringrt.schema import ConfigError, from_dict
 
 LAUNCH_DIR = str(Path(__file__).resolve().parent)
 
 
 def _run_dir() -> str:
-    rid = run_id()
-    if rid is not None and detect().world_size > 1:
-        return f"outputs/run-{rid}"
+    world = detect().world_size
+    if world > 1:
+        return f"outputs/run-{run_id() or command_id(world)}"
     return time.strftime("outputs/%Y-%m-%d/%H-%M-%S")
+
+
+def _gives_run_dir(argv: list[str]) -> bool:
+    return any(a.startswith(("hydra.run.dir=", "++hydra.run.dir=")) for a in argv)
 
 
 def _register() -> None:
@@ -51,11 +61,36 @@ def prepare() -> None:
     if env.world_size > 1 and any(a in ("-m", "--multirun") for a in argv):
         sys.exit(f"error: '-m' sweeps cannot run inside a {env.source} launch of {env.world_size} ranks; run the sweep "
                  f"outside (python launch/<job>.py -m hydra/launcher=submitit_slurm ...) and let each job start its ranks")
-    if env.world_size > 1 and not any(a.startswith(("hydra.run.dir=", "++hydra.run.dir=")) for a in argv):
-        rid = run_id()
-        if rid is None:
-            sys.exit(f"error: {env.source} launch of {env.world_size} ranks gives no shared launch id; pass the same "
-                     f"hydra.run.dir=<dir> to every rank")
+
+
+def interruptible(job: str):
+    """Around a single run's ``main()`` (not sweep jobs: submitit handles their signals): Ctrl-C or
+    SIGTERM -> one line per rank saying where ``job`` stopped (and how to resume), exit 128 + signal."""
+    from ringrt.jobs import interrupt
+
+    if any(a in ("-m", "--multirun") for a in sys.argv[1:]):
+        return contextlib.nullcontext()  # a sweep's launcher (submitit) cancels its jobs on Ctrl-C itself
+    return interrupt.stops_cleanly(job)
+
+
+def resumable_in(run_dir: str) -> None:
+    """The command that resumes this run is this one with ``hydra.run.dir=<run_dir>`` (absolute),
+    unless it already names a run dir."""
+    from ringrt.jobs import interrupt
+
+    interrupt.note(resume=[] if _gives_run_dir(program_argv()[1:]) else [f"hydra.run.dir={os.path.abspath(run_dir)}"])
+
+
+def close_logger(logger) -> None:
+    """Close the metrics logger (W&B finishes its run); after Ctrl-C without W&B's run summary on
+    the console, where each rank's one line says what happened."""
+    from ringrt.jobs import interrupt
+
+    if interrupt.received() is None:
+        logger.close()
+        return
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        logger.close()
 
 
 def to_schema(cfg, schema: type):

@@ -30,5 +30,6 @@ def main(cfg) -> dict:
 
 if __name__ == "__main__":
     _edge.prepare()
-    main()
+    with _edge.interruptible("evaluation"):
+        main()
     _edge.finish(0)

@@ -31,5 +31,6 @@ def main(cfg) -> dict:
 
 if __name__ == "__main__":
     _edge.prepare()
-    main()
+    with _edge.interruptible("generation"):
+        main()
     _edge.finish(0)

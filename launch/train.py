@@ -25,6 +25,8 @@ def main(cfg) -> dict:
     run = _edge.to_schema(cfg, TrainRun)
     env = init_distributed(run.launcher.backend, run.launcher.timeout_s)
     _edge.started(env, run.train.out_dir)
+    if run.engine == "torch":  # DeepSpeed's engine writes no checkpoints ringrt resumes from
+        _edge.resumable_in(run.train.out_dir)
     _edge.write_resolved(run, run.train.out_dir)
     n_params = sum(p.numel() for p in Llama(run.model).parameters())
     fpt = train_flops_per_token(n_params=n_params, n_layers=run.model.n_layers, dim=run.model.dim,
@@ -44,12 +46,13 @@ def main(cfg) -> dict:
         else:
             result = run_train(run.job(), logger=logger)
     finally:
-        logger.close()
+        _edge.close_logger(logger)
     _edge.end_job()
     return {"step": result["step"], "loss": result["loss"], "losses": result["losses"]}
 
 
 if __name__ == "__main__":
     _edge.prepare()
-    main()
+    with _edge.interruptible("training"):
+        main()
     _edge.finish(0)

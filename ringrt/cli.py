@@ -34,7 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[argv[0]][0])
     p = argparse.ArgumentParser(prog=f"ringrt {argv[0]}", description=COMMANDS[argv[0]][1])
     module.add_arguments(p)
-    return int(module.main(p.parse_args(argv[1:])) or 0)
+    try:
+        return int(module.main(p.parse_args(argv[1:])) or 0)
+    except KeyboardInterrupt:  # jobs with something to resume say more (ringrt.jobs.interrupt)
+        print(f"ringrt {argv[0]}: interrupted", file=sys.stderr, flush=True)
+        return 130
 
 
 if __name__ == "__main__":

@@ -13,18 +13,29 @@
 
 torchrun's variables win when present (a Slurm job that runs torchrun per node has both).
 ``init_distributed()`` turns that into an initialised default process group.
+
+What is listened on: rank 0 hosts the job's TCPStore on MASTER_ADDR only (torch's TCPStore binds
+every interface unless it is handed a listening socket, so we hand it one: :func:`_host_store`).
+Ranks that meet at a loopback MASTER_ADDR are all on this machine, so their gloo and NCCL sockets
+are pinned to the loopback interface too (:func:`pin_to_loopback`). One node under torchrun:
+:func:`local_torchrun_args` (a file rendezvous, no agent store; what ``launch/run.sh`` uses), so
+nothing listens beyond 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import datetime
+import errno
+import hashlib
+import ipaddress
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Literal, Mapping
+from typing import Literal, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -169,27 +180,105 @@ def _mpi_rendezvous(le: LaunchEnv) -> LaunchEnv:
     comm = MPI.COMM_WORLD
     info = None
     if comm.Get_rank() == 0:
+        # Every rank on this node (mpirun -np N here): meet on loopback, listen nowhere else.
+        addr = "127.0.0.1" if le.local_world_size == le.world_size else resolve_ip(socket.gethostname())
         with socket.socket() as s:
-            s.bind(("", 0))
+            s.bind((addr, 0))
             port = s.getsockname()[1]
-        info = (resolve_ip(socket.gethostname()), port)
+        info = (addr, port)
     addr, port = comm.bcast(info, root=0)
     return LaunchEnv(le.rank, le.world_size, le.local_rank, le.local_world_size, addr, port, "mpi")
 
 
 _RUN_ID_VARS = ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SUBMITIT_LOCAL_JOB_ID", "PMIX_NAMESPACE", "OMPI_MCA_ess_base_jobid")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def run_id(env: Mapping[str, str] | None = None) -> str | None:
-    """An id every rank of one launch shares (torchrun run id, Slurm job id, ...), or None.
+    """An id every rank of one launch shares (torchrun ``--rdzv-id``, Slurm job id, ...), or None.
 
     Used to name a shared output directory when the user gave none; stable across torchrun restarts.
+    torchrun's own ids are skipped: ``--standalone`` draws a random UUID per launch and a rendezvous
+    without ``--rdzv-id`` is called ``none``; neither names this run (see :func:`command_id`).
     """
     env = os.environ if env is None else env
     for name in _RUN_ID_VARS:
-        if env.get(name):
-            return re.sub(r"[^A-Za-z0-9_.-]", "_", env[name])
+        v = env.get(name)
+        if not v or (name == "TORCHELASTIC_RUN_ID" and (v == "none" or _UUID.fullmatch(v))):
+            continue
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", v)
     return None
+
+
+def program_argv() -> list[str]:
+    """What follows the interpreter on this process's command line: ``[script, *args]`` or
+    ``["-m", module, *args]`` (torchrun, mpirun and srun pass it to every rank unchanged)."""
+    argv = list(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
+    i = 1
+    while i < len(argv) and argv[i].startswith("-") and argv[i] not in ("-m", "-c", "-"):
+        i += 2 if argv[i] in ("-X", "-W", "-Q") else 1
+    return argv[i:]
+
+
+def command_id(world_size: int, argv: Sequence[str] | None = None) -> str:
+    """A short id of "this program with these arguments on this many ranks": the same for a re-run
+    of the same command (so it can resume), different when any argument differs."""
+    argv = program_argv() if argv is None else list(argv)
+    digest = hashlib.sha256("\0".join([str(world_size), *argv]).encode()).hexdigest()[:10]
+    if argv[:1] == ["-m"] and len(argv) > 1:
+        name = argv[1]  # the module
+    else:
+        name = os.path.splitext(os.path.basename(argv[0]))[0] if argv else "run"  # the script: train, eval, ...
+    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}-{digest}"
+
+
+LAUNCH_COMMAND_VAR = "RINGRT_LAUNCH_COMMAND"
+"""Set by ``launch/run.sh``: the shell words that started this launch before the program
+(``NPROC_PER_NODE=2 ./launch/run.sh``), for :func:`launch_command`."""
+
+
+def _parent_argv() -> list[str]:
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def _torchrun_prefix(program: list[str], env: Mapping[str, str]) -> list[str]:
+    """torchrun's part of the agent's command line (our parent), e.g. ``torchrun --standalone --nproc-per-node=2``."""
+    agent = _parent_argv()
+    if program and len(agent) > len(program) and agent[len(agent) - len(program):] == program:
+        opts = agent[: len(agent) - len(program)]
+        if len(opts) >= 2 and os.path.basename(opts[1]) == "torchrun":
+            return ["torchrun", *opts[2:]]
+        if opts[1:3] == ["-m", "torch.distributed.run"]:
+            return ["python", *opts[1:]]
+    return ["torchrun", f"--nnodes={env.get('GROUP_WORLD_SIZE', '1')}",
+            f"--nproc-per-node={env.get('LOCAL_WORLD_SIZE', '1')}"]
+
+
+def launch_command(extra: Sequence[str] = (), env: Mapping[str, str] | None = None) -> str:
+    """The shell command that started this launch again, with ``extra`` arguments appended to the
+    program's (e.g. the run directory to resume in): ``launch/run.sh``'s own words when it started
+    us, the agent's command line under torchrun, else ``python`` (``mpirun -np N python``, ``srun python``)."""
+    env = os.environ if env is None else env
+    program = program_argv()
+    words = [*program, *extra]
+    if env.get(LAUNCH_COMMAND_VAR):
+        return f"{env[LAUNCH_COMMAND_VAR]} {shlex.join(words)}"
+    le = detect(env)
+    if le.source == "torchrun" and env.get("TORCHELASTIC_RUN_ID"):
+        prefix = _torchrun_prefix(program, env)
+    elif le.source == "mpi":
+        prefix = ["mpirun", "-np", str(le.world_size), "python"]
+    elif le.source == "slurm":
+        prefix = ["srun", f"--ntasks={le.world_size}", "python"]
+    elif program and program[0] != "-m" and not program[0].endswith(".py") and os.path.basename(program[0]) == "ringrt":
+        return shlex.join(["ringrt", *words[1:]])  # the console script
+    else:
+        prefix = ["python"]
+    return shlex.join([*prefix, *words])
 
 
 def global_rank() -> int:
@@ -217,6 +306,97 @@ def process_group_backend(backend: str, local_rank: int) -> tuple[str, torch.dev
     return "cpu:gloo,cuda:nccl", torch.device("cuda", cuda_index(local_rank))
 
 
+def is_loopback(host: str | None) -> bool:
+    """True for ``localhost`` and literal loopback addresses (127.0.0.0/8, ::1); a host name that
+    merely resolves to one (Debian's 127.0.1.1 for the machine's name) is not."""
+    if not host:
+        return False
+    host = host.strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def loopback_interface() -> str:
+    """Name of the loopback network interface (``lo`` on Linux, ``lo0`` on macOS)."""
+    try:
+        names = {name for _, name in socket.if_nameindex()}
+    except OSError:
+        names = set()
+    return next((n for n in ("lo", "lo0") if n in names), "lo")
+
+
+def pin_to_loopback(env: dict | None = None) -> None:
+    """Make this process's gloo and NCCL sockets listen (and connect) on the loopback interface only,
+    for ranks that all run on this machine. Values the user set win.
+
+    Without it gloo listens on the address the host name resolves to and NCCL's bootstrap on the
+    first non-loopback interface: reachable from the network.
+    """
+    env = os.environ if env is None else env
+    lo = loopback_interface()
+    env.setdefault("GLOO_SOCKET_IFNAME", lo)
+    env.setdefault("NCCL_SOCKET_IFNAME", lo)
+
+
+def _listen_socket(host: str, port: int) -> socket.socket | None:
+    """A socket listening on ``host:port`` only, or None when ``host`` is a name or not an address of
+    this machine (the store then binds every interface, as torch does by default)."""
+    host = host.strip("[]")
+    if host.lower() == "localhost":
+        host = "127.0.0.1"
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return None
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((host, port))
+    except OSError as e:
+        s.close()
+        if e.errno == errno.EADDRNOTAVAIL:  # MASTER_ADDR is not an address of this machine (NAT, forwarded)
+            return None
+        raise RuntimeError(f"rank 0 cannot listen on MASTER_ADDR:MASTER_PORT = {host}:{port}: {e.strerror}; "
+                           f"choose another MASTER_PORT") from None
+    s.listen(1024)
+    return s
+
+
+_hosted: list = []  # rank 0's store server, kept until shutdown()
+
+
+def _host_store(le: LaunchEnv, timeout: datetime.timedelta) -> None:
+    """On rank 0: start the job's TCPStore server on MASTER_ADDR only, when that is an address of
+    this machine. TCPStore binds every interface and has no bind-address argument, but it takes a
+    socket that already listens; the store ``init_process_group(init_method="tcp://...")`` then
+    creates on that port shares this server (multi-tenant stores share a server per port)."""
+    sock = _listen_socket(le.master_addr, le.master_port)
+    if sock is None:
+        return
+    _hosted.append(dist.TCPStore(le.master_addr, le.master_port, None, is_master=True, timeout=timeout,
+                                 wait_for_workers=False, multi_tenant=True, master_listen_fd=sock.detach()))
+
+
+def local_torchrun_args(rdzv_file: str) -> list[str]:
+    """torchrun options for one node that listen on loopback only (with :data:`LOCAL_TORCHRUN_ENV`).
+
+    ``--standalone`` makes the agent host two TCPStores on every interface (the rendezvous store and
+    the store it shares with the workers). Instead: the c10d rendezvous runs on a file store
+    (``rdzv_file``, in a directory only we can read), the agent hosts no store for the workers
+    (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``) and tells them ``MASTER_ADDR=127.0.0.1``
+    (``--local-addr``); rank 0 then hosts the store on 127.0.0.1 (:func:`init_distributed`).
+    """
+    return ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_file}", "--rdzv-conf=store_type=file",
+            "--local-addr=127.0.0.1"]
+
+
+LOCAL_TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
 def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> LaunchEnv:
     """Initialise the default process group from the launcher's environment (no-op for one process).
 
@@ -237,6 +417,8 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> Launch
     if not le.master_addr or not le.master_port:
         raise ValueError(f"launcher {le.source!r} gave no MASTER_ADDR/MASTER_PORT; set them in the environment")
     timeout = datetime.timedelta(seconds=timeout_s)
+    if is_loopback(le.master_addr):
+        pin_to_loopback()
     if le.source == "torchrun" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # torchrun's agent hosts the store and keeps it (same MASTER_PORT) across --max-restarts
         # attempts: without a per-attempt prefix, restarted ranks read the dead ranks' gloo
@@ -246,6 +428,8 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> Launch
         dist.init_process_group(pg_backend, store=dist.PrefixStore(f"ringrt/attempt_{attempt}", store),
                                 rank=le.rank, world_size=le.world_size, timeout=timeout, device_id=device)
         return le
+    if le.rank == 0:
+        _host_store(le, timeout)
     dist.init_process_group(
         pg_backend, init_method=f"tcp://{le.master_addr}:{le.master_port}", rank=le.rank, world_size=le.world_size,
         timeout=timeout, device_id=device,
@@ -261,6 +445,7 @@ def shutdown() -> None:
     """
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _hosted.clear()
     mpi = sys.modules.get("mpi4py.MPI")
     if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
         mpi.Finalize()

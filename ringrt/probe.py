@@ -7,7 +7,7 @@ forward and backward on its shard there, and compares output and gradients again
 single-process fp64 reference computed on the same device. Rank 0 writes the result as JSON
 atomically (each rank's entry names its device); the exit code is 0 only if every rank passed.
 
-    torchrun --standalone --nproc-per-node=2 -m ringrt.probe --out probe.json
+    NPROC_PER_NODE=2 ./launch/run.sh -m ringrt.probe --out probe.json    # one node: listens on 127.0.0.1 only
 """
 
 from __future__ import annotations
@@ -134,10 +134,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from .jobs.interrupt import stops_cleanly
+
     cfg = ProbeConfig(**vars(args))
-    result = run_probe(cfg)
-    if dist.is_initialized():
-        dist.barrier()
+    with stops_cleanly("probe"):
+        result = run_probe(cfg)
+        if dist.is_initialized():
+            dist.barrier()
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(json.dumps({k: result[k] for k in ("ok", "world_size", "launcher")}), flush=True)
     shutdown()

@@ -3,9 +3,10 @@
 gloo by default; ``backend="cpu:gloo,cuda:nccl"`` gives each process its own GPU (rank modulo the
 visible GPUs) and NCCL for CUDA tensors, gloo for CPU ones.
 
-No ports: the processes meet through a ``file://`` store. Results come back through a queue; a
-worker that raises fails the caller with its traceback, and workers still running after
-``timeout`` seconds are killed so a deadlock becomes an error instead of a hang.
+No store port: the processes meet through a ``file://`` store, and their gloo (and NCCL) sockets
+listen on the loopback interface only (:func:`ringrt.launcher.pin_to_loopback`). Results come back
+through a queue; a worker that raises fails the caller with its traceback, and workers still
+running after ``timeout`` seconds are killed so a deadlock becomes an error instead of a hang.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ def _worker(fn, rank, world, init_file, q, args, threads, backend):
         torch.set_num_threads(threads)
         import torch.distributed as dist
 
+        from .launcher import pin_to_loopback
+
+        pin_to_loopback()  # every rank is on this machine: gloo/NCCL listen on loopback only
         extra = {}
         if "nccl" in backend:
             device = torch.device("cuda", rank % torch.cuda.device_count())

@@ -65,10 +65,13 @@ def _demo(device: torch.device, quick: bool, work: str) -> dict:
 
 def _probe(world: int, work: str) -> dict:
     """``ringrt probe`` under torchrun on ``world`` local processes (one GPU each on a GPU machine)."""
+    from ..launcher import LOCAL_TORCHRUN_ENV, local_torchrun_args
+
     path = os.path.join(work, "probe.json")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-           "-m", "ringrt.probe", "--out", path]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # One node, loopback only (not --standalone, whose agent listens on every interface).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={world}",
+           *local_torchrun_args(os.path.join(work, "rendezvous")), "-m", "ringrt.probe", "--out", path]
+    env = dict(os.environ, OMP_NUM_THREADS="1", **LOCAL_TORCHRUN_ENV)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     except subprocess.TimeoutExpired:

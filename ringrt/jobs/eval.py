@@ -216,7 +216,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from ..launcher import init_distributed
 
+    from .interrupt import stops_cleanly
+
     cfg = build(EvalJobConfig, args)
-    init_distributed()
-    run_eval(cfg)
+    with stops_cleanly("evaluation"):
+        init_distributed()
+        run_eval(cfg)
     return 0

@@ -116,9 +116,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from ..launcher import init_distributed
 
+    from .interrupt import stops_cleanly
+
     cfg = build(GenerateJobConfig, args)
-    init_distributed()
-    out = run_generate(cfg)
+    with stops_cleanly("generation"):
+        init_distributed()
+        out = run_generate(cfg)
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(out["text"], flush=True)
     return 0

@@ -27,6 +27,7 @@ from ..data.tokenizer import check_tokenizer, load_tokenizer
 from ..model.hf import load_pretrained, save_pretrained
 from ..model.llama import Llama
 from ..model.parallel import make_attend, mesh, sequence_loss, shard_batch, sum_gradients
+from . import interrupt
 from .config import TrainConfig, TrainJobConfig
 from .flags import add_dataclass_arguments, build
 
@@ -132,6 +133,7 @@ def run_train(cfg: TrainJobConfig, logger: MetricsLogger | None = None) -> dict:
     if found is not None:
         meta = checkpoint.load(found, model=model, optimizer=opt)
         step, position = meta["step"], meta["data_position"]
+    interrupt.note(step=step, checkpoints=ckpt_root)
     if logger is None:
         logger = MetricsLogger([ConsoleSink(), JsonlSink(os.path.join(t.out_dir, "metrics.jsonl"))], enabled=rank == 0)
     if found is not None:
@@ -156,6 +158,7 @@ def run_train(cfg: TrainJobConfig, logger: MetricsLogger | None = None) -> dict:
         position += t.grad_accum
         step += 1
         losses.append(total.item())  # the step's one host read (it also waits for the step to finish)
+        interrupt.note(step=step)
         tps = tokens_per_step / (time.perf_counter() - t0)
         if bar is not None:
             bar.update(1)
@@ -163,7 +166,8 @@ def run_train(cfg: TrainJobConfig, logger: MetricsLogger | None = None) -> dict:
         if step % t.log_every == 0 or step == t.steps:
             logger.log(step, loss=losses[-1], lr=lr, grad_norm=gnorm, tokens_per_s=tps)  # gnorm: read by rank 0 only
         if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.steps:
-            checkpoint.save(ckpt_root, step, model=model, optimizer=opt, meta=meta(), keep_last=t.keep_last)
+            with interrupt.deferred():  # a Ctrl-C now stops the run once this checkpoint is complete
+                checkpoint.save(ckpt_root, step, model=model, optimizer=opt, meta=meta(), keep_last=t.keep_last)
     if bar is not None:
         bar.close()
     hf_dir = os.path.join(t.out_dir, "hf")
@@ -180,9 +184,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..launcher import init_distributed
+    from ..launcher import init_distributed, program_argv
 
     cfg = build(TrainJobConfig, args)
-    init_distributed()
-    run_train(cfg)
+    given = any(a.split("=", 1)[0] == "--train.out_dir" for a in program_argv())
+    interrupt.note(resume=[] if given else ["--train.out_dir", os.path.abspath(cfg.train.out_dir)])
+    with interrupt.stops_cleanly("training"):
+        init_distributed()
+        run_train(cfg)
     return 0
