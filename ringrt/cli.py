@@ -2,13 +2,22 @@
 
 Each command lives in its own module exposing ``add_arguments(parser)`` and ``main(args) -> int``;
 this file only maps names to modules (imported lazily, so ``ringrt --help`` stays fast).
+
+A bad setting is a ``ValueError`` raised by ringrt's own validation, naming the setting and the
+valid values: each rank prints it as one line, ``ringrt <command>: error: <message>``, and exits
+with 2 (as argparse does for a bad flag). Anything else keeps its full traceback, and so does a
+``ValueError`` with ``RINGRT_DEBUG=1``.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+from pathlib import Path
+
+PACKAGE_DIR = str(Path(__file__).resolve().parent)
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("ringrt.bench.cli", "benchmarks that print a table and write JSON (and PNG plots)"),
@@ -19,7 +28,34 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("ringrt.jobs.generate", "sharded prefill of a long prompt, then decoding with a sharded KV cache"),
     "gpucheck": ("ringrt.gpucheck.cli", "GPU acceptance: every kernel vs references, a short demo, FLOP/s vs peak, schedules over NCCL"),
     "demo": ("ringrt.jobs.demo", "train short, evaluate long on 2 local CPU ranks: the Λ-mask keeps perplexity flat"),
+    "cluster": ("ringrt.cluster", "a one-machine Slurm cluster to try the sbatch recipes (as root): up, down, status"),
 }
+
+
+def is_user_error(e: BaseException) -> bool:
+    """A ``ValueError`` raised by ringrt's own code (its validation of settings and inputs), not one
+    from inside torch or another library; never with ``RINGRT_DEBUG=1``."""
+    if not isinstance(e, ValueError) or os.environ.get("RINGRT_DEBUG", "0") not in ("", "0"):
+        return False
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(PACKAGE_DIR + os.sep)
+
+
+def user_error(prog: str, e: BaseException) -> int:
+    """Print ``<prog>: error: <message>`` on one line (stderr), leave the process group (bounded: a
+    peer may be gone) and return the exit code, 2."""
+    import threading
+
+    from .launcher import shutdown
+
+    message = " ".join(str(e).split()) or type(e).__name__
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    done = threading.Thread(target=shutdown, daemon=True)
+    done.start()
+    done.join(timeout=5.0)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,11 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[argv[0]][0])
     p = argparse.ArgumentParser(prog=f"ringrt {argv[0]}", description=COMMANDS[argv[0]][1])
     module.add_arguments(p)
+    args = p.parse_args(argv[1:])
     try:
-        return int(module.main(p.parse_args(argv[1:])) or 0)
+        return int(module.main(args) or 0)
     except KeyboardInterrupt:  # jobs with something to resume say more (ringrt.jobs.interrupt)
         print(f"ringrt {argv[0]}: interrupted", file=sys.stderr, flush=True)
         return 130
+    except ValueError as e:
+        if not is_user_error(e):
+            raise
+        return user_error(f"ringrt {argv[0]}", e)
 
 
 if __name__ == "__main__":
