@@ -15,6 +15,11 @@ import hydra  # noqa: E402
 
 @hydra.main(config_path="../conf", config_name="eval", version_base="1.3")
 def main(cfg) -> dict:
+    with _edge.user_errors("launch/eval.py"):
+        return _task(cfg)
+
+
+def _task(cfg) -> dict:
     from ringrt.jobs.eval import run_eval
     from ringrt.launcher import global_rank, init_distributed
     from ringrt.runs import EvalRun
@@ -29,7 +34,9 @@ def main(cfg) -> dict:
 
 
 if __name__ == "__main__":
-    _edge.prepare()
+    from ringrt.runs import EvalRun
+
+    _edge.prepare(EvalRun)
     with _edge.interruptible("evaluation"):
         main()
     _edge.finish(0)

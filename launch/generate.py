@@ -14,6 +14,11 @@ import hydra  # noqa: E402
 
 @hydra.main(config_path="../conf", config_name="generate", version_base="1.3")
 def main(cfg) -> dict:
+    with _edge.user_errors("launch/generate.py"):
+        return _task(cfg)
+
+
+def _task(cfg) -> dict:
     from ringrt.jobs.generate import run_generate
     from ringrt.launcher import global_rank, init_distributed
     from ringrt.runs import GenerateRun
@@ -30,7 +35,9 @@ def main(cfg) -> dict:
 
 
 if __name__ == "__main__":
-    _edge.prepare()
+    from ringrt.runs import GenerateRun
+
+    _edge.prepare(GenerateRun)
     with _edge.interruptible("generation"):
         main()
     _edge.finish(0)

@@ -14,6 +14,11 @@ import hydra  # noqa: E402
 
 @hydra.main(config_path="../conf", config_name="probe", version_base="1.3")
 def main(cfg) -> dict:
+    with _edge.user_errors("launch/probe.py"):
+        return _task(cfg)
+
+
+def _task(cfg) -> dict:
     from ringrt.probe import run_probe
     from ringrt.runs import ProbeRun
 
@@ -30,7 +35,9 @@ def main(cfg) -> dict:
 
 
 if __name__ == "__main__":
-    _edge.prepare()
+    from ringrt.runs import ProbeRun
+
+    _edge.prepare(ProbeRun)
     with _edge.interruptible("probe"):
         main()
     _edge.finish(0)

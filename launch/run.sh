@@ -6,7 +6,8 @@
 #   NNODES=2 RDZV_ENDPOINT=node0:29400 ./launch/run.sh launch/train.py hydra.run.dir=/shared/runs/x
 #                                                                    # run the same line on every node
 # Environment: NPROC_PER_NODE (default: GPUs, else 1), NNODES (1), RDZV_ENDPOINT (host:port; c10d
-# rendezvous, required when NNODES > 1), RDZV_ID (ringrt), MAX_RESTARTS (0), PYTHON (python3).
+# rendezvous, required when NNODES > 1), RDZV_ID (ringrt), MAX_RESTARTS (0), PYTHON (python3),
+# OMP_NUM_THREADS (default: this machine's cores / NPROC_PER_NODE, at least 1).
 #
 # One node: everything listens on 127.0.0.1 only (launch/_torchrun.py: a file rendezvous instead of
 # --standalone). Many nodes: the c10d store at RDZV_ENDPOINT, the agent's store for the workers and
@@ -27,6 +28,11 @@ if [ -z "${NPROC_PER_NODE:-}" ]; then
     [ "${NPROC_PER_NODE:-0}" -gt 0 ] || NPROC_PER_NODE=1
 fi
 NNODES=${NNODES:-1}
+# The cores shared out among the local ranks (torchrun would set 1 and print a banner saying so).
+if [ -z "${OMP_NUM_THREADS:-}" ]; then
+    threads=$(( $(nproc) / NPROC_PER_NODE ))
+    export OMP_NUM_THREADS=$(( threads > 0 ? threads : 1 ))
+fi
 if [ -n "${RDZV_ENDPOINT:-}" ]; then
     rdzv=(--rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="${RDZV_ID:-ringrt}")
     where="c10d rendezvous $RDZV_ENDPOINT id ${RDZV_ID:-ringrt} (listens on the network)"

@@ -15,6 +15,11 @@ import hydra  # noqa: E402
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg) -> dict:
+    with _edge.user_errors("launch/train.py"):
+        return _task(cfg)
+
+
+def _task(cfg) -> dict:
     from ringrt.jobs.train import run_train
     from ringrt.launcher import init_distributed
     from ringrt.model.llama import Llama
@@ -40,6 +45,7 @@ def main(cfg) -> dict:
 
             if not torch.cuda.is_available():
                 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            _edge.quiet_deepspeed()
             from ringrt.engines.deepspeed import run_train_deepspeed
 
             result = run_train_deepspeed(run.job(), run.deepspeed, logger=logger)
@@ -52,7 +58,9 @@ def main(cfg) -> dict:
 
 
 if __name__ == "__main__":
-    _edge.prepare()
+    from ringrt.runs import TrainRun
+
+    _edge.prepare(TrainRun)
     with _edge.interruptible("training"):
         main()
     _edge.finish(0)

@@ -33,7 +33,8 @@ OURS = ("tokenring", "ring", "allgather", "ulysses", "hybrid", "auto")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="small grid (about a minute)")
+    p.add_argument("--quick", action="store_true",
+                   help="small grid: 1-2K tokens, 16 heads (about 5 min on an idle 2-core box, the ~40 s calibration included)")
     p.add_argument("--worlds", type=int, nargs="+", default=None)
     p.add_argument("--seqs", type=int, nargs="+", default=None)
     p.add_argument("--reps", type=int, default=None)
