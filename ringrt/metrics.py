@@ -3,18 +3,71 @@
 Sinks are callables ``sink(step: int, metrics: dict) -> None`` with an optional ``close()``;
 ``ConsoleSink`` prints one line, ``JsonlSink`` appends one JSON object per call.
 
+Lines for the person watching go through :func:`say`: above the progress bar while one is shown
+(:func:`progress_bar`), and into the run's log file when the logging setup has one (Hydra's
+``<job>.log``), so the log holds the step lines too. :class:`Throughput` turns step times into
+the ``tokens_per_s`` column.
+
 Values may be 0-dim tensors on the job's device (``grad_norm``): the logger reads them back only
 when it has sinks (rank 0), so the other ranks never wait for a number nobody prints.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import sys
 import time
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
+
+_bar = None
+"""The progress bar on screen (set by :func:`progress_bar`), or None."""
+
+
+def _log_files() -> list[logging.FileHandler]:
+    """The root logger's file handlers (Hydra's ``<job>.log``), not counting ones that write to /dev/null."""
+    return [h for h in logging.getLogger().handlers
+            if isinstance(h, logging.FileHandler) and os.path.abspath(h.baseFilename) != os.devnull]
+
+
+def say(line: str) -> None:
+    """Print ``line`` on stdout for the person watching (above the progress bar when one is shown)
+    and append it to the run's log files."""
+    if _bar is not None:
+        _bar.write(line, file=sys.stdout)
+        sys.stdout.flush()
+    else:
+        print(line, flush=True)
+    files = _log_files()
+    if files:
+        record = logging.LogRecord("ringrt", logging.INFO, __file__, 0, line, None, None)
+        for h in files:
+            if record.levelno >= h.level:
+                h.handle(record)
+
+
+@contextlib.contextmanager
+def progress_bar(*, total: int, initial: int, desc: str, show: bool) -> Iterator:
+    """A tqdm bar on stderr (None unless ``show`` and stderr is a terminal); while it is shown,
+    :func:`say` and the console's log handlers write above it instead of through it."""
+    global _bar
+    if not (show and sys.stderr.isatty()):
+        yield None
+        return
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    bar = tqdm(total=total, initial=initial, desc=desc, unit="step")
+    _bar = bar
+    try:
+        with logging_redirect_tqdm():
+            yield bar
+    finally:
+        _bar = None
+        bar.close()
 
 
 class Sink(Protocol):
@@ -27,9 +80,48 @@ def _fmt(v) -> str:
     return str(v)
 
 
+class Throughput:
+    """Tokens per second over the steps since the last logged line, timing only the steps (not
+    checkpoint saves or logging), and leaving out the first step after start or resume, whose time
+    includes start-up (first calls, allocations, the first ring exchanges) — unless it is the only
+    step measured so far."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self._steps, self._seconds = 0, 0.0  # since the last line
+        self._all_steps, self._all_seconds = 0, 0.0  # the whole run, but its first step
+        self._first: float | None = None
+
+    def add(self, seconds: float) -> None:
+        if self._first is None:
+            self._first = seconds
+            return
+        self._steps += 1
+        self._seconds += seconds
+        self._all_steps += 1
+        self._all_seconds += seconds
+
+    def take(self) -> float:
+        """Tokens/s of the window since the previous call, which starts a new window."""
+        if self._steps == 0:  # only the first step so far
+            return self.tokens_per_step / self._first if self._first else 0.0
+        tps = self._steps * self.tokens_per_step / self._seconds
+        self._steps, self._seconds = 0, 0.0
+        return tps
+
+    def run_mean(self) -> float:
+        """Tokens/s over the whole run but its first step (0.0 when no step ran)."""
+        if self._all_steps == 0:
+            return self.tokens_per_step / self._first if self._first else 0.0
+        return self._all_steps * self.tokens_per_step / self._all_seconds
+
+
 class ConsoleSink:
+    """``step N | key value | ...``: through :func:`say` (above the progress bar, and into the log
+    file), or to ``stream`` / ``write`` when given."""
+
     def __init__(self, stream=None, write: Callable[[str], None] | None = None):
-        self._write = write or (lambda s: print(s, file=stream or sys.stdout, flush=True))
+        self._write = write or ((lambda s: print(s, file=stream, flush=True)) if stream is not None else say)
 
     def __call__(self, step, metrics):
         self._write(f"step {step:>6d} | " + " | ".join(f"{k} {_fmt(v)}" for k, v in metrics.items()))
@@ -92,8 +184,11 @@ class WandbSink:
         import wandb  # optional: pip install wandb
 
         os.makedirs(dir, exist_ok=True)
+        # Offline: no banner and ~20-line run summary on the console; close() says in one line where the run is.
+        settings = wandb.Settings(silent=True) if mode == "offline" else None
         self._run = wandb.init(mode=mode, project=project, entity=entity, name=name, group=group, tags=tags,
-                               dir=dir, config=config, reinit="finish_previous")
+                               dir=dir, config=config, reinit="finish_previous", settings=settings)
+        self._offline_dir = self._run.settings.sync_dir if mode == "offline" else None
 
     @property
     def run(self):
@@ -104,3 +199,5 @@ class WandbSink:
 
     def close(self):
         self._run.finish()
+        if self._offline_dir:
+            print(f"wandb: offline run in {self._offline_dir} (upload later: wandb sync {self._offline_dir})", flush=True)

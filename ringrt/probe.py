@@ -32,17 +32,25 @@ class ProbeConfig:
     """Shape of the probe problem and where its result goes."""
 
     batch: int = 1
+    """Sequences in the batch."""
     seq_len: int = 64
     """Full sequence length; a multiple of 2 x world size (zigzag layout)."""
     heads: int = 4
+    """Query heads."""
     kv_heads: int = 2
+    """Key/value heads (GQA); must divide ``heads``."""
     head_dim: int = 16
+    """Size of each head."""
     causal: bool = True
+    """Causal attention (zigzag layout); false = non-causal over contiguous shards."""
     seed: int = 0
+    """Seeds q, k, v and the output gradient (the same on every rank)."""
     out: str = ""
     """JSON result written by rank 0 (empty: print only)."""
     backend: str = "auto"
+    """Process-group backend: auto (gloo, plus NCCL for CUDA tensors when there is a GPU), gloo or nccl."""
     timeout_s: float = 120.0
+    """Seconds the process group waits for a peer before giving up."""
 
     def __post_init__(self) -> None:
         for name in ("batch", "seq_len", "heads", "kv_heads", "head_dim"):
@@ -125,12 +133,15 @@ def run_probe(cfg: ProbeConfig) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .jobs.flags import field_help
+
     for name, default in asdict(ProbeConfig()).items():
         flag = "--" + name.replace("_", "-")
+        help_ = field_help(ProbeConfig, name, default)
         if isinstance(default, bool):
-            p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=default, metavar="BOOL")
+            p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=default, metavar="BOOL", help=help_)
         else:
-            p.add_argument(flag, type=type(default), default=default)
+            p.add_argument(flag, type=type(default), default=default, help=help_)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -150,7 +161,15 @@ def main(args: argparse.Namespace) -> int:
 if __name__ == "__main__":
     _p = argparse.ArgumentParser(prog="python -m ringrt.probe", description=__doc__.splitlines()[0])
     add_arguments(_p)
-    _code = main(_p.parse_args())
+    _args = _p.parse_args()
+    try:
+        _code = main(_args)
+    except ValueError as _e:
+        from .cli import is_user_error, user_error
+
+        if not is_user_error(_e):
+            raise
+        _code = user_error(_p.prog, _e)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(_code)  # skip interpreter teardown, where gloo threads can abort the process

@@ -4,7 +4,8 @@ Under torchrun, Slurm or MPI every rank gets the same ``out_dir`` (the launcher 
 ``hydra.run.dir``); only the process with global rank 0 writes configs, logs and results there.
 A write goes to a temporary file in the same directory and is then renamed over the target with
 ``os.replace``, so a reader (or a kill at any moment) sees either the old file or the new one,
-never half of one.
+never half of one. The file gets the mode a plain ``open()`` would give it (``0o666 & ~umask``,
+e.g. 0644), not ``mkstemp``'s private 0600: teammates sharing a run directory can read it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,29 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .launcher import global_rank
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc), else set and restored."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def as_if_opened(fd_or_path: int | str | os.PathLike) -> None:
+    """Give a file made by ``tempfile.mkstemp`` (mode 0600) the mode ``open()`` would have given it:
+    ``0o666 & ~umask``. Call before renaming it into place."""
+    mode = 0o666 & ~current_umask()
+    if isinstance(fd_or_path, int):
+        os.fchmod(fd_or_path, mode)
+    else:
+        os.chmod(fd_or_path, mode)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -24,6 +47,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        as_if_opened(fd)
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -42,4 +66,6 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 def is_writer() -> bool:
     """True on the one process that writes shared files (global rank 0, or a single process)."""
+    from .launcher import global_rank  # here, so that writers (ringrt.model.hf) need no launcher facts
+
     return global_rank() == 0

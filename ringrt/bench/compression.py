@@ -129,6 +129,6 @@ def main(args: argparse.Namespace) -> int:
     path = out / "compression.json"
     write_json(path, result)
     png = maybe_plot(out / "compression_attention.json", rows, x="k", ys=["speedup", "target_k2_over_2"], group=None,
-                     title=f"attention speed-up vs k ({args.context}-token context)", ylabel="t(k=1) / t(k)")
+                     title=f"attention speed-up vs k ({args.context}-token context)", ylabel="speed-up t(k=1) / t(k) (higher is better)")
     print(f"wrote {path}, {out / 'compression.png'}" + (f", {png}" if png else ""))
     return 0

@@ -7,6 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from ..rundir import as_if_opened
+
 
 def write_json(path: str | os.PathLike, data) -> None:
     """Write ``data`` as JSON to ``path`` atomically (temp file in the same folder + rename)."""
@@ -16,7 +18,7 @@ def write_json(path: str | os.PathLike, data) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
+        as_if_opened(tmp)  # mkstemp creates 0600; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

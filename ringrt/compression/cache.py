@@ -22,6 +22,7 @@ import torch
 
 from .embedder import encode_chunks
 from .select import check_k, choose_k, chunk_lengths, downscale, select_indices
+from ..rundir import as_if_opened
 
 
 def _digest(ids: torch.Tensor) -> str:
@@ -93,6 +94,7 @@ class EmbeddingCache:
         try:
             save_file({"outputs": self.outputs.to("cpu").contiguous(), "offsets": self.offsets.to("cpu").contiguous()}, tmp,
                       metadata=meta)
+            as_if_opened(tmp)
             os.replace(tmp, p)
         finally:
             if os.path.exists(tmp):

@@ -24,6 +24,7 @@ import torch.nn as nn
 from ..model.llama import Llama, LocalAttention, RMSNorm
 from ..rope import cos_sin
 from .select import chunk_lengths
+from ..rundir import as_if_opened
 
 EMBEDDER_CONFIG = "embedder.json"
 EMBEDDER_WEIGHTS = "embedder.safetensors"
@@ -98,11 +99,13 @@ def save_embedder(embedder: ExtensibleEmbedder, path: str | os.PathLike, *, extr
     fd, tmp = tempfile.mkstemp(dir=p, prefix=".tmp-", suffix=".safetensors")
     os.close(fd)
     save_file(state, tmp)
+    as_if_opened(tmp)
     os.replace(tmp, p / EMBEDDER_WEIGHTS)
     meta = {"n_layers": embedder.n_layers, **(extra or {})}
     fd, tmp = tempfile.mkstemp(dir=p, prefix=".tmp-", suffix=".json")
     with os.fdopen(fd, "w") as f:
         json.dump(meta, f, indent=2)
+    as_if_opened(tmp)
     os.replace(tmp, p / EMBEDDER_CONFIG)
     return p
 

@@ -177,6 +177,7 @@ def run_train_deepspeed(cfg: TrainJobConfig, ds: DeepSpeedConfig, logger=None) -
     from ..data.tokenizer import check_tokenizer, load_tokenizer
     from ..jobs.train import _validate, lr_at
     from ..launcher import detect
+    from ..metrics import Throughput
     from ..model.hf import load_pretrained
     from ..model.llama import Llama
     from ..model.parallel import make_attend, mesh
@@ -208,15 +209,25 @@ def run_train_deepspeed(cfg: TrainJobConfig, ds: DeepSpeedConfig, logger=None) -
     layout = cfg.attention.resolved_layout()
     attend = make_attend(cfg.attention, model.config, train_len=cfg.data.seq_len, group=seq_group)
     batches = train_batches(cfg.data, tok, replicas=t.data_parallel, replica=dp_rank)
-    tokens_per_step = t.data_parallel * cfg.data.batch_size * cfg.data.seq_len * t.grad_accum
-    losses, tps = [], 0.0
+    speed = Throughput(t.data_parallel * cfg.data.batch_size * cfg.data.seq_len * t.grad_accum)
+    losses = []
     for step in range(t.steps):
         t0 = time.perf_counter()
         total = deepspeed_step(engine, batches, t=t, lr=lr_at(step, t), layout=layout, attend=attend,
                                seq_group=seq_group, data_group=data_group)
         losses.append(total.item())  # the step's one host read
-        tps = tokens_per_step / (time.perf_counter() - t0)
+        speed.add(time.perf_counter() - t0)
         if logger is not None and ((step + 1) % t.log_every == 0 or step + 1 == t.steps):
-            logger.log(step + 1, loss=losses[-1], lr=lr_at(step, t), tokens_per_s=tps)
-    return {"step": t.steps, "loss": losses[-1] if losses else None, "losses": losses, "tokens_per_s": tps,
+            logger.log(step + 1, loss=losses[-1], lr=lr_at(step, t), grad_norm=grad_norm(engine),
+                       tokens_per_s=speed.take())
+    return {"step": t.steps, "loss": losses[-1] if losses else None, "losses": losses, "tokens_per_s": speed.run_mean(),
             "engine": engine}
+
+
+def grad_norm(engine) -> float:
+    """The global gradient norm of the engine's last step, before clipping (the plain trainer's
+    ``grad_norm``); NaN where DeepSpeed has none (no step yet)."""
+    g = engine.get_global_grad_norm()
+    if g is None:
+        return float("nan")
+    return float(g.item() if hasattr(g, "item") else g)

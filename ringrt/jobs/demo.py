@@ -7,7 +7,8 @@
 
 It launches its own gloo ranks (``ringrt.spawn.run_local``), prints the table and writes
 ``results.json``, ``perplexity.png`` and the trained model under ``--out-dir`` (default outputs/demo).
-Running it again reuses the finished training run in that directory. It runs on the CPU even on a
+Running it again reuses the finished training run in that directory (and says so); either way it
+ends by naming where the model (Hugging Face format) and the results are. It runs on the CPU even on a
 GPU node: its process group is gloo only, so :func:`ringrt.device.job_device` is the CPU.
 """
 
@@ -32,20 +33,38 @@ def _worker(rank: int, world: int, cfg: DemoConfig) -> dict:
     t1 = time.perf_counter()
     ev = dataclasses.replace(cfg.eval, checkpoint=out["hf_dir"], out_dir=cfg.out_dir, train_len=cfg.data.seq_len)
     res = run_eval(EvalJobConfig(attention=cfg.attention, data=cfg.data, eval=ev))
-    return {"train": {k: out[k] for k in ("step", "loss", "tokens_per_s")}, "perplexity": res["perplexity"],
+    return {"train": {k: out[k] for k in ("step", "loss", "tokens_per_s", "hf_dir", "checkpoint", "resumed_from")},
+            "trained_steps": len(out["losses"]), "perplexity": res["perplexity"], "results_dir": cfg.out_dir,
             "train_s": t1 - t0, "eval_s": time.perf_counter() - t1}
+
+
+def summary(r: dict, world: int, total_s: float) -> str:
+    """The demo's closing lines: what was trained (or reused), how long it took, where everything is."""
+    tr = r["train"]
+    if r["trained_steps"] == 0:  # the checkpoint had reached train.steps already
+        what = f"reused the finished training run (step {tr['step']}, checkpoint {os.path.abspath(tr['checkpoint'])})"
+    else:
+        what = (f"training {r['train_s']:.0f} s ({r['trained_steps']} steps to step {tr['step']}, final loss "
+                f"{tr['loss']:.3f})")
+    return (f"demo: {world} ranks, {what}, evaluation {r['eval_s']:.0f} s, total {total_s:.0f} s\n"
+            f"demo: model (Hugging Face format) in {os.path.abspath(tr['hf_dir'])}; results in "
+            f"{os.path.abspath(r['results_dir'])}")
 
 
 def run_demo(cfg: DemoConfig) -> dict:
     from ..spawn import run_local
 
+    from .train import _validate
+
     if cfg.world < 1:
         raise ValueError(f"world={cfg.world} must be a positive number of ranks")
+    # Bad settings fail here, in one line, not as a traceback from every rank it starts.
+    cfg.model.validate()
+    _validate(TrainJobConfig(model=cfg.model, attention=cfg.attention, data=cfg.data, train=cfg.train), cfg.world)
     t0 = time.perf_counter()
     results = run_local(_worker, cfg.world, cfg, timeout=3600.0, threads=cfg.threads)
     r = results[0]
-    print(f"demo: {cfg.world} ranks, training {r['train_s']:.0f} s ({r['train']['step']} steps, final loss "
-          f"{r['train']['loss']:.3f}), evaluation {r['eval_s']:.0f} s, total {time.perf_counter() - t0:.0f} s", flush=True)
+    print(summary(r, cfg.world, time.perf_counter() - t0), flush=True)
     return r
 
 

@@ -1,6 +1,7 @@
 """``ringrt eval``: perplexity at several multiples of the training length, with plain causal
 attention ("vanilla") and with the LM-Infinite Λ-mask ("lambda"), and passkey retrieval by length
-and depth. Prints tables, writes ``results.json`` and PNG plots (rank 0).
+and depth. Prints a line per (attention, length) as it is scored, then the tables; writes
+``results.json`` and PNG plots (rank 0).
 
 Every sequence is sharded over all ranks (one sequence-parallel group): vanilla with the
 configured ring algorithm (zigzag), lambda over contiguous shards. The model runs on
@@ -16,6 +17,7 @@ import json
 import math
 import os
 import random
+import time
 from pathlib import Path
 
 import torch
@@ -29,6 +31,7 @@ from ..model.parallel import group_sum, make_attend, sequence_loss, shard_batch
 from .config import EvalJobConfig
 from .flags import add_dataclass_arguments, build
 from .passkey import passkey_example
+from .train import autocast_for
 
 MODES = ("vanilla", "lambda")
 
@@ -113,7 +116,7 @@ def _plot(results: dict, out_dir: str) -> list[str]:
     xs_all = sorted({int(L) for row in results["perplexity"].values() for L in row})
     ax.set_xticks(xs_all, [str(x) for x in xs_all])
     ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("perplexity")
+    ax.set_ylabel("perplexity (lower is better)")
     ax.set_title("Perplexity beyond the training length")
     ax.legend()
     fig.tight_layout()
@@ -177,20 +180,33 @@ def run_eval(cfg: EvalJobConfig, model=None, print_fn=print) -> dict:
             raise ValueError(f"eval length {m * train_len} (= {m} x train_len {train_len}) is not a multiple of "
                              f"{2 * world} (2 x world size), which the zigzag layout needs")
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    say = print_fn if rank0 else (lambda *a, **k: None)
     results: dict = {"train_len": train_len, "world": world, "checkpoint": hf_dir, "perplexity": {}, "passkey": {}}
+    autocast = autocast_for(e.precision, devices.module_device(model))
+    say(f"eval: {hf_dir} (trained at {train_len} tokens) on {world} rank{'s' if world > 1 else ''}: "
+        f"{'/'.join(e.modes)} at {', '.join(str(m * train_len) for m in e.multiples)} tokens, "
+        f"{e.tokens} tokens per length")
     for mode in e.modes:
         attend, layout = _attend(cfg, model, mode, train_len)
         results["perplexity"][mode] = {}
         for m in e.multiples:
-            L = m * train_len
+            L, t0 = m * train_len, time.perf_counter()
             seqs = eval_sequences(cfg.data, tok, L, max(1, e.tokens // L))
-            results["perplexity"][mode][str(L)] = perplexity(model, seqs, attend, layout)
+            with autocast():
+                ppl = perplexity(model, seqs, attend, layout)
+            results["perplexity"][mode][str(L)] = ppl
+            say(f"eval: {mode:>7} at {L:>6} tokens: perplexity {ppl:.3f} ({len(seqs)} sequence{'s' if len(seqs) > 1 else ''}, "
+                f"{time.perf_counter() - t0:.1f} s)")
         if e.passkey_multiples:
-            results["passkey"][mode] = {
-                str(m * train_len): {str(d): passkey_accuracy(model, tok, m * train_len, d, e.passkey_trials, attend, layout, e.seed)
-                                     for d in e.passkey_depths}
-                for m in e.passkey_multiples
-            }
+            results["passkey"][mode] = {}
+            for m in e.passkey_multiples:
+                L, t0 = m * train_len, time.perf_counter()
+                with autocast():
+                    row = {str(d): passkey_accuracy(model, tok, L, d, e.passkey_trials, attend, layout, e.seed)
+                           for d in e.passkey_depths}
+                results["passkey"][mode][str(L)] = row
+                say(f"eval: {mode:>7} at {L:>6} tokens: passkey accuracy {sum(row.values()) / len(row):.2f} "
+                    f"({len(row)} depths x {e.passkey_trials} trials, {time.perf_counter() - t0:.1f} s)")
     lengths = [str(m * train_len) for m in e.multiples]
     text = _table(f"perplexity (trained at {train_len} tokens; rows: attention, columns: context length)",
                   e.modes, lengths, lambda r, c: f"{results['perplexity'][r][c]:.3f}")

@@ -2,7 +2,8 @@
 sharded KV cache (``ringrt/model/kvcache.py``); greedy or temperature / top-k sampling. Every rank
 ends with the same tokens: the merged decode outputs are bit-identical across ranks and sampling
 uses one seeded generator per rank, on the model's device (:func:`ringrt.device.job_device` unless a
-model is given), where the prompt, the cache and every decoded token live too.
+model is given), where the prompt, the cache and every decoded token live too. The command prints
+the prompt followed by its continuation (:func:`shown`).
 """
 
 from __future__ import annotations
@@ -90,8 +91,22 @@ def generate_ids(model, prompt: torch.Tensor, g: GenerateConfig, *, attention=No
     return torch.stack(out, dim=1)
 
 
+ECHO_CHARS = 1000
+"""The prompt is echoed before its continuation up to this many characters (its end, when longer)."""
+
+
+def shown(prompt: str, continuation: str, limit: int = ECHO_CHARS) -> str:
+    """What ``ringrt generate`` prints: the prompt, then its continuation straight after it, as the
+    text reads; a prompt longer than ``limit`` characters is cut to its last ``limit``, behind a
+    ``[... N characters of the prompt not shown ...]`` line."""
+    if len(prompt) > limit:
+        prompt = f"[... {len(prompt) - limit} characters of the prompt not shown ...]\n" + prompt[-limit:]
+    return prompt + continuation
+
+
 def run_generate(cfg: GenerateJobConfig, model=None) -> dict:
-    """Generate from ``cfg.generate.prompt`` (or ``prompt_file``); returns {"prompt_tokens", "text", "ids"}."""
+    """Generate from ``cfg.generate.prompt`` (or ``prompt_file``); returns {"prompt", "prompt_tokens",
+    "text" (the continuation only), "ids"}."""
     g = cfg.generate
     if g.max_new_tokens < 1:
         raise ValueError(f"generate.max_new_tokens={g.max_new_tokens} must be a positive integer")
@@ -105,8 +120,11 @@ def run_generate(cfg: GenerateJobConfig, model=None) -> dict:
     check_tokenizer(tok, model.config)
     text = open(g.prompt_file, encoding="utf-8").read() if g.prompt_file else g.prompt
     ids = torch.tensor([tok.encode(text)], dtype=torch.int64)
-    new = generate_ids(model, ids, g, attention=cfg.attention, train_len=extra.get("train_len", 0), eos_id=tok.eos_id)
-    return {"prompt_tokens": ids.shape[1], "ids": new[0].tolist(), "text": tok.decode(new[0].tolist())}
+    from .train import autocast_for
+
+    with autocast_for(g.precision, devices.module_device(model))():
+        new = generate_ids(model, ids, g, attention=cfg.attention, train_len=extra.get("train_len", 0), eos_id=tok.eos_id)
+    return {"prompt": text, "prompt_tokens": ids.shape[1], "ids": new[0].tolist(), "text": tok.decode(new[0].tolist())}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -123,5 +141,5 @@ def main(args: argparse.Namespace) -> int:
         init_distributed()
         out = run_generate(cfg)
     if not dist.is_initialized() or dist.get_rank() == 0:
-        print(out["text"], flush=True)
+        print(shown(out["prompt"], out["text"]), flush=True)
     return 0

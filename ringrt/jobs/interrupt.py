@@ -127,7 +127,8 @@ def _leave(job: str, signum: int) -> None:
         line = _describe(job, signum)
     except Exception as e:  # the line must not turn into a traceback
         line = f"{job} interrupted ({type(e).__name__} while describing where: {e})"
-    print(line, file=sys.stderr, flush=True)
+    sys.stderr.write(line + "\n")  # one write: two ranks' lines never interleave
+    sys.stderr.flush()
     # Leave the process group (bounded: a peer may be gone) and flush logs, then exit without teardown.
     done = threading.Thread(target=shutdown, daemon=True)
     done.start()

@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import math
 import os
-import sys
 import time
 
 import torch
@@ -21,7 +20,7 @@ import torch.distributed as dist
 
 from .. import checkpoint, device as devices
 from ..layout import num_chunks
-from ..metrics import ConsoleSink, JsonlSink, MetricsLogger
+from ..metrics import ConsoleSink, JsonlSink, MetricsLogger, Throughput, progress_bar, say
 from ..data.batching import train_batches
 from ..data.tokenizer import check_tokenizer, load_tokenizer
 from ..model.hf import load_pretrained, save_pretrained
@@ -104,11 +103,34 @@ def train_step(model, opt, batches, *, t: TrainConfig, lr: float, layout: str, a
     return total, gnorm
 
 
-def run_train(cfg: TrainJobConfig, logger: MetricsLogger | None = None) -> dict:
-    """Train; returns {"step", "loss", "losses", "tokens_per_s", "hf_dir", "checkpoint"}.
+def default_logger(cfg: TrainJobConfig, *, enabled: bool) -> MetricsLogger:
+    """The plain CLI's metrics: console lines and ``<out_dir>/metrics.jsonl`` with the same columns
+    as under Hydra (``ringrt.telemetry``: flops_per_s, peak_mem_bytes, comm_bytes)."""
+    from ..telemetry import Telemetry, train_flops_per_token
 
-    Works on one process or on an initialised default process group (every rank calls it). The
-    model runs on :func:`ringrt.device.job_device`.
+    if not enabled:
+        return MetricsLogger([], enabled=False)
+    m = cfg.model
+    if cfg.train.init_from:
+        from ..model.hf import read_config
+
+        m = read_config(cfg.train.init_from)
+    fpt = train_flops_per_token(n_params=_n_params(m), n_layers=m.n_layers, dim=m.dim, seq_len=cfg.data.seq_len, causal=True)
+    sinks = [ConsoleSink(), JsonlSink(os.path.join(cfg.train.out_dir, "metrics.jsonl"))]
+    return MetricsLogger([Telemetry(sinks, flops_per_token=fpt)])
+
+
+def _n_params(m) -> int:
+    with torch.device("meta"):  # shapes only, no memory
+        return sum(p.numel() for p in Llama(m).parameters())
+
+
+def run_train(cfg: TrainJobConfig, logger: MetricsLogger | None = None) -> dict:
+    """Train; returns {"step", "loss", "losses", "tokens_per_s", "hf_dir", "checkpoint", "resumed_from"}.
+
+    ``loss`` is None and ``losses`` empty when the checkpoint found had already reached
+    ``train.steps`` (nothing to do; it says so). Works on one process or on an initialised default
+    process group (every rank calls it). The model runs on :func:`ringrt.device.job_device`.
     """
     if cfg.compression.enabled:
         from ..compression.train import run_compression_train
@@ -135,48 +157,44 @@ def run_train(cfg: TrainJobConfig, logger: MetricsLogger | None = None) -> dict:
         step, position = meta["step"], meta["data_position"]
     interrupt.note(step=step, checkpoints=ckpt_root)
     if logger is None:
-        logger = MetricsLogger([ConsoleSink(), JsonlSink(os.path.join(t.out_dir, "metrics.jsonl"))], enabled=rank == 0)
+        logger = default_logger(cfg, enabled=rank == 0)
     if found is not None:
         logger.log(step, resumed_from=str(found))
+        if step >= t.steps and rank == 0:
+            say(f"already trained to step {step} of {t.steps} (checkpoint in {os.path.abspath(found)}); nothing to do")
 
     batches = train_batches(cfg.data, tok, replicas=t.data_parallel, replica=dp_rank, skip=position)
     autocast = autocast_for(t.precision, devices.module_device(model))
-    tokens_per_step = t.data_parallel * cfg.data.batch_size * cfg.data.seq_len * t.grad_accum
-    bar = None
-    if rank == 0 and t.progress and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(total=t.steps, initial=step, desc="train", unit="step")
+    speed = Throughput(t.data_parallel * cfg.data.batch_size * cfg.data.seq_len * t.grad_accum)
     losses: list[float] = []
-    tps = 0.0
     meta = lambda: {"data_position": position, "train_len": cfg.data.seq_len, "tokenizer": cfg.data.tokenizer}  # noqa: E731
-    while step < t.steps:
-        t0 = time.perf_counter()
-        lr = lr_at(step, t)
-        total, gnorm = train_step(model, opt, batches, t=t, lr=lr, layout=layout, attend=attend, seq_group=seq_group,
-                                  data_group=data_group, autocast=autocast)
-        position += t.grad_accum
-        step += 1
-        losses.append(total.item())  # the step's one host read (it also waits for the step to finish)
-        interrupt.note(step=step)
-        tps = tokens_per_step / (time.perf_counter() - t0)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tps:.0f}")
-        if step % t.log_every == 0 or step == t.steps:
-            logger.log(step, loss=losses[-1], lr=lr, grad_norm=gnorm, tokens_per_s=tps)  # gnorm: read by rank 0 only
-        if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.steps:
-            with interrupt.deferred():  # a Ctrl-C now stops the run once this checkpoint is complete
-                checkpoint.save(ckpt_root, step, model=model, optimizer=opt, meta=meta(), keep_last=t.keep_last)
-    if bar is not None:
-        bar.close()
+    with progress_bar(total=t.steps, initial=step, desc="train", show=rank == 0 and t.progress and step < t.steps) as bar:
+        while step < t.steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, t)
+            total, gnorm = train_step(model, opt, batches, t=t, lr=lr, layout=layout, attend=attend, seq_group=seq_group,
+                                      data_group=data_group, autocast=autocast)
+            position += t.grad_accum
+            step += 1
+            losses.append(total.item())  # the step's one host read (it also waits for the step to finish)
+            speed.add(time.perf_counter() - t0)
+            interrupt.note(step=step)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if step % t.log_every == 0 or step == t.steps:  # gnorm: read by rank 0 only
+                logger.log(step, loss=losses[-1], lr=lr, grad_norm=gnorm, tokens_per_s=speed.take())
+            if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.steps:
+                with interrupt.deferred():  # a Ctrl-C now stops the run once this checkpoint is complete
+                    checkpoint.save(ckpt_root, step, model=model, optimizer=opt, meta=meta(), keep_last=t.keep_last)
     hf_dir = os.path.join(t.out_dir, "hf")
     if rank == 0:
         save_pretrained(model, hf_dir, extra={"train_len": cfg.data.seq_len, "tokenizer": cfg.data.tokenizer, "step": step})
     if dist.is_initialized():
         dist.barrier()
-    return {"step": step, "loss": losses[-1] if losses else None, "losses": losses, "tokens_per_s": tps,
-            "hf_dir": hf_dir, "checkpoint": str(checkpoint.latest(ckpt_root))}
+    return {"step": step, "loss": losses[-1] if losses else None, "losses": losses, "tokens_per_s": speed.run_mean(),
+            "hf_dir": hf_dir, "checkpoint": str(checkpoint.latest(ckpt_root)),
+            "resumed_from": str(found) if found is not None else None}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -9,22 +9,29 @@ from typing import Literal
 
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
-    """A Llama-family decoder: RMSNorm, RoPE, SwiGLU MLP, grouped-query attention."""
+    """A Llama-family decoder: RMSNorm, RoPE, SwiGLU MLP, grouped-query attention.
+
+    The defaults are Hydra's default model group, ``conf/model/tiny.yaml`` (a few-MB model for CPU
+    runs); ``conf/model/small.yaml`` is dim 256, 4 layers."""
 
     vocab_size: int = 259
     """Tokens in the vocabulary; 259 = 256 bytes + <bos>, <eos>, <pad> of the byte tokenizer."""
-    dim: int = 256
+    dim: int = 64
     """Hidden size."""
-    n_layers: int = 4
+    n_layers: int = 2
+    """Transformer blocks."""
     n_heads: int = 4
-    n_kv_heads: int | None = None
+    """Query heads."""
+    n_kv_heads: int | None = 2
     """Key/value heads (GQA); ``n_heads`` must be a multiple. None = ``n_heads`` (plain multi-head)."""
     head_dim: int | None = None
     """Per-head size; None = dim // n_heads."""
     intermediate_size: int | None = None
     """SwiGLU hidden size; None = 8/3 * dim rounded up to a multiple of 64."""
     norm_eps: float = 1e-5
+    """Added to the mean square in RMSNorm."""
     rope_theta: float = 10000.0
+    """Base of the rotary position embedding's frequencies."""
     tie_embeddings: bool = True
     """Share the input embedding with the output projection (``lm_head``)."""
     max_position_embeddings: int = 2048
@@ -49,10 +56,10 @@ class ModelConfig:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_position_embeddings"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be a positive integer")
-        if self.kv_heads < 1 or self.n_heads % self.kv_heads:
-            raise ValueError(f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads}")
         if self.head_dim is None and self.dim % self.n_heads:
             raise ValueError(f"model.dim={self.dim} must be a multiple of model.n_heads={self.n_heads} (or set model.head_dim)")
+        if self.kv_heads < 1 or self.n_heads % self.kv_heads:
+            raise ValueError(f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads}")
         if self.head_size % 2:
             raise ValueError(f"head size {self.head_size} must be even for rotary embeddings")
         if not self.rope_theta > 0:

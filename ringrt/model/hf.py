@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
 from .llama import Llama
+from ..rundir import as_if_opened
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -146,6 +147,7 @@ def _write_atomic(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        as_if_opened(tmp)  # mkstemp makes 0600; teammates sharing the run dir must read the model
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
