@@ -120,7 +120,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, *, prefix: str = "")
     for k in data:
         if k not in fields:
             near = difflib.get_close_matches(str(k), list(fields), n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
+            hint = f"; did you mean {near[0]!r}?" if near else ";"
             raise ConfigError(f"unknown key {(prefix + '.' if prefix else '') + str(k)!r}{hint} valid keys of {where}: {', '.join(fields)}")
     kwargs = {}
     for name, f in fields.items():

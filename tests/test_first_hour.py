@@ -314,3 +314,25 @@ def test_compression_chart_starts_at_zero_and_says_lower_is_better():
     fig = _bar({"none": 10.99, "truncate": 10.65, "k=2": 10.52}, {"doc_len": 2048, "window": 256})
     ax = fig.axes[0]
     assert ax.get_ylim()[0] == 0 and "lower is better" in ax.get_ylabel()
+
+
+def test_simulate_and_gpucheck_flags_say_what_they_mean():
+    import argparse
+    import importlib
+
+    from ringrt.cli import COMMANDS
+
+    for command in ("simulate", "gpucheck"):
+        p = argparse.ArgumentParser(prog=f"ringrt {command}")
+        importlib.import_module(COMMANDS[command][0]).add_arguments(p)
+        parsers = [p]
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                parsers += list(a.choices.values())
+        for sub in parsers:
+            for a in sub._actions:
+                if isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)):
+                    continue
+                shown = sub._get_formatter()._expand_help(a) if a.help else ""
+                assert re.sub(r"\s*\(default .*\)$", "", shown).strip(), (command, sub.prog, a.option_strings)
+            sub.format_help()

@@ -186,7 +186,9 @@ def run_train_deepspeed(cfg: TrainJobConfig, ds: DeepSpeedConfig, logger=None) -
         raise ValueError("compression.enabled=true is not supported with engine=deepspeed; valid: engine=torch "
                          "(the extensible embedder trains with the plain trainer)")
     if not dist.is_initialized():
-        raise ValueError("run_train_deepspeed needs an initialised process group (ringrt.launcher.init_distributed)")
+        raise ValueError("engine=deepspeed needs a launcher (DeepSpeed runs on an initialised process group): start it with "
+                         "torchrun, e.g. `torchrun --nproc-per-node=2 launch/train.py engine=deepspeed ...`, or use engine=torch "
+                         "on one process")
     t = cfg.train
     seq_group, data_group, dp_rank, sp = mesh(t.data_parallel)
     _validate(cfg, sp)

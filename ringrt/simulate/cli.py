@@ -21,14 +21,17 @@ from . import costmodel as cm
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", required=True)
     c = sub.add_parser("calibrate", help="measure this machine and write the calibration JSON")
-    c.add_argument("--out", type=Path, default=None, help=f"default {cm.calibration_path()}")
-    c.add_argument("--threads", type=int, default=1)
-    c.add_argument("--reps", type=int, default=5)
+    c.add_argument("--out", type=Path, default=None,
+                   help=f"calibration JSON to write, read by algorithm='auto' (default {cm.calibration_path()})")
+    c.add_argument("--threads", type=int, default=1, help="intra-op threads per rank while measuring (default %(default)s)")
+    c.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement; the best is kept (default %(default)s)")
     c.add_argument("--worlds", type=int, nargs="+", default=[2, 4], help="world sizes whose per-call overheads are measured")
     sub.add_parser("anchors", help="reproduce the published anchors (simulation)")
     pr = sub.add_parser("project", help="project 8 -> 1024 GPUs, MHA and GQA (simulation)")
-    pr.add_argument("--machine", choices=sorted(cm.PRESETS), default="h100")
-    pr.add_argument("--out", type=Path, default=Path("bench_results"))
+    pr.add_argument("--machine", choices=sorted(cm.PRESETS), default="h100",
+                    help="GPU preset the projection prices (simulation; default %(default)s)")
+    pr.add_argument("--out", type=Path, default=Path("bench_results"),
+                    help="folder for projection.json and projection.png (default %(default)s)")
 
 
 def _write_json(path: Path, obj) -> None:
