@@ -74,7 +74,8 @@ def path_of(kernel, q, k, *, causal: bool, mask) -> str:
     return route(q, k, causal=causal, mask=mask).path if route is not None else kernel.name
 
 
-def _floor(dtype: torch.dtype, ref: torch.Tensor) -> float:
+def roundoff_floor(dtype: torch.dtype, ref: torch.Tensor) -> float:
+    """Two units of roundoff of ``dtype`` at the magnitude of ``ref``'s finite entries (at least 1)."""
     finite = ref[torch.isfinite(ref)]
     mag = finite.abs().max().item() if finite.numel() else 1.0
     return 2 * torch.finfo(dtype).eps * max(1.0, mag)
@@ -114,7 +115,7 @@ def check_case(case: Case, dtype: torch.dtype, device: torch.device, seed: int =
     for name, x in got.items():
         ref = refs[True][name].double()
         errors[name] = _err(x, ref)
-        tolerances[name] = 2 * _err(refs[False][name], ref) + _floor(dtype if name != "lse" else torch.float32, ref)
+        tolerances[name] = 2 * _err(refs[False][name], ref) + roundoff_floor(dtype if name != "lse" else torch.float32, ref)
     empty_ok = True
     if mask is not None:
         empty = torch.isneginf(mask).all(-1)

@@ -14,16 +14,13 @@ import math
 import torch
 import torch.distributed as dist
 
+from .kernels import roundoff_floor
 from .reference import attend
-
-
-def _floor(dtype: torch.dtype, ref: torch.Tensor) -> float:
-    return 2 * torch.finfo(dtype).eps * max(1.0, ref.abs().max().item())
 
 
 def _row(name: str, dtype, got, ref, base) -> dict:
     errs = {n: (g.double() - r).abs().max().item() for n, g, r in zip(("out", "dq", "dk", "dv"), got, ref)}
-    tols = {n: 2 * (b.double() - r).abs().max().item() + _floor(dtype, r)
+    tols = {n: 2 * (b.double() - r).abs().max().item() + roundoff_floor(dtype, r)
             for n, b, r in zip(("out", "dq", "dk", "dv"), base, ref)}
     ok = all(math.isfinite(errs[n]) and errs[n] <= tols[n] for n in errs)
     return {"check": name, "dtype": str(dtype).replace("torch.", ""), "ok": ok, "max_abs_err": errs, "tolerance": tols}
