@@ -13,7 +13,7 @@
   stopped and the command that resumes it, exit code 130 (143 for SIGTERM).
 * Resolvers used by ``conf/``: ``${ringrt.rank0:x}`` is x on global rank 0 and null elsewhere (so only
   rank 0 writes ``.hydra/`` and the log file), ``${ringrt.run_dir:}`` is the shared run directory.
-* After composition: the config becomes a typed dataclass (``ringrt.schema.from_dict``) at once.
+* After composition: the config becomes a typed dataclass (``ringrt.run.schema.from_dict``) at once.
 * Sweeps (``-m``): :class:`SweepResults` (a Hydra callback, ``conf/hydra/ringrt.yaml``) prints one line
   per job when the sweep ends: its overrides, its result (final step and loss) and its directory.
 """
@@ -34,8 +34,8 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
-from ringrt.launcher import command_id, detect, global_rank, program_argv, run_id
-from ringrt.schema import ConfigError, from_dict
+from ringrt.distributed.launcher import command_id, detect, global_rank, program_argv, run_id
+from ringrt.run.schema import ConfigError, from_dict
 
 LAUNCH_DIR = str(Path(__file__).resolve().parent)
 
@@ -254,7 +254,7 @@ class SweepResults(Callback):
             return
         from hydra.core.utils import JobStatus
 
-        from ringrt.rundir import atomic_write_text
+        from ringrt.run.rundir import atomic_write_text
 
         ok = job_return.status == JobStatus.COMPLETED
         value = job_return._return_value
@@ -293,8 +293,8 @@ def write_resolved(run, out_dir: str) -> None:
     """Rank 0 writes the typed, resolved config as ``<out_dir>/run_config.yaml`` (atomically)."""
     if global_rank() != 0:
         return
-    from ringrt.rundir import atomic_write_text
-    from ringrt.schema import to_dict
+    from ringrt.run.rundir import atomic_write_text
+    from ringrt.run.schema import to_dict
 
     atomic_write_text(Path(out_dir) / "run_config.yaml", OmegaConf.to_yaml(OmegaConf.create(to_dict(run))))
 
@@ -307,7 +307,7 @@ def output_dir() -> str:
 
 def end_job() -> None:
     """End of one job's work: tear down its process group (a sweep may run the next job here)."""
-    from ringrt.launcher import shutdown
+    from ringrt.distributed.launcher import shutdown
 
     shutdown()
 

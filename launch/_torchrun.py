@@ -1,7 +1,7 @@
 """torchrun for ``launch/run.sh``: torch's agent (``torch.distributed.run``) in this process, with
 two differences.
 
-* One node and no rendezvous endpoint: :func:`ringrt.launcher.local_torchrun_args` (a file
+* One node and no rendezvous endpoint: :func:`ringrt.distributed.launcher.local_torchrun_args` (a file
   rendezvous in a private temporary directory, no agent store, ``MASTER_ADDR=127.0.0.1``), so
   nothing listens beyond 127.0.0.1. ``--standalone`` would make the agent listen on every interface.
 * Ctrl-C / SIGTERM: the agent forwards the signal to the ranks, each prints one line (where it
@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import main as torchrun, parse_args
 
-    from ringrt.launcher import LOCAL_TORCHRUN_ENV, local_torchrun_args
+    from ringrt.distributed.launcher import LOCAL_TORCHRUN_ENV, local_torchrun_args
 
     quiet = _QuietOnSignal()
     for name in ("torch.distributed.elastic.agent.server.api", "torch.distributed.elastic.multiprocessing.api"):

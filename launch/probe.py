@@ -19,13 +19,13 @@ def main(cfg) -> dict:
 
 
 def _task(cfg) -> dict:
-    from ringrt.probe import run_probe
-    from ringrt.runs import ProbeRun
+    from ringrt.jobs.probe import run_probe
+    from ringrt.run.config import ProbeRun
 
     run = _edge.to_schema(cfg, ProbeRun)
     _edge.write_resolved(run, _edge.output_dir())
     result = run_probe(run.probe)
-    from ringrt.launcher import detect
+    from ringrt.distributed.launcher import detect
 
     _edge.started(detect(), _edge.output_dir())
     _edge.end_job()
@@ -35,7 +35,7 @@ def _task(cfg) -> dict:
 
 
 if __name__ == "__main__":
-    from ringrt.runs import ProbeRun
+    from ringrt.run.config import ProbeRun
 
     _edge.prepare(ProbeRun)
     with _edge.interruptible("probe"):

@@ -2,7 +2,7 @@
 # torchrun for this repository (like torchtitan's run_train.sh). Arguments are what you would give `python`.
 #
 #   ./launch/run.sh launch/train.py train.steps=100                 # this machine, all GPUs (or 1 CPU rank)
-#   NPROC_PER_NODE=4 ./launch/run.sh -m ringrt.probe                 # 4 local ranks
+#   NPROC_PER_NODE=4 ./launch/run.sh -m ringrt.jobs.probe                 # 4 local ranks
 #   NNODES=2 RDZV_ENDPOINT=node0:29400 ./launch/run.sh launch/train.py hydra.run.dir=/shared/runs/x
 #                                                                    # run the same line on every node
 # Environment: NPROC_PER_NODE (default: GPUs, else 1), NNODES (1), RDZV_ENDPOINT (host:port; c10d

@@ -5,9 +5,9 @@ Read first: ``api.py`` (public entry points), ``schedule.py`` (Note [TokenRing])
 """
 
 from .api import ALGORITHMS, attention, shard, unshard
-from .comm import CommError, CommTimeout
-from .lambda_ import LambdaKVCache, LambdaMask, lambda_attention, sliding_window, sliding_window_attention
-from .layout import pad_to_multiple, positions
+from .distributed.comm import CommError, CommTimeout
+from .lm_infinite import LambdaKVCache, LambdaMask, lambda_attention, sliding_window, sliding_window_attention
+from .ops.layout import pad_to_multiple, positions
 from .model.hf import load_pretrained, save_pretrained
 
 __all__ = ["ALGORITHMS", "CommError", "CommTimeout", "LambdaKVCache", "LambdaMask", "attention", "lambda_attention", "load_pretrained", "pad_to_multiple", "positions", "save_pretrained", "shard", "sliding_window", "sliding_window_attention", "unshard"]

@@ -8,14 +8,14 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from . import comm
-from . import layout as _layout
-from .groups import base_group, nccl_problem, ring_groups
-from .kernels import get_kernel
+from .distributed import comm
+from .ops import layout as _layout
+from .distributed.groups import base_group, nccl_problem, ring_groups
+from .ops.kernels import get_kernel
 from .schedules import SCHEDULES
 from .schedules.hybrid import hybrid_degree
-from .tokenring import TOPOLOGIES, RingPlan, TokenRingAttention
-from .validate import agree, local_problem, needs_backward
+from .schedules.tokenring import TOPOLOGIES, RingPlan, TokenRingAttention
+from .distributed.agree import agree, local_problem, needs_backward
 
 
 def _tokenring(q, k, v, plan: RingPlan) -> torch.Tensor:
@@ -62,8 +62,8 @@ def attention(
             process group's own timeout and watchdog catch a hang.
         group: process group over which the sequence is sharded; default the default group. With
             no process group initialised, or a group of one rank, this is plain attention. A
-            subgroup on NCCL needs dedicated direction groups (``ringrt.groups.new_subgroups`` or
-            ``ringrt.model.parallel.mesh``; see ``ringrt/groups.py``).
+            subgroup on NCCL needs dedicated direction groups (``ringrt.distributed.groups.new_subgroups`` or
+            ``ringrt.model.parallel.mesh``; see ``ringrt/distributed/groups.py``).
 
     Returns:
         (batch, local_seq, heads, head_dim): this rank's output shard, dtype of q, differentiable
@@ -107,7 +107,7 @@ def attention(
 
 
 def _groups_problem(group, q, k, algorithm: str) -> str | None:
-    """What the process groups lack for ``algorithm`` over NCCL (see ``ringrt.groups.nccl_problem``):
+    """What the process groups lack for ``algorithm`` over NCCL (see ``ringrt.distributed.groups.nccl_problem``):
     the collectives-only schedules need nothing beyond the base group."""
     if algorithm in ("allgather", "ulysses"):
         return None

@@ -22,7 +22,7 @@ PACKAGE_DIR = str(Path(__file__).resolve().parent)
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("ringrt.bench.cli", "benchmarks that print a table and write JSON (and PNG plots)"),
     "simulate": ("ringrt.simulate.cli", "cost model of the schedules: calibrate here, published anchors, GPU projection (simulation)"),
-    "probe": ("ringrt.probe", "check a distributed launch: attention across all ranks vs a reference"),
+    "probe": ("ringrt.jobs.probe", "check a distributed launch: attention across all ranks vs a reference"),
     "train": ("ringrt.jobs.train", "train a Llama-family model on a sharded sequence (checkpoints, resume)"),
     "eval": ("ringrt.jobs.eval", "perplexity at several lengths (vanilla and Λ-mask) and passkey retrieval; table + PNG"),
     "generate": ("ringrt.jobs.generate", "sharded prefill of a long prompt, then decoding with a sharded KV cache"),
@@ -48,7 +48,7 @@ def user_error(prog: str, e: BaseException) -> int:
     peer may be gone) and return the exit code, 2."""
     import threading
 
-    from .launcher import shutdown
+    from .distributed.launcher import shutdown
 
     message = " ".join(str(e).split()) or type(e).__name__
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)

@@ -2,7 +2,7 @@
 
     ringrt cluster up                # as root; prints the line to paste:
     export SLURM_CONF=/root/.cache/ringrt/slurm/slurm.conf
-    sbatch --wait --nodes=2 slurm/torchrun.sbatch -m ringrt.probe --out probe.json
+    sbatch --wait --nodes=2 slurm/torchrun.sbatch -m ringrt.jobs.probe --out probe.json
     ringrt cluster down
 
 It runs munged, slurmctld and one slurmd per emulated node (``n1``, ``n2``: 8 CPUs each whatever the

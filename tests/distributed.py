@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ringrt.spawn import run_local
+from ringrt.distributed.spawn import run_local
 
 
 def run(fn, world: int, *args, timeout: float = 240.0) -> list:

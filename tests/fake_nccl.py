@@ -6,7 +6,7 @@ whatever it is given, so values are meaningless, but which transfers a rank post
 in which batch and in what order relative to its kernel calls is exactly what the real run does.
 
 ``Recorder().install(monkeypatch, nccl=True)`` (once per test: installs do not stack) makes every
-group report the "nccl" backend to ringrt (``dist.get_backend``, which ``ringrt.comm.is_nccl``
+group report the "nccl" backend to ringrt (``dist.get_backend``, which ``ringrt.distributed.comm.is_nccl``
 reads; torch's own group creation is untouched) and replaces ``batch_isend_irecv`` by one that,
 like ProcessGroupNCCL, returns ONE coalesced work per batch; ``take()`` hands over what was recorded.
 """
@@ -22,8 +22,9 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from ringrt import api, comm, groups
-from ringrt.lambda_ import attention as lambda_api
+from ringrt import api
+from ringrt.distributed import comm, groups
+from ringrt.lm_infinite import attention as lambda_api
 from ringrt.schedules import hybrid
 
 
@@ -149,7 +150,7 @@ class Recorder:
         monkeypatch.setattr(dist, "all_gather", collective(real_all_gather, "all_gather"))
         monkeypatch.setattr(dist, "all_to_all_single", collective(real_a2a, "all_to_all_single"))
         monkeypatch.setattr(dist, "reduce_scatter", collective(real_rs, "reduce_scatter"))
-        if nccl:  # what a ProcessGroupNCCL group reports; ringrt.comm.backend_for/is_nccl read it
+        if nccl:  # what a ProcessGroupNCCL group reports; ringrt.distributed.comm.backend_for/is_nccl read it
             monkeypatch.setattr(dist, "get_backend", lambda group=None: dist.Backend("nccl"))
 
         def kernels(get):

@@ -6,7 +6,7 @@ marker for a rank that did not: ``{"died": exit code}`` (a death the test caused
 ``{"raised": traceback}`` (``fn`` itself raised) or ``{"hung": True}`` (still running after
 ``timeout`` seconds; killed, so a hang fails the test instead of the suite).
 
-Unlike :func:`ringrt.spawn.run_local`, a rank exits as soon as it has reported, without a final
+Unlike :func:`ringrt.distributed.spawn.run_local`, a rank exits as soon as it has reported, without a final
 barrier, as a real job's process does after an error: its connections close and the ranks still
 running see that. ``fn`` should catch the error it expects and return what the test checks (the
 message, how long it took).
@@ -85,7 +85,7 @@ def caught(call) -> dict:
 
 def _is_comm_error(e: BaseException) -> bool:
     try:
-        from ringrt.comm import CommError
+        from ringrt.distributed.comm import CommError
     except ImportError:  # pragma: no cover
         return False
     return isinstance(e, CommError)

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ringrt import devtime
+from ringrt.ops import timing as devtime
 from ringrt.schedules import auto
-from ringrt.simulate import costmodel
+from ringrt.schedules import costmodel
 
 
 @pytest.mark.parametrize("name,preset", [

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ringrt import checkpoint
+from ringrt.run import checkpoint
 from tests.distributed import run
 
 pytestmark = pytest.mark.timeout(60)
@@ -195,7 +195,7 @@ def test_writable_by_others_or_foreign_owner_refused(tmp_path, monkeypatch):
     if os.geteuid() == 0:  # root: hand the file to another user
         os.chown(shard, 4242, -1)
     else:  # otherwise: be another user (the files stay owned by the real one, who is not root)
-        from ringrt import checkpoint_trust
+        from ringrt.run import checkpoint_trust
 
         monkeypatch.setattr(checkpoint_trust, "_euid", lambda: os.geteuid() + 1)
     with pytest.raises(ValueError, match=rf"(?s){re.escape(str(shard))} is owned by .*, not by you .* or root.*cp -r"):

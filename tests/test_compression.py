@@ -10,9 +10,7 @@ import json
 import pytest
 import torch
 
-from ringrt.compression import (CompressionConfig, CompressionSession, EmbeddingCache, ExtensibleEmbedder, choose_k,
-                                compressed_len, downscale, encode_chunks, load_embedder, naive_two_stream_loss,
-                                packed_two_stream_loss, select_indices)
+from ringrt.compression import CompressionConfig, CompressionSession, EmbeddingCache, ExtensibleEmbedder, choose_k, compressed_len, downscale, encode_chunks, load_embedder, naive_two_stream_loss, packed_two_stream_loss, select_indices
 from ringrt.compression.packing import freeze, packed_layout
 from ringrt.model.config import ModelConfig
 from ringrt.model.llama import Llama

@@ -36,7 +36,7 @@ def _reference(llm, emb, context, raw, chunk_len, k, keep):
 
 def _worker(rank, world):
     from ringrt.compression.parallel import compressed_logits
-    from ringrt.layout import assemble
+    from ringrt.ops.layout import assemble
 
     import torch.distributed as dist
 
@@ -61,7 +61,7 @@ def _worker(rank, world):
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("world", [2, 3])
 def test_sequence_parallel_compression_matches_one_process(world):
-    from ringrt.layout import positions
+    from ringrt.ops.layout import positions
 
     for rank, cases in enumerate(run(_worker, world, timeout=200)):
         for (err, scale, M, pos), expected_m in zip(cases, (24, 6 * 8 + 3, 14, 40)):

@@ -7,7 +7,7 @@ Through the real command (``python -m ringrt train --compression.enabled true ..
   losses for every step, and end with bit-identical embedders;
 * the rerun logs ``resumed_from`` once, at a step mid-run.
 
-The killed run sleeps briefly after each checkpoint (a wrapper around ``ringrt.checkpoint.save`` in the
+The killed run sleeps briefly after each checkpoint (a wrapper around ``ringrt.run.checkpoint.save`` in the
 child process only) so that the kill lands mid-run on any machine; what is written is unchanged.
 """
 
@@ -31,7 +31,7 @@ KILL_AFTER = 3  # kill once step_00000003 is complete
 
 _CHILD = r"""
 import sys, time
-import ringrt.checkpoint as checkpoint
+import ringrt.run.checkpoint as checkpoint
 from ringrt.cli import main
 
 if sys.argv[1] == "slow":  # leave time to kill between checkpoints
@@ -68,7 +68,7 @@ def _losses(out: Path) -> dict[int, list[float]]:
 
 @pytest.mark.timeout(120)
 def test_kill_and_rerun_resumes_bit_identical(tmp_path):
-    from ringrt import checkpoint
+    from ringrt.run import checkpoint
     from ringrt.model.config import ModelConfig
     from ringrt.model.hf import save_pretrained
     from ringrt.model.llama import Llama

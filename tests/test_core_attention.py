@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import ringrt
-from ringrt import comm
+from ringrt.distributed import comm
 from tests.distributed import run
 from tests.reference import reference_attention
 
@@ -121,7 +121,7 @@ def _bytes_direct(rank, world, causal, heads, kv_heads, elt, acc, batch=2):
 
 def _bytes_relay(world, heads, kv_heads, elt, acc, batch=2):
     """Relay: each direction ships its whole bundle to a neighbour at each of the W steps."""
-    from ringrt.tokenring import head_split
+    from ringrt.schedules.tokenring import head_split
 
     s_l = 12
     fwd, bwd = {}, {}

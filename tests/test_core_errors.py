@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 import ringrt
-from ringrt.comm import P2P, CommTimeout
+from ringrt.distributed.comm import P2P, CommTimeout
 from tests.distributed import run
 
 

@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from ringrt import comm, layout
-from ringrt.kernels import CpuKernel, MathKernel, get_kernel, surrogate_out
-from ringrt.merge import empty_accumulator, merge_
+from ringrt.distributed import comm
+from ringrt.ops import layout
+from ringrt.ops.kernels import CpuKernel, MathKernel, get_kernel, surrogate_out
+from ringrt.ops.merge import empty_accumulator, merge_
 from tests.reference import reference_attention
 
 torch.manual_seed(0)

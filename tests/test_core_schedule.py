@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ringrt.layout import rank_chunks
-from ringrt.schedule import block_for, relay_schedule, tokenring_schedule
+from ringrt.ops.layout import rank_chunks
+from ringrt.schedules.tokenring_plan import block_for, relay_schedule, tokenring_schedule
 
 CASES = [(w, causal, layout) for w in range(1, 7) for causal, layout in
          [(True, "zigzag"), (False, "contiguous"), (True, "contiguous"), (False, "zigzag")]]

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from ringrt.schedule import tokenring_schedule
+from ringrt.schedules.tokenring_plan import tokenring_schedule
 from ringrt.schedules.auto import choose
-from ringrt.simulate import costmodel as cm
+from ringrt.schedules import costmodel as cm
 from ringrt.simulate.anchors import all_anchors
 
 
@@ -98,7 +98,7 @@ def _tile_pairs_area(sq: int, sk: int, q_split: int, kv_split: int) -> int:
 
 
 def test_aten_cpu_tiling_matches_tile_pair_enumeration():
-    from ringrt.simulate.tiling import aten_cpu_splits, computed_area
+    from ringrt.schedules.tiling import aten_cpu_splits, computed_area
 
     for sq, sk in [(16, 16), (128, 128), (256, 256), (512, 512), (768, 768), (1024, 1024), (2048, 2048), (1000, 1000),
                    (256, 1024), (1024, 512), (3072, 3072)]:

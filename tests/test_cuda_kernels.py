@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ringrt.kernels import CudaKernel, MathKernel, get_kernel
+from ringrt.ops.kernels import CudaKernel, MathKernel, get_kernel
 
 STAND_IN = Path(__file__).parent / "stand_in"
 REAL_FWD = torch.ops.aten._efficient_attention_forward
@@ -371,7 +371,7 @@ F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float6
     (F16, 64, 64, 64, False, False, None, (7, 5), "efficient", False),
 ])
 def test_route_table(dtype, head_dim, sq, sk, causal, masked, version, cap, path, warn):
-    from ringrt.kernels_cuda import choose_cuda_path
+    from ringrt.ops.kernels_cuda import choose_cuda_path
 
     r = choose_cuda_path(dtype=dtype, head_dim=head_dim, sq=sq, sk=sk, causal=causal, masked=masked,
                          flash_version=version, capability=cap)
@@ -575,7 +575,7 @@ def test_unusable_flash_falls_back_with_one_warning(stand_in, ops, caplog, versi
     pkg = stand_in(version)
     q, k, v, dout = _inputs(4, 2, 48, 48, F16, d=head_dim)
     kern = _kernel(flash=pkg, capability=cap)
-    with caplog.at_level(logging.WARNING, logger="ringrt.kernels_cuda"):
+    with caplog.at_level(logging.WARNING, logger="ringrt.ops.kernels_cuda"):
         _check_against_reference(kern, q, k, v, dout, causal=True, mask=None, dtype=F16)
         kern.forward(q, k, v, causal=False, mask=None, scale=0.125)
     assert not sys.modules["flash_attn.flash_attn_interface"].CALLS and len(ops.forwards) == 2
@@ -584,7 +584,7 @@ def test_unusable_flash_falls_back_with_one_warning(stand_in, ops, caplog, versi
 
 
 def _already_warned() -> str:
-    from ringrt import kernels_cuda
+    from ringrt.ops import kernels_cuda
 
     return " | ".join(kernels_cuda._warned)
 
@@ -615,9 +615,9 @@ CHUNKS = [13, 3, 1, 5, 3, 1, 3, 11]  # kept sets of 9..14 tokens: rows never a m
 @pytest.mark.parametrize("dtype", [F32, F64])
 def test_cache_builds_its_decode_bias_aligned(monkeypatch, dtype):
     """The cache's (T, n) bias rows start every 16 bytes, so the CUDA kernel takes it without a copy."""
-    from ringrt.kernels import CpuKernel
-    from ringrt.lambda_ import LambdaKVCache, LambdaMask
-    from ringrt.lambda_ import cache as cache_mod
+    from ringrt.ops.kernels import CpuKernel
+    from ringrt.lm_infinite import LambdaKVCache, LambdaMask
+    from ringrt.lm_infinite import cache as cache_mod
 
     seen = []
 
@@ -639,8 +639,8 @@ def test_cache_builds_its_decode_bias_aligned(monkeypatch, dtype):
 def test_cache_decodes_through_the_cuda_kernel(monkeypatch, ops):
     """Decoding with the CUDA kernel (emulated efficient op, fp32) meets the contracts on every call
     and matches the fp64 full-sequence formula as closely as the fp32 CPU kernel does."""
-    from ringrt.lambda_ import LambdaKVCache, LambdaMask
-    from ringrt.lambda_ import cache as cache_mod
+    from ringrt.lm_infinite import LambdaKVCache, LambdaMask
+    from ringrt.lm_infinite import cache as cache_mod
     from tests.test_lambda_reference import lambda_reference
 
     q, k, v = _cache_inputs(F32)

@@ -26,7 +26,7 @@ def _losses(rank, world, stages, data_parallel, steps=3, layers=2):
     from ringrt.engines.deepspeed import DeepSpeedConfig, run_train_deepspeed
     from ringrt.jobs.config import TrainConfig, TrainJobConfig
     from ringrt.jobs.train import run_train
-    from ringrt.metrics import MetricsLogger
+    from ringrt.run.metrics import MetricsLogger
     from ringrt.model.config import ModelConfig
 
     cfg = TrainJobConfig(

@@ -43,7 +43,7 @@ def no_process_group():
 @pytest.fixture
 def on_meta(monkeypatch, no_process_group):
     """The job device is ``meta`` (the one device function every job asks)."""
-    monkeypatch.setattr("ringrt.device.job_device", lambda: META)
+    monkeypatch.setattr("ringrt.distributed.device.job_device", lambda: META)
     monkeypatch.delenv("RINGRT_DEVICE", raising=False)
 
 
@@ -82,7 +82,7 @@ def launch(monkeypatch, no_process_group):
 def test_launcher_binds_nccl_to_local_rank_modulo_visible_gpus(launch, backend, local_rank, visible, index):
     """LOCAL_RANK=3 on a task that sees one GPU (Slurm --gpus-per-task=1) uses cuda:0, not cuda:3;
     CPU tensors keep a gloo path (cpu:gloo,cuda:nccl), also for an explicit backend=nccl."""
-    from ringrt.launcher import init_distributed
+    from ringrt.distributed.launcher import init_distributed
 
     calls = launch(local_rank=local_rank, visible=visible)
     init_distributed(backend, timeout_s=60)
@@ -95,7 +95,7 @@ def test_launcher_binds_nccl_to_local_rank_modulo_visible_gpus(launch, backend, 
 
 
 def test_launcher_uses_gloo_without_cuda(launch):
-    from ringrt.launcher import init_distributed
+    from ringrt.distributed.launcher import init_distributed
 
     calls = launch(local_rank=1, visible=0, world=2)
     init_distributed("auto")
@@ -106,7 +106,7 @@ def test_launcher_uses_gloo_without_cuda(launch):
 
 
 def test_launcher_nccl_without_cuda_is_a_clear_error(launch):
-    from ringrt.launcher import init_distributed
+    from ringrt.distributed.launcher import init_distributed
 
     calls = launch(local_rank=0, visible=0, world=2)
     with pytest.raises(ValueError, match=r"launcher.backend='nccl' needs CUDA, but torch.cuda.is_available\(\) is False"):
@@ -116,7 +116,7 @@ def test_launcher_nccl_without_cuda_is_a_clear_error(launch):
 
 def test_launcher_restart_store_path_binds_device(launch, monkeypatch):
     """torchrun --max-restarts: the per-attempt PrefixStore path binds the device too."""
-    from ringrt.launcher import init_distributed
+    from ringrt.distributed.launcher import init_distributed
 
     calls = launch(local_rank=2, visible=2)
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
@@ -132,7 +132,7 @@ def test_launcher_restart_store_path_binds_device(launch, monkeypatch):
 # ---------------------------------------------------------------------- the job's device rule ----
 
 def test_job_device_rule(monkeypatch, no_process_group, tmp_path):
-    from ringrt.device import job_device
+    from ringrt.distributed.device import job_device
 
     monkeypatch.delenv("RINGRT_DEVICE", raising=False)
     assert job_device() == torch.device("cpu")  # this box: no CUDA
@@ -168,7 +168,7 @@ def test_job_device_rule(monkeypatch, no_process_group, tmp_path):
 
 
 def test_cuda_index_is_local_rank_modulo_visible(monkeypatch):
-    from ringrt.device import cuda_index
+    from ringrt.distributed.device import cuda_index
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert [cuda_index(r) for r in range(6)] == [0, 1, 2, 3, 0, 1]
@@ -188,8 +188,8 @@ class _OnCuda1(torch.Tensor):
 
 
 def test_local_problem_refuses_a_tensor_off_the_current_cuda_device(monkeypatch):
-    from ringrt.device import wrong_cuda_device
-    from ringrt.validate import local_problem
+    from ringrt.distributed.device import wrong_cuda_device
+    from ringrt.distributed.agree import local_problem
 
     assert wrong_cuda_device(torch.device("cuda", 1), 1) is None
     assert wrong_cuda_device(torch.device("cpu"), 0) is None and wrong_cuda_device(META, 0) is None
@@ -199,7 +199,7 @@ def test_local_problem_refuses_a_tensor_off_the_current_cuda_device(monkeypatch)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     msg = local_problem(q, q, q, **args, world=2)
     assert msg is not None and "q is on cuda:1 but the current CUDA device is cuda:0" in msg
-    assert "torch.cuda.set_device(1)" in msg and "ringrt.launcher.init_distributed" in msg
+    assert "torch.cuda.set_device(1)" in msg and "ringrt.distributed.launcher.init_distributed" in msg
     assert local_problem(q, q, q, **args, world=1) is None  # one process: no communicator to confuse
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     assert local_problem(q, q, q, **args, world=2) is None
@@ -236,9 +236,9 @@ def test_run_train_whole_job_on_the_job_device(on_meta, tmp_path, monkeypatch):
     """The whole plain trainer on the job device: one host read per step (the loss) plus the grad
     norm at log steps; the final model is copied to the host once to be written."""
     from ringrt.jobs.train import run_train
-    from ringrt.metrics import MetricsLogger
+    from ringrt.run.metrics import MetricsLogger
 
-    monkeypatch.setattr("ringrt.checkpoint.save", lambda *a, **kw: None)  # DCP cannot write meta tensors
+    monkeypatch.setattr("ringrt.run.checkpoint.save", lambda *a, **kw: None)  # DCP cannot write meta tensors
     logged = []
     cfg = TrainJobConfig(model=dataclasses.replace(MODEL), data=dataclasses.replace(DATA),
                          train=TrainConfig(steps=3, grad_accum=2, log_every=2, out_dir=str(tmp_path), progress=False))
@@ -321,7 +321,7 @@ def test_generate_decodes_on_the_model_device(on_meta, tmp_path, attention, temp
 
 
 def test_probe_runs_on_the_job_device(on_meta, monkeypatch):
-    from ringrt.probe import ProbeConfig, run_probe
+    from ringrt.jobs.probe import ProbeConfig, run_probe
 
     for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
         monkeypatch.delenv(name, raising=False)
@@ -371,7 +371,7 @@ def test_compression_jobs_on_the_job_device(on_meta, tmp_path):
 
 
 def test_metrics_read_device_values_only_where_printed():
-    from ringrt.metrics import MetricsLogger
+    from ringrt.run.metrics import MetricsLogger
 
     got = []
     with DeviceRecorder() as rec:

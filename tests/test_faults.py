@@ -30,8 +30,8 @@ import torch
 import torch.distributed as dist
 
 import ringrt
-from ringrt import comm
-from ringrt.lambda_ import LambdaMask
+from ringrt.distributed import comm
+from ringrt.lm_infinite import LambdaMask
 from tests.fault_util import caught, run_faulty
 
 # Survivors must raise within this many seconds of the fault (timeouts here are 2 s).
@@ -194,7 +194,7 @@ def _worker_death(rank, world, what):
     """Rank 1 exits at the moment named by ``what``; rank 0 reports what it raised."""
     import ringrt.model.parallel as parallel
     import ringrt.schedules.allgather as allgather
-    import ringrt.schedules.collectives as collectives
+    import ringrt.distributed.collectives as collectives
 
     q, k, v = _qkv(rank, heads=4, kv_heads=2, grad=True)
     if rank == 1:

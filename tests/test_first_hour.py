@@ -94,7 +94,7 @@ def test_the_plain_trainer_logs_every_column_of_the_readme(tmp_path, capsys):
 
 
 def test_throughput_leaves_out_the_first_step_after_start():
-    from ringrt.metrics import Throughput
+    from ringrt.run.metrics import Throughput
 
     speed = Throughput(tokens_per_step=100)
     speed.add(5.0)  # start-up: first calls, allocations
@@ -120,7 +120,7 @@ def test_deepspeed_logs_the_same_columns_as_the_plain_trainer(tmp_path):
 def _deepspeed_worker(rank, world, root):
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from ringrt.engines.deepspeed import DeepSpeedConfig, run_train_deepspeed
-    from ringrt.metrics import MetricsLogger
+    from ringrt.run.metrics import MetricsLogger
 
     logged = []
     run_train_deepspeed(_train_cfg(root, steps=2), DeepSpeedConfig(zero_stage=1),
@@ -207,7 +207,7 @@ def test_only_our_own_value_errors_are_user_errors():
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
 def test_atomic_writes_respect_the_umask(tmp_path, umask, mode):
-    from ringrt.rundir import atomic_write_json, atomic_write_text
+    from ringrt.run.rundir import atomic_write_json, atomic_write_text
 
     old = os.umask(umask)
     try:
@@ -240,7 +240,7 @@ def test_eval_prints_a_line_per_mode_and_length_as_it_goes(tmp_path):
 
 
 def test_step_lines_reach_the_run_log_file(tmp_path, capsys):
-    from ringrt.metrics import ConsoleSink
+    from ringrt.run.metrics import ConsoleSink
 
     handler = logging.FileHandler(tmp_path / "train.log")  # what Hydra's job logging installs on rank 0
     root = logging.getLogger()
@@ -270,7 +270,7 @@ def test_hydra_train_log_holds_the_step_lines(tmp_path):
 def test_step_lines_go_above_the_progress_bar(monkeypatch, capsys):
     import tqdm
 
-    from ringrt import metrics
+    from ringrt.run import metrics
 
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     written = []

@@ -128,7 +128,7 @@ def test_multirun_is_ignored_by_git():
 @pytest.mark.timeout(120)
 def test_run_sh_sets_omp_threads_without_the_banner(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    p = subprocess.run([str(REPO / "launch" / "run.sh"), "-m", "ringrt.probe", "--seq-len", "48", "--out",
+    p = subprocess.run([str(REPO / "launch" / "run.sh"), "-m", "ringrt.jobs.probe", "--seq-len", "48", "--out",
                         str(tmp_path / "probe.json")], cwd=tmp_path, env={**env, "NPROC_PER_NODE": "2"},
                        capture_output=True, text=True, timeout=110)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -138,7 +138,7 @@ def test_run_sh_sets_omp_threads_without_the_banner(tmp_path):
 
 @pytest.mark.timeout(90)
 def test_wandb_offline_run_is_quiet(tmp_path):
-    """W&B offline: no ~20-line banner and summary per run (needs ringrt/metrics.py to create the run
+    """W&B offline: no ~20-line banner and summary per run (needs ringrt/run/metrics.py to create the run
     with ``wandb.Settings(silent=True)`` in offline mode); the run is still written."""
     pytest.importorskip("wandb")
     p = run([PYTHON, str(REPO / "launch" / "train.py"), *TINY, "logging.wandb=offline", f"hydra.run.dir={tmp_path}/r"],
@@ -215,7 +215,7 @@ def test_cluster_up_sbatch_down(tmp_path):
         trivial = subprocess.Popen(["sbatch", "--wait", f"--output={tmp_path}/trivial.out", "--wrap",
                                     "echo hello from $SLURM_JOB_ID"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         probe = subprocess.Popen(["sbatch", "--wait", "--nodes=1", f"--output={tmp_path}/probe.out", f"--chdir={REPO}",
-                                  str(REPO / "slurm" / "torchrun.sbatch"), "-m", "ringrt.probe", "--seq-len", "48",
+                                  str(REPO / "slurm" / "torchrun.sbatch"), "-m", "ringrt.jobs.probe", "--seq-len", "48",
                                   "--out", str(tmp_path / "probe.json")],
                                  env={**env, "NPROC_PER_NODE": "2", "RDZV_PORT": str(free_port())},
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

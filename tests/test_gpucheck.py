@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from ringrt import devtime
+from ringrt.ops import timing as devtime
 from ringrt.gpucheck import cli, kernels, throughput
-from ringrt.kernels import CpuKernel
+from ringrt.ops.kernels import CpuKernel
 
 
 def test_without_cuda_it_says_skip_and_exits_0(tmp_path, monkeypatch, capsys):

@@ -145,7 +145,7 @@ def test_ctrl_c_of_ringrt_train_under_torchrun_names_the_out_dir(tmp_path):
         assert line.endswith(f"resume with: NPROC_PER_NODE=2 {RUN_SH} -m ringrt train {' '.join(flags)} "
                              f"--train.out_dir {tmp_path / 'outputs' / 'train'}"), line
     # The checkpoint the line names is complete and loads.
-    from ringrt import checkpoint
+    from ringrt.run import checkpoint
     from ringrt.model.config import ModelConfig
     from ringrt.model.llama import Llama
 

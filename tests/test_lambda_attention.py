@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from ringrt.comm import reset_stats, stats
-from ringrt.lambda_ import LambdaMask, lambda_attention, sliding_window_attention
+from ringrt.distributed.comm import reset_stats, stats
+from ringrt.lm_infinite import LambdaMask, lambda_attention, sliding_window_attention
 from tests.distributed import run
 from tests.test_lambda_reference import lambda_reference
 

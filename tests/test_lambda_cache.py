@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ringrt.lambda_ import LambdaKVCache, LambdaMask
+from ringrt.lm_infinite import LambdaKVCache, LambdaMask
 from tests.test_lambda_reference import lambda_reference
 
 

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from ringrt.launcher import LaunchConfig, detect, run_id
+from ringrt.distributed.launcher import LaunchConfig, detect, run_id
 from tests.launch_util import PYTHON, REPO, check_probe, free_port, run
 
 TORCHRUN = shutil.which("torchrun")
@@ -51,7 +51,7 @@ def test_run_id_is_shared_per_launch():
 @pytest.mark.timeout(120)
 def test_torchrun_standalone_through_run_sh(tmp_path):
     out = tmp_path / "probe.json"
-    p = run([str(REPO / "launch" / "run.sh"), "-m", "ringrt.probe", "--seq-len", "48", "--out", str(out)],
+    p = run([str(REPO / "launch" / "run.sh"), "-m", "ringrt.jobs.probe", "--seq-len", "48", "--out", str(out)],
             env={"NPROC_PER_NODE": "3"})
     assert p.returncode == 0, p.stderr[-3000:]
     assert '"ok": true' in p.stdout
@@ -67,7 +67,7 @@ def test_torchrun_c10d_two_agents(tmp_path):
     out = tmp_path / "probe.json"
     port = free_port()
     cmd = [TORCHRUN, "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-           f"--rdzv-id=t{port}", "-m", "ringrt.probe", "--out", str(out)]
+           f"--rdzv-id=t{port}", "-m", "ringrt.jobs.probe", "--out", str(out)]
     second = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         first = run(cmd, timeout=90)
@@ -83,7 +83,7 @@ def test_torchrun_c10d_two_agents(tmp_path):
 def test_probe_failure_is_an_exit_code(tmp_path):
     """A bad setting fails the launch with a message naming it (and no result file)."""
     out = tmp_path / "probe.json"
-    p = run([PYTHON, "-m", "ringrt.probe", "--heads", "3", "--kv-heads", "2", "--out", str(out)])
+    p = run([PYTHON, "-m", "ringrt.jobs.probe", "--heads", "3", "--kv-heads", "2", "--out", str(out)])
     assert p.returncode != 0
     assert "probe.heads=3 must be a multiple of probe.kv_heads=2" in p.stderr
     assert not out.exists()

@@ -2,7 +2,7 @@
 
 While a run is alive, every listening TCP socket owned by one of its processes (socket inodes from
 ``/proc/<pid>/fd`` matched against ``/proc/net/tcp`` and ``tcp6``) must be bound to 127.0.0.0/8 or ::1.
-Covered: ``launch/run.sh`` (torchrun agent + 2 ranks training), ``ringrt.spawn.run_local`` (demo,
+Covered: ``launch/run.sh`` (torchrun agent + 2 ranks training), ``ringrt.distributed.spawn.run_local`` (demo,
 bench, gpucheck schedules: gloo over a file store), mpirun on one node.
 """
 
@@ -138,7 +138,7 @@ def _hold(rank: int, world: int, seconds: float) -> int:
 
 _SPAWN = """
 import sys
-from ringrt.spawn import run_local
+from ringrt.distributed.spawn import run_local
 from tests.test_listen import _hold
 assert run_local(_hold, 2, 3.0, timeout=120) == [2, 2]
 """
@@ -204,7 +204,7 @@ def test_mpirun_on_one_node_ranks_listen_on_loopback_only(tmp_path):
     btl = f"self,{_openmpi_shared_memory_btl()}"
     code, out, err, seen, pids, cmdlines = watch(
         [shutil.which("mpirun"), "--allow-run-as-root", "--oversubscribe", "--mca", "btl", btl, "-np", "2", PYTHON,
-         "-m", "ringrt.probe", "--seq-len", "256", "--out", str(tmp_path / "probe.json")], timeout=130, cwd=tmp_path)
+         "-m", "ringrt.jobs.probe", "--seq-len", "256", "--out", str(tmp_path / "probe.json")], timeout=130, cwd=tmp_path)
     assert code == 0, err[-3000:]
     ranks = {pid for pid, cmd in cmdlines.items() if cmd and Path(cmd[0]).name.startswith("python")}
     ours = {s for s in seen if s[0] in ranks}

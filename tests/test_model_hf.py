@@ -47,7 +47,7 @@ def _hf_reference(path, tokens, labels, dtype):
 
 
 def _ringrt_step(rank, world, path, tokens, labels_full, layout, dtype):
-    from ringrt.layout import shard_of
+    from ringrt.ops.layout import shard_of
     from ringrt.model.hf import load_pretrained
     from ringrt.model.parallel import RingAttend, sequence_loss, shard_batch, sum_gradients
 
@@ -65,7 +65,7 @@ def _ringrt_step(rank, world, path, tokens, labels_full, layout, dtype):
 
 
 def _worker(rank, world, cases):
-    from ringrt.layout import shard_of
+    from ringrt.ops.layout import shard_of
 
     errors = []
     for (path, tokens, labels, layout, dtype, ref) in cases:

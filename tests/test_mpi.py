@@ -18,7 +18,7 @@ def test_mpirun_three_ranks(tmp_path):
     assert importlib.util.find_spec("mpi4py") is not None, "mpi4py missing: pip install 'ringrt[mpi]'"
     out = tmp_path / "probe.json"
     # As root OpenMPI needs --allow-run-as-root; 3 ranks on 2 cores need --oversubscribe.
-    p = run([MPIRUN, "--allow-run-as-root", "--oversubscribe", "-np", "3", PYTHON, "-m", "ringrt.probe",
+    p = run([MPIRUN, "--allow-run-as-root", "--oversubscribe", "-np", "3", PYTHON, "-m", "ringrt.jobs.probe",
              "--seq-len", "48", "--out", str(out)], env={"OMPI_MCA_btl": "self,tcp"})
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     result = check_probe(out, world=3, launcher="mpi")

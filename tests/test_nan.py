@@ -1,4 +1,4 @@
-"""NaN comes out exactly where the math puts it (``ringrt/kernels.py``, "NaN"), at W = 1, 2, 3.
+"""NaN comes out exactly where the math puts it (``ringrt/ops/kernels.py``, "NaN"), at W = 1, 2, 3.
 
 One query, key or value row (batch 0, every head) is NaN. Two oracles, neither sharing code with ringrt:
 
@@ -167,7 +167,7 @@ def test_nan_multi_process(world):
 
 def test_merge_zeroes_only_two_empty_rows():
     """(0, -inf) + (0, -inf) stays empty; a NaN lse on either side gives NaN, an empty block changes nothing."""
-    from ringrt.merge import merge_
+    from ringrt.ops.merge import merge_
 
     inf, nan = float("inf"), float("nan")
     lse = torch.tensor([[[-inf, -inf, nan, 0.5, -inf, 0.5]]])  # (B=1, H=1, S=6)
@@ -193,7 +193,7 @@ def _block(sq=8, sk=8, h=2, d=8, seed=0):
 def test_cuda_efficient_path_keeps_nan_rows(monkeypatch):
     """aten's efficient kernel (fp64 emulation of ``tests/test_cuda_kernels.py``) behind a mask: the row
     that sees no key gives (0, -inf) even with a NaN query; a NaN query row that sees keys stays NaN."""
-    from ringrt.kernels import CudaKernel, MathKernel
+    from ringrt.ops.kernels import CudaKernel, MathKernel
     from tests.test_cuda_kernels import EfficientOps
 
     spy = EfficientOps()
@@ -246,8 +246,8 @@ def test_flash_path_keeps_nan_rows(monkeypatch):
     """flash-attn marks a NaN row and an empty row alike (lse = +inf): ours tells them apart by shape."""
     import sys
 
-    from ringrt.flash import FlashAttn
-    from ringrt.kernels import MathKernel
+    from ringrt.ops.flash import FlashAttn
+    from ringrt.ops.kernels import MathKernel
 
     pkg, iface = _fake_flash()
     monkeypatch.setitem(sys.modules, pkg.__name__, pkg)

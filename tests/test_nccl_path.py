@@ -18,10 +18,10 @@ import torch
 import torch.distributed as dist
 
 import ringrt
-from ringrt import comm, groups
-from ringrt.lambda_ import LambdaMask
+from ringrt.distributed import comm, groups
+from ringrt.lm_infinite import LambdaMask
 from ringrt.model import parallel
-from ringrt.validate import agree_fields
+from ringrt.distributed.agree import agree_fields
 from tests.fake_nccl import Recorder, fake_rank
 
 B, D = 1, 8

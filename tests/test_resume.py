@@ -88,7 +88,7 @@ def test_kill_one_rank_restart_resumes_bit_identical(tmp_path):
 
     import torch
 
-    from ringrt import checkpoint
+    from ringrt.run import checkpoint
     from ringrt.model.config import ModelConfig
     from ringrt.model.llama import Llama
 
@@ -104,7 +104,7 @@ def test_kill_one_rank_restart_resumes_bit_identical(tmp_path):
 _KILLED_DURING_SAVE = r"""
 import os, sys, torch
 import torch.distributed.checkpoint as dcp
-from ringrt import checkpoint
+from ringrt.run import checkpoint
 torch.manual_seed(0)
 model = torch.nn.Linear(8, 8)
 opt = torch.optim.AdamW(model.parameters())
@@ -127,7 +127,7 @@ checkpoint.save(root, 2, model=model, optimizer=opt, meta={"data_position": 2})
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
     import torch
 
-    from ringrt import checkpoint
+    from ringrt.run import checkpoint
 
     root = tmp_path / "ckpt"
     p = run([sys.executable, "-c", _KILLED_DURING_SAVE, str(root)], timeout=50)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import ringrt
-from ringrt import comm
+from ringrt.distributed import comm
 from tests.distributed import run
 from tests.reference import reference_attention
 
@@ -185,7 +185,7 @@ def _auto_worker(rank, world, machine_dict, causal):
     import os
 
     from ringrt.schedules import auto
-    from ringrt.simulate import costmodel
+    from ringrt.schedules import costmodel
 
     os.environ["RINGRT_AUTO_TUNE"] = "0"  # the model's own choice (tuning: test_auto_measures_*)
     auto._MACHINES["cpu"] = costmodel.machine_from_dict(machine_dict)
@@ -199,7 +199,7 @@ def _auto_worker(rank, world, machine_dict, causal):
 
 def _model_pick(machine, world, causal):
     from ringrt.schedules.auto import choose
-    from ringrt.simulate import costmodel
+    from ringrt.schedules import costmodel
 
     p = costmodel.Problem(batch=2, seq=8 * world, heads=8, kv_heads=2, head_dim=8, dtype_bytes=8, causal=causal,
                           backward=True, layout="zigzag" if causal else "contiguous")
@@ -212,7 +212,7 @@ CHANNELS = {"tokenring": ["q", "out"], "ring": ["kv", "dkv"], "allgather": ["all
 
 @pytest.mark.timeout(120)
 def test_auto_runs_the_schedule_the_model_ranks_first():
-    from ringrt.simulate import costmodel
+    from ringrt.schedules import costmodel
 
     base = costmodel.PRESETS["cpu"]
     # two machines that make different schedules win: latency-bound (few big messages win) and
@@ -237,7 +237,7 @@ def _tuning_worker(rank, world, machine_dict, slow: str | None, tune_env: str):
     import time
 
     from ringrt.schedules import auto
-    from ringrt.simulate import costmodel
+    from ringrt.schedules import costmodel
 
     os.environ["RINGRT_AUTO_TUNE"] = tune_env
     auto._MACHINES["cpu"] = costmodel.machine_from_dict(machine_dict)
@@ -266,7 +266,7 @@ def _tuning_worker(rank, world, machine_dict, slow: str | None, tune_env: str):
 @pytest.mark.timeout(180)
 def test_auto_measures_the_candidates_the_model_cannot_tell_apart():
     from ringrt.schedules.auto import TUNE_MAX
-    from ringrt.simulate import costmodel
+    from ringrt.schedules import costmodel
 
     # every schedule priced at ~1 s: the same per-call overhead dwarfs free compute and links (a tie)
     free = costmodel.machine_to_dict(costmodel.PRESETS["cpu"])

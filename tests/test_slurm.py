@@ -41,7 +41,7 @@ def jobs():
             out, log = root / f"{name}.json", root / f"{name}.out"
             procs[name] = (cluster.sbatch_wait(
                 [*opts, f"--job-name={name}", f"--output={log}", f"--chdir={REPO}", str(REPO / "slurm" / template),
-                 "-m", "ringrt.probe", "--out", str(out), *probe_opts], extra_env=env), out, log)
+                 "-m", "ringrt.jobs.probe", "--out", str(out), *probe_opts], extra_env=env), out, log)
 
         sweep = root / "sweep"
         procs["submitit"] = (subprocess.Popen(

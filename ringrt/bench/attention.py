@@ -19,9 +19,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .. import comm
+from ..distributed import comm
 from ..api import attention, shard
-from ..spawn import run_local
+from ..distributed.spawn import run_local
 from .report import write_json, maybe_plot
 
 

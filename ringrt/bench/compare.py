@@ -184,7 +184,7 @@ def _run_once(name, world, rank, seq, heads, kv_heads, d, causal, grad, ds_attn)
     of ``name`` on fresh inputs."""
     import torch.distributed as dist
 
-    from ringrt import comm
+    from ringrt.distributed import comm
 
     layout = "contiguous" if (name == "deepspeed" or not causal) else "zigzag"
     if name == "torch_cp":
@@ -224,9 +224,9 @@ def _roofline(threads: int = 1) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ringrt.simulate import costmodel as cm
+    from ringrt.schedules import costmodel as cm
     from ringrt.simulate.calibrate import calibrate, write
-    from ringrt.spawn import run_local
+    from ringrt.distributed.spawn import run_local
 
     worlds = args.worlds or [1, 2, 4]
     seqs = args.seqs or ([1024, 2048] if args.quick else [1024, 2048, 4096])
@@ -265,7 +265,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _merge_ranks(res: list[list[dict]]) -> list[dict]:
     """One row per (configuration, contender): a round's time is its makespan (first rank's start to
-    last rank's end, :func:`ringrt.spawn.makespans`); the row's time is the best round, ``median`` the
+    last rank's end, :func:`ringrt.distributed.spawn.makespans`); the row's time is the best round, ``median`` the
     median round."""
     by_key: dict = {}
     for rank_rows in res:
@@ -295,7 +295,7 @@ def _price(r: dict, machine) -> None:
     """The model's time for row ``r`` (``model``, ``model_err``; ``auto`` is priced as the schedule it
     ran, and ``model_pick`` is the model's own first choice)."""
     from ringrt.schedules.auto import choose
-    from ringrt.simulate import costmodel as cm
+    from ringrt.schedules import costmodel as cm
 
     layout = "contiguous" if (r["name"] == "deepspeed" or not r["causal"]) else "zigzag"
     p = cm.Problem(seq=r["seq"], heads=r["heads"], kv_heads=r["kv_heads"], head_dim=r["head_dim"], dtype_bytes=4,

@@ -91,7 +91,7 @@ def main(args: argparse.Namespace) -> int:
     from ..jobs.config import EvalConfig, EvalJobConfig, TrainConfig, TrainJobConfig
     from ..jobs.eval import resolve_checkpoint
     from ..model.hf import read_config
-    from ..spawn import run_local
+    from ..distributed.spawn import run_local
 
     out = Path(args.out_dir)
     llm = args.llm

@@ -26,10 +26,10 @@ import time
 import torch
 import torch.distributed as dist
 
-from .. import comm
+from ..distributed import comm
 from ..api import attention
-from ..lambda_ import LambdaMask, lambda_attention
-from ..spawn import run_local
+from ..lm_infinite import LambdaMask, lambda_attention
+from ..distributed.spawn import run_local
 from .report import maybe_plot, write_json
 
 

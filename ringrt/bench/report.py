@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from ..rundir import as_if_opened
+from ..run.rundir import as_if_opened
 
 
 def write_json(path: str | os.PathLike, data) -> None:

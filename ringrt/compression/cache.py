@@ -22,7 +22,7 @@ import torch
 
 from .embedder import encode_chunks
 from .select import check_k, choose_k, chunk_lengths, downscale, select_indices
-from ..rundir import as_if_opened
+from ..run.rundir import as_if_opened
 
 
 def _digest(ids: torch.Tensor) -> str:
@@ -49,7 +49,7 @@ class EmbeddingCache:
     def build(cls, embedder, context: torch.Tensor, *, chunk_len: int, base_k: int = 1) -> "EmbeddingCache":
         """Encode ``context`` (N,) or (1, N) token ids (any device) once, chunk by chunk, on the
         embedder's device, where the cache then lives."""
-        from ..device import module_device
+        from ..distributed.device import module_device
 
         check_k(base_k, "base_k")
         ids = context.reshape(1, -1).to(module_device(embedder))

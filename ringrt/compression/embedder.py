@@ -22,9 +22,9 @@ import torch
 import torch.nn as nn
 
 from ..model.llama import Llama, LocalAttention, RMSNorm
-from ..rope import cos_sin
+from ..ops.rope import cos_sin
 from .select import chunk_lengths
-from ..rundir import as_if_opened
+from ..run.rundir import as_if_opened
 
 EMBEDDER_CONFIG = "embedder.json"
 EMBEDDER_WEIGHTS = "embedder.safetensors"

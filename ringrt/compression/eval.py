@@ -13,7 +13,7 @@ Each validation document has ``compression.doc_len`` tokens; its last ``raw_len`
 * ``auto``: the smallest k of ``compression.ks`` whose whole compressed context fits.
 
 Everything runs sequence-parallel over all ranks (the embedder on chunk-aligned shards), on
-:func:`ringrt.device.job_device`: each document moves there once; each row is read back once.
+:func:`ringrt.distributed.device.job_device`: each document moves there once; each row is read back once.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ import os
 import torch
 import torch.distributed as dist
 
-from .. import device as devices
+from ..distributed import device as devices
 from ..data.batching import eval_sequences
 from ..data.tokenizer import check_tokenizer, load_tokenizer
-from ..groups import base_group
-from ..layout import num_chunks, pad_to_multiple, positions as layout_positions, shard_of
+from ..distributed.groups import base_group
+from ..ops.layout import num_chunks, pad_to_multiple, positions as layout_positions, shard_of
 from ..model.hf import load_pretrained
 from ..model.parallel import make_attend, sequence_loss
 from .embedder import load_embedder

@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..groups import base_group
-from ..layout import num_chunks, pad_to_multiple, positions as layout_positions, shard_of
+from ..distributed.groups import base_group
+from ..ops.layout import num_chunks, pad_to_multiple, positions as layout_positions, shard_of
 from ..model.llama import Llama
 from ..model.parallel import RingAttend
 from .embedder import encode_chunks

@@ -6,9 +6,9 @@ sampled from ``compression.ks`` (or fixed by ``compression.k``); its loss is the
 loss (``packing.py``). The ranks run data-parallel (each packs its own examples; the block mask is
 not a ring mask) and all-reduce the embedder's gradients. The embedder is written (rank 0,
 atomically) to ``<train.out_dir>/embedder``. LLM, embedder, examples and loss totals live on
-:func:`ringrt.device.job_device`; the host reads the loss once per optimizer step.
+:func:`ringrt.distributed.device.job_device`; the host reads the loss once per optimizer step.
 
-Checkpoints and resume work as in the main trainer (``ringrt/jobs/train.py``, ``ringrt/checkpoint.py``):
+Checkpoints and resume work as in the main trainer (``ringrt/jobs/train.py``, ``ringrt/run/checkpoint.py``):
 every ``train.ckpt_every`` steps, at ``train.steps`` and when ``compression.train_minutes`` stops the
 run, the embedder, its AdamW state, every rank's RNG and the data position go atomically to
 ``<train.out_dir>/embedder_checkpoints/step_<n>`` (the newest ``train.keep_last`` kept; a directory of
@@ -30,10 +30,11 @@ import time
 import torch
 import torch.distributed as dist
 
-from .. import checkpoint, device as devices
+from ..run import checkpoint
+from ..distributed import device as devices
 from ..data.batching import train_batches
 from ..data.tokenizer import check_tokenizer, load_tokenizer
-from ..metrics import ConsoleSink, JsonlSink, MetricsLogger
+from ..run.metrics import ConsoleSink, JsonlSink, MetricsLogger
 from ..model.hf import load_pretrained
 from ..model.parallel import sum_gradients
 from .config import CompressionConfig

@@ -11,7 +11,7 @@ the same as the plain trainer's ``sum_gradients(divide_by=data_parallel)``.
 
 Needs ``pip install 'ringrt[deepspeed]'``; on CPU ``DS_ACCELERATOR=cpu`` (``launch/train.py`` sets it
 when there is no GPU). The optimizer is ``torch.optim.AdamW`` through ``"torch_adam": true``.
-The engine runs on :func:`ringrt.device.job_device` (DeepSpeed is told its CUDA index, so a rank
+The engine runs on :func:`ringrt.distributed.device.job_device` (DeepSpeed is told its CUDA index, so a rank
 that sees one GPU uses cuda:0 whatever its local rank); batches and loss totals follow it.
 """
 
@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from .. import device as devices
+from ..distributed import device as devices
 from ..jobs.config import TrainConfig, TrainJobConfig
 from ..model.parallel import sequence_loss, shard_batch
 
@@ -176,8 +176,8 @@ def run_train_deepspeed(cfg: TrainJobConfig, ds: DeepSpeedConfig, logger=None) -
     from ..data.batching import train_batches
     from ..data.tokenizer import check_tokenizer, load_tokenizer
     from ..jobs.train import _validate, lr_at
-    from ..launcher import detect
-    from ..metrics import Throughput
+    from ..distributed.launcher import detect
+    from ..run.metrics import Throughput
     from ..model.hf import load_pretrained
     from ..model.llama import Llama
     from ..model.parallel import make_attend, mesh

@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _write(path: str, result: dict) -> None:
-    from ..rundir import atomic_write_json
+    from ..run.rundir import atomic_write_json
 
     atomic_write_json(path, result)
 
@@ -65,12 +65,12 @@ def _demo(device: torch.device, quick: bool, work: str) -> dict:
 
 def _probe(world: int, work: str) -> dict:
     """``ringrt probe`` under torchrun on ``world`` local processes (one GPU each on a GPU machine)."""
-    from ..launcher import LOCAL_TORCHRUN_ENV, local_torchrun_args
+    from ..distributed.launcher import LOCAL_TORCHRUN_ENV, local_torchrun_args
 
     path = os.path.join(work, "probe.json")
     # One node, loopback only (not --standalone, whose agent listens on every interface).
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={world}",
-           *local_torchrun_args(os.path.join(work, "rendezvous")), "-m", "ringrt.probe", "--out", path]
+           *local_torchrun_args(os.path.join(work, "rendezvous")), "-m", "ringrt.jobs.probe", "--out", path]
     env = dict(os.environ, OMP_NUM_THREADS="1", **LOCAL_TORCHRUN_ENV)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
@@ -92,7 +92,7 @@ def _default_world(device: torch.device) -> int:
 
 def run_check(device: torch.device, *, quick: bool, world: int) -> dict:
     """Every check on ``device``; the result dict (``verdict`` PASS or FAIL)."""
-    from ..spawn import run_local
+    from ..distributed.spawn import run_local
     from . import kernels, ranks, throughput
 
     t0 = time.perf_counter()

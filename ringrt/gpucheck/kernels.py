@@ -1,6 +1,6 @@
 """Every block-kernel path on one device against the references of ``reference.py``.
 
-Each case runs the kernel ``ringrt.kernels.get_kernel(device)`` picks (on CUDA: flash-attn where its
+Each case runs the kernel ``ringrt.ops.kernels.get_kernel(device)`` picks (on CUDA: flash-attn where its
 gates allow, else aten's efficient attention, fp64 on the math kernel) forward and backward, exactly
 as the ring schedules call it: the backward gets the forward's final lse and delta = rowsum(dout *
 out). Output, lse and dq/dk/dv are compared with the fp64 reference; the tolerance of each is twice
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels import get_kernel
+from ..ops.kernels import get_kernel
 from .reference import attend
 
 

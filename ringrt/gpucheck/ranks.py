@@ -1,6 +1,6 @@
 """Every schedule, and the Λ-mask ring, over several ranks against a single-process fp64 reference.
 
-Run by :func:`ringrt.spawn.run_local` on one process per GPU (``cpu:gloo,cuda:nccl``) or per CPU
+Run by :func:`ringrt.distributed.spawn.run_local` on one process per GPU (``cpu:gloo,cuda:nccl``) or per CPU
 rank (gloo). Every rank builds the same full problem from a seed, runs its shard forward and
 backward, and compares its shard of the output and of dq/dk/dv with the fp64 reference; the
 tolerance is twice the error of the same computation done plainly, in one process, in the
@@ -39,7 +39,7 @@ def _plain(q, k, v, do, causal: bool, upcast: bool):
 def schedules_worker(rank: int, world: int, cfg: dict) -> list[dict]:
     """Every algorithm of ``ringrt.ALGORITHMS`` x dtype x causal, then Λ (both ring algorithms)."""
     import ringrt
-    from ..device import job_device
+    from ..distributed.device import job_device
 
     device = job_device()
     per_rank, heads, kv_heads, d = cfg["per_rank"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"]

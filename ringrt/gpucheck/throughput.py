@@ -2,7 +2,7 @@
 
 FLOPs are counted the way FlashAttention reports them: forward 4·B·H·Sq·Sk·D (two matmuls), halved
 under causal masking; backward 2.5× the forward (five matmuls to the forward's two). The time is
-the best of several runs with the device's queue drained around each (``ringrt.devtime``).
+the best of several runs with the device's queue drained around each (``ringrt.ops.timing``).
 Peaks are the vendors' dense fp16/bf16 tensor-core figures; an unknown device gets no fraction.
 """
 
@@ -12,8 +12,8 @@ import math
 
 import torch
 
-from ..devtime import best_of
-from ..kernels import get_kernel
+from ..ops.timing import best_of
+from ..ops.kernels import get_kernel
 from .kernels import path_of
 
 # Substrings of torch.cuda.get_device_name() -> dense bf16/fp16 tensor TFLOP/s (datasheets, no sparsity),

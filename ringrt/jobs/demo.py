@@ -5,11 +5,11 @@
 2. Evaluate perplexity from 1x to 16x the training length, with plain attention and with the
    LM-Infinite Λ-mask: vanilla perplexity blows up past the training length, the Λ-mask stays flat.
 
-It launches its own gloo ranks (``ringrt.spawn.run_local``), prints the table and writes
+It launches its own gloo ranks (``ringrt.distributed.spawn.run_local``), prints the table and writes
 ``results.json``, ``perplexity.png`` and the trained model under ``--out-dir`` (default outputs/demo).
 Running it again reuses the finished training run in that directory (and says so); either way it
 ends by naming where the model (Hugging Face format) and the results are. It runs on the CPU even on a
-GPU node: its process group is gloo only, so :func:`ringrt.device.job_device` is the CPU.
+GPU node: its process group is gloo only, so :func:`ringrt.distributed.device.job_device` is the CPU.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def summary(r: dict, world: int, total_s: float) -> str:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    from ..spawn import run_local
+    from ..distributed.spawn import run_local
 
     from .train import _validate
 

@@ -5,7 +5,7 @@ and depth. Prints a line per (attention, length) as it is scored, then the table
 
 Every sequence is sharded over all ranks (one sequence-parallel group): vanilla with the
 configured ring algorithm (zigzag), lambda over contiguous shards. The model runs on
-:func:`ringrt.device.job_device` (or stays where a given model is); scores add up there and are
+:func:`ringrt.distributed.device.job_device` (or stays where a given model is); scores add up there and are
 read back once per table cell.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .. import device as devices
+from ..distributed import device as devices
 from ..data.batching import eval_sequences
 from ..data.tokenizer import check_tokenizer, load_tokenizer
 from ..model.hf import load_pretrained
@@ -155,7 +155,7 @@ def _write_json(obj: dict, path: str) -> None:
 def run_eval(cfg: EvalJobConfig, model=None, print_fn=print) -> dict:
     """Evaluate; returns the results dict (also written to ``<out_dir>/results.json`` by rank 0).
 
-    ``model``: evaluate this model where it is; default: the checkpoint's, on :func:`ringrt.device.job_device`.
+    ``model``: evaluate this model where it is; default: the checkpoint's, on :func:`ringrt.distributed.device.job_device`.
     """
     if cfg.compression.enabled:
         from ..compression.eval import run_compression_eval
@@ -230,7 +230,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..launcher import init_distributed
+    from ..distributed.launcher import init_distributed
 
     from .interrupt import stops_cleanly
 

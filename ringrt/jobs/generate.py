@@ -1,7 +1,7 @@
 """``ringrt generate``: sharded prefill of a long prompt, then token-by-token decoding with a
 sharded KV cache (``ringrt/model/kvcache.py``); greedy or temperature / top-k sampling. Every rank
 ends with the same tokens: the merged decode outputs are bit-identical across ranks and sampling
-uses one seeded generator per rank, on the model's device (:func:`ringrt.device.job_device` unless a
+uses one seeded generator per rank, on the model's device (:func:`ringrt.distributed.device.job_device` unless a
 model is given), where the prompt, the cache and every decoded token live too. The command prints
 the prompt followed by its continuation (:func:`shown`).
 """
@@ -14,9 +14,9 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
-from .. import device as devices
+from ..distributed import device as devices
 from ..data.tokenizer import check_tokenizer, load_tokenizer
-from ..layout import num_chunks, pad_to_multiple
+from ..ops.layout import num_chunks, pad_to_multiple
 from ..model.hf import load_pretrained
 from ..model.kvcache import LambdaPrefillCache, ShardedKVCache
 from ..model.parallel import group_sum, make_attend, shard_batch
@@ -132,7 +132,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..launcher import init_distributed
+    from ..distributed.launcher import init_distributed
 
     from .interrupt import stops_cleanly
 

@@ -102,8 +102,8 @@ def _wait_for_signal(seconds: float) -> None:
 
 
 def _describe(job: str, signum: int) -> str:
-    from .. import checkpoint
-    from ..launcher import detect, launch_command
+    from ..run import checkpoint
+    from ..distributed.launcher import detect, launch_command
 
     env = detect()
     what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
@@ -121,7 +121,7 @@ def _describe(job: str, signum: int) -> str:
 
 
 def _leave(job: str, signum: int) -> None:
-    from ..launcher import shutdown
+    from ..distributed.launcher import shutdown
 
     try:
         line = _describe(job, signum)

@@ -3,7 +3,7 @@ fp32/bf16, periodic atomic checkpoints and resume, progress bar, loss and tokens
 
 One process, ``torchrun --nproc-per-node N -m ringrt train ...``, Slurm or MPI: the same command.
 ``run_train(cfg)`` is the job; ``main(args)`` only parses flags into a :class:`TrainJobConfig`.
-The model and every tensor of a step live on :func:`ringrt.device.job_device` (a GPU per rank on a
+The model and every tensor of a step live on :func:`ringrt.distributed.device.job_device` (a GPU per rank on a
 CUDA node, else the CPU); the host reads one number per optimizer step (the loss).
 """
 
@@ -18,9 +18,10 @@ import time
 import torch
 import torch.distributed as dist
 
-from .. import checkpoint, device as devices
-from ..layout import num_chunks
-from ..metrics import ConsoleSink, JsonlSink, MetricsLogger, Throughput, progress_bar, say
+from ..run import checkpoint
+from ..distributed import device as devices
+from ..ops.layout import num_chunks
+from ..run.metrics import ConsoleSink, JsonlSink, MetricsLogger, Throughput, progress_bar, say
 from ..data.batching import train_batches
 from ..data.tokenizer import check_tokenizer, load_tokenizer
 from ..model.hf import load_pretrained, save_pretrained
@@ -105,8 +106,8 @@ def train_step(model, opt, batches, *, t: TrainConfig, lr: float, layout: str, a
 
 def default_logger(cfg: TrainJobConfig, *, enabled: bool) -> MetricsLogger:
     """The plain CLI's metrics: console lines and ``<out_dir>/metrics.jsonl`` with the same columns
-    as under Hydra (``ringrt.telemetry``: flops_per_s, peak_mem_bytes, comm_bytes)."""
-    from ..telemetry import Telemetry, train_flops_per_token
+    as under Hydra (``ringrt.run.telemetry``: flops_per_s, peak_mem_bytes, comm_bytes)."""
+    from ..run.telemetry import Telemetry, train_flops_per_token
 
     if not enabled:
         return MetricsLogger([], enabled=False)
@@ -130,7 +131,7 @@ def run_train(cfg: TrainJobConfig, logger: MetricsLogger | None = None) -> dict:
 
     ``loss`` is None and ``losses`` empty when the checkpoint found had already reached
     ``train.steps`` (nothing to do; it says so). Works on one process or on an initialised default
-    process group (every rank calls it). The model runs on :func:`ringrt.device.job_device`.
+    process group (every rank calls it). The model runs on :func:`ringrt.distributed.device.job_device`.
     """
     if cfg.compression.enabled:
         from ..compression.train import run_compression_train
@@ -202,7 +203,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..launcher import init_distributed, program_argv
+    from ..distributed.launcher import init_distributed, program_argv
 
     cfg = build(TrainJobConfig, args)
     given = any(a.split("=", 1)[0] == "--train.out_dir" for a in program_argv())

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
 from .llama import Llama
-from ..rundir import as_if_opened
+from ..run.rundir import as_if_opened
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"

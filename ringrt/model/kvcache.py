@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..comm import count
-from ..groups import base_group
-from ..merge import empty_accumulator, merge_
+from ..distributed.comm import count
+from ..distributed.groups import base_group
+from ..ops.merge import empty_accumulator, merge_
 
 
 class ShardedKVCache:

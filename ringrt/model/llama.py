@@ -1,7 +1,7 @@
 """A Llama-family decoder, readable top to bottom: RMSNorm, RoPE, grouped-query attention, SwiGLU.
 
 The model knows nothing about processes. It runs on one shard of a long sequence: ``positions``
-are the absolute positions of the shard's tokens (any layout, see ``ringrt.layout.positions``), and
+are the absolute positions of the shard's tokens (any layout, see ``ringrt.ops.layout.positions``), and
 the attention over the whole sequence is injected as ``attend`` (see ``ringrt/model/parallel.py``
 for TokenRing / the other ring algorithms / the Λ-mask / a sharded decode cache). Without
 ``attend`` it is plain causal attention on one process.
@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..rope import apply_rope, cos_sin
+from ..ops.rope import apply_rope, cos_sin
 from .config import ModelConfig
 
 

@@ -17,9 +17,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .. import api, comm
-from ..groups import base_group, new_subgroups
-from ..layout import num_chunks, positions as layout_positions, shard_of
+from .. import api
+from ..distributed import comm
+from ..distributed.groups import base_group, new_subgroups
+from ..ops.layout import num_chunks, positions as layout_positions, shard_of
 from .config import AttentionConfig, ModelConfig
 
 
@@ -171,7 +172,7 @@ def mesh(data_parallel: int, *, hybrid_degrees: Sequence[int] | None = None) -> 
     Ranks [i*sp, (i+1)*sp) shard one sequence (sp = world / data_parallel); rank r is replica
     r // sp. Every rank must call this (group creation is collective). Without distributed: all None.
 
-    Each sequence group comes with its dedicated direction groups (``ringrt.groups.new_subgroups``):
+    Each sequence group comes with its dedicated direction groups (``ringrt.distributed.groups.new_subgroups``):
     NCCL ignores P2P tags, so ringrt's concurrent channels need communicators of their own.
     ``hybrid_degrees``: the Ulysses degrees whose grids to create for ``algorithm="hybrid"``; default
     on NCCL every degree the hybrid can pick (the divisors of sp below it, at most

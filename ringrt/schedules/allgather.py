@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import assemble, num_chunks, rank_chunks, shard_of
-from ..merge import acc_dtype, empty_accumulator, merge_
+from ..ops.layout import assemble, num_chunks, rank_chunks, shard_of
+from ..ops.merge import acc_dtype, empty_accumulator, merge_
 from .blocks import chunk_blocks, rows
-from .collectives import all_gather, reduce_scatter
+from ..distributed.collectives import all_gather, reduce_scatter
 
 
 def _gather_kv(k, v, plan, step: str):

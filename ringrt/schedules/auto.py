@@ -2,7 +2,7 @@
 cannot tell the best candidates apart, from a measurement.
 
 The problem (batch, global sequence, heads, kv_heads, head_dim, dtype, causal, whether gradients
-will be needed, layout, world size, ranks per node) goes to :func:`ringrt.simulate.costmodel.rank_schedules`
+will be needed, layout, world size, ranks per node) goes to :func:`ringrt.schedules.costmodel.rank_schedules`
 on this process's machine description: the calibration file of ``ringrt simulate calibrate``
 (``RINGRT_CALIBRATION`` or ``~/.cache/ringrt/calibration.json``) on CPU, else the defaults; on CUDA
 the ``RINGRT_MACHINE`` preset when set, else the preset of the GPU's name (:func:`gpu_preset`; an
@@ -12,7 +12,7 @@ this machine, so on them the shortlist is wider (``TUNE_MARGIN_SIMULATED``) and 
 Tuning (as cuDNN's benchmark mode does): the candidates whose estimate is within ``TUNE_MARGIN`` of
 the best (at most ``TUNE_MAX``) form a shortlist; with more than one, the first call of the problem
 runs each of them ``TUNE_ROUNDS`` times round-robin on copies of the inputs (forward, plus backward
-when gradients are needed), every rank times them (device work included: ``ringrt.devtime``
+when gradients are needed), every rank times them (device work included: ``ringrt.ops.timing``
 synchronises CUDA before and after each run), one all_reduce takes the slowest rank's times,
 and the fastest best round wins on every rank alike. The traffic this costs is counted on the
 ``auto`` channel. ``RINGRT_AUTO_TUNE=0`` turns tuning off (the model's first choice runs); after
@@ -32,10 +32,11 @@ import os
 import torch
 import torch.distributed as dist
 
-from .. import comm, devtime
-from ..comm import count
-from ..simulate import costmodel
-from ..tokenring import TokenRingAttention
+from ..distributed import comm
+from ..ops import timing as devtime
+from ..distributed.comm import count
+from . import costmodel
+from .tokenring import TokenRingAttention
 from .allgather import allgather_attention
 from .hybrid import hybrid_attention
 from .ring import ring_attention

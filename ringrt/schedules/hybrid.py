@@ -25,9 +25,9 @@ import os
 import torch
 import torch.distributed as dist
 
-from .. import comm
-from ..groups import grid_ranks, nccl_problem
-from ..layout import rank_chunks
+from ..distributed import comm
+from ..distributed.groups import grid_ranks, nccl_problem
+from ..ops.layout import rank_chunks
 from .ring import KVRing, KVRingAttention
 from .ulysses import from_heads, replicate_kv, to_heads, ulysses_problem
 
@@ -56,11 +56,11 @@ def grid_groups(base: dist.ProcessGroup, world: int, rank: int, u: int, device=N
     groups are named alike on all ranks. On a subgroup only the members are present: this rank's
     row and column are created with local synchronisation, and the K/V and dK/dV rings share the
     column group (their channels are kept apart by tags, which only gloo honours: an NCCL subgroup
-    needs its grids registered, see ``ringrt.groups.new_subgroups``). Never two local groups over
-    the same ranks: their names could pair up differently on different ranks (see ``ringrt.groups``).
+    needs its grids registered, see ``ringrt.distributed.groups.new_subgroups``). Never two local groups over
+    the same ranks: their names could pair up differently on different ranks (see ``ringrt.distributed.groups``).
 
     Creation starts with a bounded rendezvous over ``base`` (``timeout`` seconds on gloo, see
-    :func:`ringrt.comm.rendezvous`): ``dist.new_group`` would wait for a missing rank up to the
+    :func:`ringrt.distributed.comm.rendezvous`): ``dist.new_group`` would wait for a missing rank up to the
     process group's own timeout.
     """
     ranks = dist.get_process_group_ranks(base)
@@ -87,7 +87,7 @@ def grid_groups(base: dist.ProcessGroup, world: int, rank: int, u: int, device=N
 
 def hybrid_groups(g, u: int, device, timeout: float | None = None) -> tuple:
     """(ulysses group, K/V group, dK/dV group) of this rank for degree ``u`` over ``g``
-    (:class:`ringrt.groups.RingGroups`); None where that part does not run. u = 1 is a KV-ring
+    (:class:`ringrt.distributed.groups.RingGroups`); None where that part does not run. u = 1 is a KV-ring
     over the whole group (its direction groups); u = W is Ulysses over the whole group (the base);
     otherwise a registered grid, or :func:`grid_groups`."""
     n = g.world // u

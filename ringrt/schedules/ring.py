@@ -28,10 +28,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..comm import P2P, nbytes, pack, spec_of, unpack
-from ..kernels import BlockKernel
-from ..layout import rank_chunks
-from ..merge import acc_dtype, empty_accumulator, merge_
+from ..distributed.comm import P2P, nbytes, pack, spec_of, unpack
+from ..ops.kernels import BlockKernel
+from ..ops.layout import rank_chunks
+from ..ops.merge import acc_dtype, empty_accumulator, merge_
 from .blocks import chunk_blocks, rows
 
 
@@ -41,7 +41,7 @@ class KVRing:
 
     kv_group: dist.ProcessGroup | None  # carries K/V
     # carries dK/dV: a second group, so the two never queue together (on NCCL, which ignores tags and
-    # runs a communicator's operations in order, they must be two communicators; see ringrt.groups)
+    # runs a communicator's operations in order, they must be two communicators; see ringrt.distributed.groups)
     grad_group: dist.ProcessGroup | None
     rank: int
     world: int

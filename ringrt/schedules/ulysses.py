@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..layout import rank_chunks
-from .collectives import AllToAll, heads_to_seq, seq_to_heads
+from ..ops.layout import rank_chunks
+from ..distributed.collectives import AllToAll, heads_to_seq, seq_to_heads
 
 
 def ulysses_problem(heads: int, kv_heads: int, degree: int) -> str | None:

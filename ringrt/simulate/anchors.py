@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import costmodel as cm
+from ..schedules import costmodel as cm
 
 
 @dataclass(kw_only=True, slots=True)

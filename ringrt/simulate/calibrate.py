@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from ..kernels import get_kernel
-from ..merge import empty_accumulator, merge_
-from ..spawn import run_local
-from . import costmodel
+from ..ops.kernels import get_kernel
+from ..ops.merge import empty_accumulator, merge_
+from ..distributed.spawn import run_local
+from ..schedules import costmodel
 from .overhead import measure_call_overheads, measure_linear_costs
 from .sharing import measure_slowdowns
 
@@ -100,7 +100,7 @@ def measure_local(threads: int = 1, reps: int = 5) -> dict:
 
 
 def _link_worker(rank: int, world: int, reps: int) -> dict:
-    from ..comm import P2P
+    from ..distributed.comm import P2P
     import torch.distributed as dist
 
     chan = P2P(dist.group.WORLD, "calibrate")

@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from . import costmodel as cm
+from ..schedules import costmodel as cm
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -23,8 +23,8 @@ import time
 
 import torch
 
-from ..spawn import makespans, run_local
-from . import costmodel as cm
+from ..distributed.spawn import makespans, run_local
+from ..schedules import costmodel as cm
 
 TINY_CHUNK = 16
 TINY_HEAD_DIM = 32
@@ -68,7 +68,7 @@ def _timing_worker(rank: int, world: int, names: list[str], reps: int, warmup: i
 
 
 def _timed(world: int, names: list[str], reps: int, warmup: int, p: cm.Problem, threads: int) -> dict[tuple[str, bool], list[float]]:
-    """Per (schedule, backward): the makespan of each repetition (:func:`ringrt.spawn.makespans`)."""
+    """Per (schedule, backward): the makespan of each repetition (:func:`ringrt.distributed.spawn.makespans`)."""
     from dataclasses import asdict
 
     res = run_local(_timing_worker, world, names, reps, warmup, asdict(p), timeout=900, threads=threads)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import costmodel as cm
+from ..schedules import costmodel as cm
 
 WORLDS = (8, 16, 32, 64, 128, 256, 512, 1024)
 CASES = {  # name -> (heads, kv_heads)

@@ -23,9 +23,9 @@ import time
 
 import torch
 
-from ..kernels import get_kernel
-from ..spawn import makespans, run_local
-from . import costmodel as cm
+from ..ops.kernels import get_kernel
+from ..distributed.spawn import makespans, run_local
+from ..schedules import costmodel as cm
 
 ROWS, HEADS, HEAD_DIM = 512, 16, 32
 STEPS = 6
@@ -37,7 +37,7 @@ def _worker(rank: int, world: int, reps: int, steps: int, exchange: bool) -> lis
     both ring neighbours when ``exchange`` (lockstep ring steps), else back to back (a burst)."""
     import torch.distributed as dist
 
-    from ..comm import P2P
+    from ..distributed.comm import P2P
 
     kern = get_kernel(torch.device("cpu"), "cpu")
     g = torch.Generator().manual_seed(rank)

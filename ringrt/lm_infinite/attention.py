@@ -7,11 +7,11 @@ import math
 import torch
 import torch.distributed as dist
 
-from .. import comm
-from ..groups import base_group, nccl_problem, ring_groups
-from ..kernels import get_kernel
-from ..rope import apply_rope, inv_freq
-from ..validate import DTYPES, agree_fields, local_problem, needs_backward, show_field
+from ..distributed import comm
+from ..distributed.groups import base_group, nccl_problem, ring_groups
+from ..ops.kernels import get_kernel
+from ..ops.rope import apply_rope, inv_freq
+from ..distributed.agree import DTYPES, agree_fields, local_problem, needs_backward, show_field
 from .mask import LambdaMask, sliding_window, stationary_positions
 from .plan import halo_plan
 from .ring import LambdaPlan, LambdaRingAttention
@@ -94,7 +94,7 @@ def lambda_attention(
             (gloo; on NCCL waits are stream-ordered and the process group's timeout and watchdog apply).
         group: process group the sequence is sharded over (default: the default group; none
             initialised or one rank: single-process attention). A subgroup on NCCL needs
-            dedicated direction groups (``ringrt.groups.new_subgroups``).
+            dedicated direction groups (``ringrt.distributed.groups.new_subgroups``).
 
     Returns:
         (batch, local_seq, heads, head_dim): this rank's output shard, dtype of q, differentiable

@@ -4,7 +4,7 @@ gloo by default; ``backend="cpu:gloo,cuda:nccl"`` gives each process its own GPU
 visible GPUs) and NCCL for CUDA tensors, gloo for CPU ones.
 
 No store port: the processes meet through a ``file://`` store, and their gloo (and NCCL) sockets
-listen on the loopback interface only (:func:`ringrt.launcher.pin_to_loopback`). Results come back
+listen on the loopback interface only (:func:`ringrt.distributed.launcher.pin_to_loopback`). Results come back
 through a queue; a worker that raises fails the caller with its traceback, and workers still
 running after ``timeout`` seconds are killed so a deadlock becomes an error instead of a hang.
 """

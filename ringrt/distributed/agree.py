@@ -6,12 +6,12 @@ all_gather. If any rank found a problem, or the ranks disagree, every rank raise
 ``ValueError`` (the problems' texts travel in a second all_gather), so no rank is left waiting on a
 peer that gave up. On a single process the local problem is raised directly.
 
-The gathers are ringrt collectives (:func:`ringrt.comm.collective`): bounded by the timeout on gloo,
-and a rank that never arrives, or gave up, is a :class:`~ringrt.comm.CommTimeout` /
-:class:`~ringrt.comm.CommError` naming this rank, not a hang. A timeout cannot tell every rank the
+The gathers are ringrt collectives (:func:`ringrt.distributed.comm.collective`): bounded by the timeout on gloo,
+and a rank that never arrives, or gave up, is a :class:`~ringrt.distributed.comm.CommTimeout` /
+:class:`~ringrt.distributed.comm.CommError` naming this rank, not a hang. A timeout cannot tell every rank the
 same story, though: the rank that gave up raises, and a late rank may still receive its summary and
 pass. Whatever a passing rank does next is bounded too (a P2P wait, or the bounded rendezvous in
-front of group creation, :func:`ringrt.comm.rendezvous`), so it raises within one more timeout.
+front of group creation, :func:`ringrt.distributed.comm.rendezvous`), so it raises within one more timeout.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from . import comm
-from .layout import LAYOUTS, local_chunks
+from ..ops.layout import LAYOUTS, local_chunks
 
 _DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "meta")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -108,7 +108,7 @@ def agree(group: dist.ProcessGroup | None, rank: int, world: int, problem: str |
     """Raise ``ValueError`` on every rank if any rank has a problem or the ranks disagree.
 
     Uses one all_gather of a few numbers on ``group`` (None on a single process), on the CPU when
-    the group carries CPU tensors (see :func:`ringrt.comm.metadata_device`). A rank that never
+    the group carries CPU tensors (see :func:`ringrt.distributed.comm.metadata_device`). A rank that never
     arrives makes the others raise ``CommTimeout`` after ``timeout_s`` on gloo; on a plain NCCL
     group the wait is the process group's own (its timeout and watchdog).
     """
@@ -122,7 +122,7 @@ def agree_fields(
     """:func:`agree` for any named numeric settings: raise the same ``ValueError`` on every rank if any
     rank has a problem or the ranks' ``fields`` values differ (values matter only where problem is None).
     ``show(name, value)`` formats a value for the message. ``group``, ``rank``, ``world`` as from
-    :func:`ringrt.groups.base_group` (call it before creating any ring groups: that needs every rank).
+    :func:`ringrt.distributed.groups.base_group` (call it before creating any ring groups: that needs every rank).
     ``timeout_s``: seconds each gather may wait on gloo (a valid one: the default when the caller's
     own was invalid, which is then the problem)."""
     g = group

@@ -12,7 +12,7 @@ same time must never share a communicator there (see Note [NCCL and gloo] in ``c
 For the default group the direction groups are created on first use with ``dist.new_group`` over
 all ranks, which every rank reaches because every rank is inside the same ``ringrt.attention``
 call. ``new_group`` waits for every rank up to the process group's own timeout (30 minutes, say),
-so a bounded rendezvous (:func:`ringrt.comm.rendezvous`) goes first: a rank that gave up on the
+so a bounded rendezvous (:func:`ringrt.distributed.comm.rendezvous`) goes first: a rank that gave up on the
 input agreement just before (its timeout ran out while another rank was late) then makes every
 rank raise within ringrt's timeout instead of leaving the late one blocked.
 
@@ -78,7 +78,7 @@ def ring_groups(group: dist.ProcessGroup | None, *, timeout_s: float | None = No
     """The cached :class:`RingGroups` for ``group`` (default group when None). Creating them (the
     first call on the default group) waits at most ``timeout_s`` seconds (None: the default) on gloo
     for every rank to arrive, else raises ``CommTimeout`` / ``CommError``; ``device``: where the
-    caller's tensors live (for the rendezvous, see :func:`ringrt.comm.metadata_device`)."""
+    caller's tensors live (for the rendezvous, see :func:`ringrt.distributed.comm.metadata_device`)."""
     g, rank, world = base_group(group)
     if world == 1:
         return RingGroups(g, None, None, rank, world)
@@ -180,14 +180,14 @@ def nccl_problem(group: dist.ProcessGroup | None, device, *, hybrid_degree: int 
         return (
             f"group (ranks {ranks}) is a subgroup on NCCL without dedicated direction groups: NCCL ignores P2P tags, so "
             f"ringrt's concurrent channels cannot share one communicator. Create the subgroups with "
-            f"ringrt.groups.new_subgroups(rank_lists) on every rank (ringrt.model.parallel.mesh does), or create two more "
-            f"groups over the same ranks with dist.new_group on every rank and call ringrt.groups.register(group, q=..., out=...)"
+            f"ringrt.distributed.groups.new_subgroups(rank_lists) on every rank (ringrt.model.parallel.mesh does), or create two more "
+            f"groups over the same ranks with dist.new_group on every rank and call ringrt.distributed.groups.register(group, q=..., out=...)"
         )
     u = hybrid_degree
     if u is not None and 1 < u < world and u not in rg.grids:
         return (
             f"algorithm='hybrid' with Ulysses degree {u} on an NCCL subgroup (ranks {ranks}) needs that grid's groups, "
-            f"created on every rank: ringrt.groups.new_subgroups(rank_lists, hybrid_degrees=[{u}]) (or "
+            f"created on every rank: ringrt.distributed.groups.new_subgroups(rank_lists, hybrid_degrees=[{u}]) (or "
             f"ringrt.model.parallel.mesh(..., hybrid_degrees=[{u}])); registered degrees: {sorted(rg.grids) or 'none'}"
         )
     return None

@@ -38,10 +38,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..comm import P2P, Pending, nbytes, pack, unpack
-from ..groups import RingGroups
-from ..kernels import BlockKernel
-from ..merge import acc_dtype, empty_accumulator, merge_
+from ..distributed.comm import P2P, Pending, nbytes, pack, unpack
+from ..distributed.groups import RingGroups
+from ..ops.kernels import BlockKernel
+from ..ops.merge import acc_dtype, empty_accumulator, merge_
 from .mask import LambdaMask, Tile, global_bias, global_tiles, local_bias, local_tiles
 from .plan import HaloPlan
 

@@ -11,7 +11,7 @@ them out::
 
     (B, S_l, H, D) sequence shard  --seq_to_heads-->  (B, H/u, u*S_l, D) all tokens of the group, H/u heads
 
-Each runs as :func:`ringrt.comm.collective`: on NCCL the current stream waits for the collective
+Each runs as :func:`ringrt.distributed.comm.collective`: on NCCL the current stream waits for the collective
 (no timeout argument, nothing blocks the host; the process group's timeout and watchdog catch a
 hang), on gloo the wait is bounded by ``timeout``; a failure raises ``CommTimeout`` / ``CommError``
 naming the rank, the collective, the channel and the ``step`` ("forward", "backward", ...).
@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .. import comm
-from ..comm import count, pack, spec_of, unpack
+from . import comm
+from .comm import count, pack, spec_of, unpack
 
 
 def all_gather(tensors: list[torch.Tensor], group, channel: str, timeout: float | None = None, step=None) -> list[list[torch.Tensor]]:

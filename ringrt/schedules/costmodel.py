@@ -41,9 +41,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ..layout import local_chunks, rank_chunks
-from ..schedule import Rows, block_for
-from ..schedules.blocks import ChunkBlock, chunk_blocks
+from ..ops.layout import local_chunks, rank_chunks
+from .tokenring_plan import Rows, block_for
+from .blocks import ChunkBlock, chunk_blocks
 from .tiling import Tiling, computed_area
 
 ScheduleName = Literal["tokenring", "ring", "allgather", "ulysses", "hybrid"]
@@ -482,13 +482,13 @@ def _estimate_pass(schedule, p, m, world, layout, chunk, shares, bwd, ulysses_de
 
 
 def _hybrid_degree(world: int, heads: int, kv_heads: int, per_node: int) -> int:
-    from ..schedules.hybrid import hybrid_degree
+    from .hybrid import hybrid_degree
 
     return hybrid_degree(world, heads, kv_heads, per_node)
 
 
 def ulysses_valid(heads: int, kv_heads: int, degree: int) -> bool:
-    from ..schedules.ulysses import ulysses_problem
+    from .ulysses import ulysses_problem
 
     return ulysses_problem(heads, kv_heads, degree) is None
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .layout import local_chunks, rank_chunks
+from ..ops.layout import local_chunks, rank_chunks
 
 Rows = tuple[int, int]
 

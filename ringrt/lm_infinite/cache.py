@@ -12,10 +12,10 @@ import math
 
 import torch
 
-from ..attn_layout import aligned_zeros
-from ..kernels import get_kernel
-from ..merge import empty_accumulator, merge_
-from ..rope import apply_rope
+from ..ops.kernel_layout import aligned_zeros
+from ..ops.kernels import get_kernel
+from ..ops.merge import empty_accumulator, merge_
+from ..ops.rope import apply_rope
 from .attention import rope_cos_sin
 from .mask import LambdaMask, stationary_positions
 

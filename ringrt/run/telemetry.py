@@ -5,7 +5,7 @@
 
 * ``flops_per_s``: tokens_per_s x flops_per_token (see :func:`train_flops_per_token`);
 * ``peak_mem_bytes``: CUDA peak allocated memory on GPU, else the process's peak RSS;
-* ``comm_bytes``: bytes this rank sent through ``ringrt.comm`` since the previous logged step,
+* ``comm_bytes``: bytes this rank sent through ``ringrt.distributed.comm`` since the previous logged step,
 
 then forwards to ``sinks``.
 """
@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from . import comm
+from ..distributed import comm
 
 
 def train_flops_per_token(*, n_params: int, n_layers: int, dim: int, seq_len: int, causal: bool = True) -> float:
@@ -59,11 +59,11 @@ class Telemetry:
 
 
 def metrics_logger(logging_cfg, out_dir: str, *, config: dict | None = None, flops_per_token: float = 0.0):
-    """The run's :class:`ringrt.metrics.MetricsLogger` from a :class:`ringrt.runs.LoggingConfig`:
+    """The run's :class:`ringrt.run.metrics.MetricsLogger` from a :class:`ringrt.run.config.LoggingConfig`:
     console line, ``<out_dir>/metrics.jsonl`` and W&B, on global rank 0 only, behind :class:`Telemetry`."""
     import os
 
-    from .launcher import global_rank
+    from ..distributed.launcher import global_rank
     from .metrics import ConsoleSink, JsonlSink, MetricsLogger, WandbSink
 
     if global_rank() != 0:

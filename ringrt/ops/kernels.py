@@ -305,7 +305,7 @@ def get_kernel(device: torch.device, name: str = "auto") -> BlockKernel:
 
 
 def __getattr__(name: str):
-    if name == "CudaKernel":  # ``from ringrt.kernels import CudaKernel`` without importing it for CPU runs
+    if name == "CudaKernel":  # ``from ringrt.ops.kernels import CudaKernel`` without importing it for CPU runs
         from .kernels_cuda import CudaKernel
 
         return CudaKernel

@@ -66,6 +66,6 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 def is_writer() -> bool:
     """True on the one process that writes shared files (global rank 0, or a single process)."""
-    from .launcher import global_rank  # here, so that writers (ringrt.model.hf) need no launcher facts
+    from ..distributed.launcher import global_rank  # here, so that writers (ringrt.model.hf) need no launcher facts
 
     return global_rank() == 0

@@ -24,12 +24,12 @@ from typing import Callable
 
 import torch
 
-from .comm import P2P, Pending, nbytes, pack, unpack
-from .groups import RingGroups
-from .kernels import BlockKernel
-from .layout import local_chunks
-from .merge import acc_dtype, empty_accumulator, merge_
-from .schedule import Block, Rows, relay_schedule, tokenring_schedule
+from ..distributed.comm import P2P, Pending, nbytes, pack, unpack
+from ..distributed.groups import RingGroups
+from ..ops.kernels import BlockKernel
+from ..ops.layout import local_chunks
+from ..ops.merge import acc_dtype, empty_accumulator, merge_
+from .tokenring_plan import Block, Rows, relay_schedule, tokenring_schedule
 
 TOPOLOGIES = ("full", "ring")
 

@@ -39,7 +39,7 @@ NCCL path on CPU through a fake process group:
 * Tags. NCCL ignores P2P tags: two channels on one communicator would match each other's messages
   by order alone, and a receive queued on a communicator blocks every later operation on it. Every
   channel that is in flight at the same time as another must therefore have its own process group
-  (``ringrt.groups``); the per-channel tag below only separates channels that share a gloo group.
+  (``ringrt.distributed.groups``); the per-channel tag below only separates channels that share a gloo group.
 * Metadata. Small host-side agreements (``validate.agree``) run on CPU tensors over a group that
   carries CPU tensors (gloo, or the gloo half of ``cpu:gloo,cuda:nccl``); only a plain NCCL group
   forces them onto the device, at the cost of one device sync (:func:`metadata_device`).

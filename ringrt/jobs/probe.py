@@ -1,13 +1,13 @@
 """``ringrt probe``: a tiny distributed job that proves a launch works end to end.
 
-Every rank joins the process group through :func:`ringrt.launcher.init_distributed` (torchrun,
+Every rank joins the process group through :func:`ringrt.distributed.launcher.init_distributed` (torchrun,
 Slurm, MPI or a single process), builds the same random q/k/v from a seed (drawn on the CPU, then
-moved to :func:`ringrt.device.job_device`: its GPU on a CUDA node), runs ``ringrt.attention``
+moved to :func:`ringrt.distributed.device.job_device`: its GPU on a CUDA node), runs ``ringrt.attention``
 forward and backward on its shard there, and compares output and gradients against a
 single-process fp64 reference computed on the same device. Rank 0 writes the result as JSON
 atomically (each rank's entry names its device); the exit code is 0 only if every rank passed.
 
-    NPROC_PER_NODE=2 ./launch/run.sh -m ringrt.probe --out probe.json    # one node: listens on 127.0.0.1 only
+    NPROC_PER_NODE=2 ./launch/run.sh -m ringrt.jobs.probe --out probe.json    # one node: listens on 127.0.0.1 only
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-from . import device as devices
-from .launcher import init_distributed, shutdown
+from ..distributed import device as devices
+from ..distributed.launcher import init_distributed, shutdown
 
 
 @dataclass(kw_only=True, slots=True)
@@ -126,14 +126,14 @@ def run_probe(cfg: ProbeConfig) -> dict:
         "config": asdict(cfg), "ranks": ranks,
     }
     if rank == 0 and cfg.out:
-        from .rundir import atomic_write_json
+        from ..run.rundir import atomic_write_json
 
         atomic_write_json(cfg.out, result)
     return result
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .jobs.flags import field_help
+    from .flags import field_help
 
     for name, default in asdict(ProbeConfig()).items():
         flag = "--" + name.replace("_", "-")
@@ -145,7 +145,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .jobs.interrupt import stops_cleanly
+    from .interrupt import stops_cleanly
 
     cfg = ProbeConfig(**vars(args))
     with stops_cleanly("probe"):
@@ -159,13 +159,13 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    _p = argparse.ArgumentParser(prog="python -m ringrt.probe", description=__doc__.splitlines()[0])
+    _p = argparse.ArgumentParser(prog="python -m ringrt.jobs.probe", description=__doc__.splitlines()[0])
     add_arguments(_p)
     _args = _p.parse_args()
     try:
         _code = main(_args)
     except ValueError as _e:
-        from .cli import is_user_error, user_error
+        from ..cli import is_user_error, user_error
 
         if not is_user_error(_e):
             raise

@@ -1,7 +1,7 @@
 """Top-level configs of the entry points in ``launch/``: a job's own config plus logging and launcher.
 
 The Hydra config tree ``conf/`` mirrors these dataclasses key for key; ``launch/`` turns the composed
-config into one of them with :func:`ringrt.schema.from_dict` (unknown keys and wrong types are
+config into one of them with :func:`ringrt.run.schema.from_dict` (unknown keys and wrong types are
 rejected there) and everything below sees plain dataclasses.
 """
 
@@ -10,13 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
-from .compression.config import CompressionConfig
-from .data.config import DataConfig
-from .engines.deepspeed import DeepSpeedConfig
-from .jobs.config import EvalConfig, EvalJobConfig, GenerateConfig, GenerateJobConfig, TrainConfig, TrainJobConfig
-from .launcher import LaunchConfig
-from .model.config import AttentionConfig, ModelConfig
-from .probe import ProbeConfig
+from ..compression.config import CompressionConfig
+from ..data.config import DataConfig
+from ..engines.deepspeed import DeepSpeedConfig
+from ..jobs.config import EvalConfig, EvalJobConfig, GenerateConfig, GenerateJobConfig, TrainConfig, TrainJobConfig
+from ..distributed.launcher import LaunchConfig
+from ..model.config import AttentionConfig, ModelConfig
+from ..jobs.probe import ProbeConfig
 
 
 @dataclass(kw_only=True, slots=True)

@@ -34,7 +34,7 @@ from typing import Literal
 
 import torch
 
-from .attn_layout import fold_rows, pack_bias, pad_lse, unfold_lse, unfold_rows
+from .kernel_layout import fold_rows, pack_bias, pad_lse, unfold_lse, unfold_rows
 from .flash import SUPPORTED, FlashAttn, flash_family, flash_runs_on, load_flash
 from .kernels import MathKernel, _expand_kv, _fold_kv, attended, surrogate_out
 
@@ -122,7 +122,7 @@ class CudaKernel:
     package module (tests inject a CPU stand-in). ``capability``: (major, minor) to assume instead of
     asking the device; with both injected the kernel also runs on ``meta`` tensors (every aten call is
     then shape-checked against the real op schemas) and, for the flash path, on CPU tensors.
-    Device checks stay in :func:`ringrt.kernels.get_kernel`.
+    Device checks stay in :func:`ringrt.ops.kernels.get_kernel`.
     """
 
     name = "cuda"

@@ -64,7 +64,7 @@ class LaunchConfig:
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """``auto``: ``cpu:gloo,cuda:nccl`` when CUDA is available (CUDA tensors over NCCL, CPU tensors
     such as small metadata collectives over gloo), else ``gloo``. ``nccl``: the same pair, but an
-    error without CUDA. ``gloo``: gloo only (jobs then run on the CPU, see :mod:`ringrt.device`)."""
+    error without CUDA. ``gloo``: gloo only (jobs then run on the CPU, see :mod:`ringrt.distributed.device`)."""
     timeout_s: float = 1800.0
     """Seconds a collective may wait for a peer before the process group raises."""
 
@@ -402,7 +402,7 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> Launch
 
     The backend is :func:`process_group_backend`'s: with CUDA, ``cpu:gloo,cuda:nccl``, the current
     CUDA device set to ``local_rank % device_count`` and the group bound to it (``device_id``: NCCL
-    connects at once and sub-groups split from it). Jobs then run on :func:`ringrt.device.job_device`.
+    connects at once and sub-groups split from it). Jobs then run on :func:`ringrt.distributed.device.job_device`.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not valid; valid: {', '.join(BACKENDS)}")

@@ -15,7 +15,7 @@ its model on :func:`job_device` and every tensor it creates on the model's devic
   (``launcher.backend`` ``auto`` or ``nccl`` on a GPU node); else the CPU.
 
 This rank's CUDA device is the one the default process group is bound to, else the current one.
-:func:`ringrt.launcher.init_distributed` makes ``local_rank % torch.cuda.device_count()``
+:func:`ringrt.distributed.launcher.init_distributed` makes ``local_rank % torch.cuda.device_count()``
 (:func:`cuda_index`) current and binds NCCL to it: 8 ranks on one 8-GPU node get cuda:0..7; a
 Slurm task that sees one GPU (``--gpus-per-task=1``, one CUDA_VISIBLE_DEVICES entry per task) gets
 cuda:0 whatever its local rank.
@@ -87,5 +87,5 @@ def wrong_cuda_device(device: torch.device, current: int) -> str | None:
     if device.type != "cuda" or device.index is None or device.index == current:
         return None
     return (f"q is on {device} but the current CUDA device is cuda:{current}; call "
-            f"torch.cuda.set_device({device.index}) before the first collective (ringrt.launcher.init_distributed does it: "
+            f"torch.cuda.set_device({device.index}) before the first collective (ringrt.distributed.launcher.init_distributed does it: "
             f"local_rank % device_count) or move the tensors to cuda:{current}")

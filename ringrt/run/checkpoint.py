@@ -15,7 +15,7 @@ finished, so a kill during a save leaves the previous checkpoint intact. ``lates
 highest complete ``step_*`` directory. Every rank calls ``save``/``load`` (DCP is collective).
 
 Loading unpickles files of the checkpoint, i.e. runs code it names, so ``load`` first checks the
-trust boundary of :mod:`ringrt.checkpoint_trust` (owned by you or root, not writable by others, every
+trust boundary of :mod:`ringrt.run.checkpoint_trust` (owned by you or root, not writable by others, every
 file as the manifest says) and refuses, on every rank, a checkpoint that fails it. A tampered newest
 checkpoint is an error, not a reason to fall back silently to an older one.
 """
