@@ -21,21 +21,19 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import json
 import os
 import shlex
 import sys
 import time
-import typing
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from ringrt.distributed.launcher import command_id, detect, global_rank, program_argv, run_id
-from ringrt.run.schema import ConfigError, from_dict
+from ringrt.run.schema import ConfigError, from_dict, unknown_key
 
 LAUNCH_DIR = str(Path(__file__).resolve().parent)
 
@@ -58,32 +56,6 @@ def _register() -> None:
 
 
 _register()  # also in sweep jobs, which import this module when they unpickle the task function
-
-
-def _field_dataclass(tp):
-    """The dataclass a field holds (``X`` or ``X | None``), else None (its keys are free or a leaf)."""
-    if dataclasses.is_dataclass(tp):
-        return tp
-    arms = [a for a in typing.get_args(tp) if a is not type(None)]
-    return arms[0] if len(arms) == 1 and dataclasses.is_dataclass(arms[0]) else None
-
-
-def unknown_key(schema: type, key: str) -> str | None:
-    """``from_dict``'s message for a dotted override key that ``schema`` does not have, else None."""
-    cls, prefix = schema, ""
-    for part in key.split("."):
-        if cls is None:
-            return None  # inside a mapping or a leaf value: not the schema's to judge
-        names = [f.name for f in dataclasses.fields(cls) if f.init]
-        if part not in names:
-            try:
-                from_dict(cls, {part: None}, prefix=prefix)  # unknown keys are refused before anything else
-            except ConfigError as e:
-                return str(e)
-            return None
-        cls = _field_dataclass(typing.get_type_hints(cls)[part])
-        prefix = f"{prefix}.{part}" if prefix else part
-    return None
 
 
 def check_overrides(argv: list[str], schema: type) -> None:
@@ -157,7 +129,7 @@ def user_errors(prog: str):
     try:
         yield
     except ValueError as e:
-        from ringrt.cli import is_user_error, user_error
+        from ringrt.run.errors import is_user_error, user_error
 
         if any(a in ("-m", "--multirun") for a in sys.argv[1:]) or not is_user_error(e):
             raise

@@ -1,9 +1,18 @@
 """Command-line flags from the config dataclasses: ``--train.steps 100 --model.dim 256``.
 
-Every field of every nested dataclass becomes ``--<section>.<field>``; values are parsed from the
-field's type (int, float, str, bool, optional, list and tuple of those, Literal choices).
-Unset flags keep the dataclass default. Each flag's help is the docstring under its field (where the
-config is documented) followed by its default.
+argparse owns the command line: every field of every nested dataclass becomes ``--<section>.<field>``
+(grouped by section), its help the docstring under the field (where the config is documented)
+followed by its default. Values go through the conversion Hydra's configs go through
+(:mod:`ringrt.run.schema`, pydantic): each word when it is parsed (:func:`ringrt.run.schema.from_text`,
+so a bad word is an argparse error, exit 2), the whole config in :func:`build`
+(:func:`ringrt.run.schema.from_dict`: a new object whose ``__post_init__`` checks run on the final
+values; the defaults are never changed).
+
+    --train.steps 10                  an int, a float (3e-3, nan), a string
+    --train.resume false              a bool: true/false, yes/no, on/off, 1/0
+    --train.init_from none            none or null: None, for an optional field
+    --compression.ks 2 4 8            a list: any number of words; a tuple: exactly its length
+    --train.precision bf16            one of a Literal's choices
 """
 
 from __future__ import annotations
@@ -15,30 +24,10 @@ import functools
 import inspect
 import re
 import textwrap
-import types
 import typing
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Literal
 
-
-def _parse_bool(s: str) -> bool:
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"{s!r} is not a boolean; valid: true, false")
-
-
-def _scalar(tp) -> tuple[Any, list | None]:
-    """(converter, choices) for a scalar type, unwrapping Optional."""
-    if get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in get_args(tp) if a is not type(None)]
-        conv, choices = _scalar(args[0])
-        return (lambda s: None if s.lower() in ("none", "null") else conv(s)), choices
-    if get_origin(tp) is Literal:
-        return str, list(get_args(tp))
-    if tp is bool:
-        return _parse_bool, None
-    return tp, None
+from ..run.schema import ConfigError, from_dict, from_text, to_dict
 
 
 def _plain(doc: str) -> str:
@@ -60,7 +49,7 @@ def fields_doc(cls) -> dict[str, str]:
         except (OSError, TypeError):  # no source (a class made at run time)
             continue
         body = tree.body[0].body
-        for field_, doc in zip(body, body[1:]):
+        for field_, doc in zip(body, body[1:], strict=False):
             if (isinstance(field_, ast.AnnAssign) and isinstance(field_.target, ast.Name) and isinstance(doc, ast.Expr)
                     and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)):
                 docs[field_.target.id] = _plain(doc.value.value)
@@ -73,6 +62,34 @@ def field_help(cls, name: str, default) -> str:
     return (f"{doc} (default {default!r})" if doc else f"(default {default!r})").replace("%", "%%")
 
 
+def _word(tp):
+    """argparse's ``type=`` for a field of type ``tp``: its error is argparse's ``argument --x: <why>``."""
+    def convert(text: str):
+        try:
+            return from_text(tp, text)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return convert
+
+
+def add_field(parser, cls, name: str, default, *, flag: str, dest: str, bool_metavar: str | None = None) -> None:
+    """The flag ``flag`` for field ``name`` of ``cls``, stored in ``args.<dest>`` only when given."""
+    tp = typing.get_type_hints(cls)[name]
+    kw: dict = {"dest": dest, "default": argparse.SUPPRESS, "help": field_help(cls, name, default)}
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        kw["nargs"] = "*" if origin is list else len(typing.get_args(tp))
+        tp = typing.get_args(tp)[0]
+    literal = next((a for a in (tp, *typing.get_args(tp)) if typing.get_origin(a) is Literal), None)  # X or X | None
+    choices = typing.get_args(literal) if literal is not None else ()
+    kw["type"] = _word(tp)
+    if choices:
+        kw["metavar"] = "{" + ",".join(map(str, choices)) + "}"
+    else:
+        kw["metavar"] = bool_metavar if tp is bool and bool_metavar else name.upper()
+    parser.add_argument(flag, **kw)
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, defaults=None) -> None:
     """A ``--<section>.<field>`` flag for every field of every section of ``cls``, grouped by section,
     each with its field's docstring and default as help."""
@@ -81,40 +98,22 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, defaults=None)
     for section in dataclasses.fields(cls):
         sub = getattr(defaults, section.name)
         if not dataclasses.is_dataclass(sub):
-            conv, choices = _scalar(get_type_hints(cls)[section.name])
-            parser.add_argument(f"--{section.name}", type=conv, choices=choices, default=None,
-                                help=field_help(cls, section.name, sub))
+            add_field(parser, cls, section.name, sub, flag=f"--{section.name}", dest=section.name)
             continue
         about = fields_doc(cls).get(section.name) or _plain((type(sub).__doc__ or "").split("\n\n")[0])
-        grp = parser.add_argument_group(section.name, description=about.replace("%", "%%") or None)
-        hints = get_type_hints(type(sub))
+        group = parser.add_argument_group(section.name, description=about.replace("%", "%%") or None)
         for f in dataclasses.fields(sub):
-            tp, default = hints[f.name], getattr(sub, f.name)
-            origin = get_origin(tp)
-            kw: dict = {"default": None, "help": field_help(type(sub), f.name, default), "dest": f"{section.name}.{f.name}"}
-            if origin in (list, tuple):
-                conv, choices = _scalar(get_args(tp)[0])
-                kw.update(type=conv, nargs="*" if origin is list else len(get_args(tp)))
-            else:
-                conv, choices = _scalar(tp)
-                kw.update(type=conv, choices=choices)
-            if not choices:
-                kw["metavar"] = f.name.upper()
-            grp.add_argument(f"--{section.name}.{f.name}", **kw)
+            key = f"{section.name}.{f.name}"
+            add_field(group, type(sub), f.name, getattr(sub, f.name), flag=f"--{key}", dest=key)
 
 
 def build(cls, args: argparse.Namespace, defaults=None):
-    """The dataclass ``cls`` with every given flag applied over ``defaults`` (or ``cls()``)."""
-    cfg = defaults if defaults is not None else cls()
-    for section in dataclasses.fields(cls):
-        sub = getattr(cfg, section.name)
-        if not dataclasses.is_dataclass(sub):
-            v = getattr(args, section.name, None)
-            if v is not None:
-                setattr(cfg, section.name, v)
-            continue
-        for f in dataclasses.fields(sub):
-            v = getattr(args, f"{section.name}.{f.name}", None)
-            if v is not None:
-                setattr(sub, f.name, tuple(v) if isinstance(getattr(sub, f.name), tuple) else v)
-    return cfg
+    """The dataclass ``cls``: ``defaults`` (or ``cls()``) with every given flag applied, as a new object
+    (``defaults`` is not changed) whose ``__post_init__`` checks see the final values."""
+    data = to_dict(defaults if defaults is not None else cls())
+    for dest, value in vars(args).items():
+        *path, name = dest.split(".")
+        node = functools.reduce(lambda d, k: d.get(k) if isinstance(d, dict) else None, path, data)
+        if isinstance(node, dict) and name in node:
+            node[name] = value
+    return from_dict(cls, data)

@@ -104,14 +104,14 @@ def run_probe(cfg: ProbeConfig) -> dict:
     ref32_out, ref32_grads = _ref_with_grads(q, k, v, dout, cfg.causal, torch.float32)
     names = ("out", "dq", "dk", "dv")
     err_t, ref_t = [], []
-    for x, r64, r32 in zip(got, [ref64_out, *ref64_grads], [ref32_out, *ref32_grads]):
+    for x, r64, r32 in zip(got, [ref64_out, *ref64_grads], [ref32_out, *ref32_grads], strict=True):
         r64_local, r32_local = ringrt.shard(r64, layout=layout), ringrt.shard(r32, layout=layout)
         err_t.append((x.double() - r64_local).abs().max())
         ref_t.append((r32_local.double() - r64_local).abs().max())
     read = torch.stack(err_t + ref_t).tolist()  # the one host read
-    errs = dict(zip(names, read[: len(names)]))
+    errs = dict(zip(names, read[: len(names)], strict=True))
     # An fp32 computation may be off by at most twice what plain fp32 PyTorch is off by (+ one ulp-ish floor).
-    tols = {n: 2 * r + 1e-6 for n, r in zip(names, read[len(names) :])}
+    tols = {n: 2 * r + 1e-6 for n, r in zip(names, read[len(names) :], strict=True)}
     me = {
         "rank": rank, "local_rank": env.local_rank, "host": socket.gethostname(), "pid": os.getpid(),
         "device": str(device), "launcher": env.source, "ok": all(errs[n] <= tols[n] for n in names),
@@ -133,21 +133,18 @@ def run_probe(cfg: ProbeConfig) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .flags import field_help
+    """``--seq-len 48``: a flag per :class:`ProbeConfig` field (hyphens for underscores)."""
+    from .flags import add_field
 
     for name, default in asdict(ProbeConfig()).items():
-        flag = "--" + name.replace("_", "-")
-        help_ = field_help(ProbeConfig, name, default)
-        if isinstance(default, bool):
-            p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=default, metavar="BOOL", help=help_)
-        else:
-            p.add_argument(flag, type=type(default), default=default, help=help_)
+        add_field(p, ProbeConfig, name, default, flag="--" + name.replace("_", "-"), dest=name, bool_metavar="BOOL")
 
 
 def main(args: argparse.Namespace) -> int:
+    from .flags import build
     from .interrupt import stops_cleanly
 
-    cfg = ProbeConfig(**vars(args))
+    cfg = build(ProbeConfig, args)
     with stops_cleanly("probe"):
         result = run_probe(cfg)
         if dist.is_initialized():
@@ -165,7 +162,7 @@ if __name__ == "__main__":
     try:
         _code = main(_args)
     except ValueError as _e:
-        from ..cli import is_user_error, user_error
+        from ..run.errors import is_user_error, user_error
 
         if not is_user_error(_e):
             raise

@@ -1,14 +1,24 @@
-"""Plain nested mappings (YAML, Hydra, JSON) -> typed config dataclasses, strictly.
+"""Plain nested mappings (YAML, Hydra, JSON) and command-line words -> typed config dataclasses, strictly.
 
-The entry points in ``launch/`` hand the composed Hydra config here as a plain dict
-(``OmegaConf.to_container(cfg, resolve=True)``); everything below them sees dataclasses only.
+``launch/`` hands the composed Hydra config here as a plain dict (``OmegaConf.to_container(cfg,
+resolve=True)``), ``ringrt.jobs.flags`` each flag's word and then the whole config; everything below
+sees dataclasses only.
 
-    cfg = from_dict(RunConfig, {"train": {"steps": 10}, "model": {"n_layers": 2}})
+    cfg = from_dict(TrainRun, {"train": {"steps": 10}, "model": {"n_layers": 2}})
 
-Rejected, with the full dotted key, the value and what would be valid, before anything runs:
-an unknown key (with a "did you mean" suggestion), a missing required key, a value of the wrong
-type (``"10"`` for an int, ``1`` for a bool), a value outside a ``Literal[...]``. The dataclass's own
-``__post_init__`` checks then run as usual.
+pydantic converts, over the plain dataclasses themselves (nothing in them knows pydantic):
+:func:`from_dict` in strict JSON mode with unknown keys forbidden, so values are read as YAML and
+JSON spell them (``"10"`` is not an int, ``1`` is not a bool, ``1`` is the float 1.0, a list fills a
+tuple; strict Python mode would want dataclass instances and tuples), and each ``__post_init__`` runs
+on the final values; :func:`from_text` in lax mode, which parses a word (``"10"``, ``"3e-3"``,
+``"no"``), plus ``none`` / ``null`` for None.
+
+Ours is the wording: pydantic's first error becomes one line that names the dotted key, the value
+and what would be valid, with a "did you mean" for an unknown key::
+
+    unknown key 'model.n_layrs'; did you mean 'n_layers'? valid keys of model: vocab_size, dim, ...
+    train.steps='10' must be an integer
+    logging.wandb='on' is not valid; valid: 'offline', 'online', 'disabled'
 
 Why not ``OmegaConf.structured``: OmegaConf 2.3 rejects ``Literal[...]`` annotations, which our
 configs use for every choice, and its errors do not list the valid keys.
@@ -18,125 +28,138 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import json
 import types
 import typing
-from typing import Any, Literal, Mapping, TypeVar, Union
+from typing import Any, Mapping, TypeVar, Union
+
+import pydantic
 
 T = TypeVar("T")
+
+_MUST = {"int": "must be an integer", "float": "must be a number", "bool": "must be true or false",
+         "string": "must be a string", "list": "must be a list", "tuple": "must be a list", "dict": "must be a mapping"}
 
 
 class ConfigError(ValueError):
     """A config value that does not fit the schema (names the key, the value and what is valid)."""
 
 
-def _hints(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+@functools.cache
+def _strict(cls) -> type[pydantic.BaseModel]:
+    # One field, ``value: cls``: the model carries the config down to every nested dataclass
+    # (pydantic takes no config for a stdlib dataclass itself).
+    config = pydantic.ConfigDict(strict=True, extra="forbid")
+    return pydantic.create_model(f"{cls.__name__}Settings", __config__=config, value=(cls, ...))
 
 
-def _describe(tp) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
+@functools.cache
+def _lax(tp) -> pydantic.TypeAdapter:
+    return pydantic.TypeAdapter(tp)
 
 
-def _convert(tp, value, key: str):
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return value
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, prefix=key)
-    if origin is Literal:
-        if value not in args or type(value) is not type(next(a for a in args if a == value)):
-            raise ConfigError(f"{key}={value!r} is not valid; valid: {', '.join(repr(a) for a in args)}")
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        arms = [a for a in args if a is not type(None)]
-        if len(arms) == 1:  # Optional[X]: X's own message, plus null
-            try:
-                return _convert(arms[0], value, key)
-            except ConfigError as e:
-                raise ConfigError(f"{e} (or null)" if type(None) in args else str(e)) from None
-        for a in arms:
-            try:
-                return _convert(a, value, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}={value!r} has the wrong type; expected {_describe(tp)}")
-    if origin in (list, tuple) or tp in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}={value!r} must be a list ({_describe(tp)})")
-        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
-        if origin is tuple and args:
-            if len(args) != len(value):
-                raise ConfigError(f"{key}={value!r} must have {len(args)} items")
-            return tuple(_convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-        items = [_convert(args[0], v, f"{key}[{i}]") if args else v for i, v in enumerate(value)]
-        return tuple(items) if (origin or tp) is tuple else items
-    if origin is dict or tp is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}={value!r} must be a mapping")
-        vt = args[1] if args else Any
-        return {k: _convert(vt, v, f"{key}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} must be true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}={value!r} must be an integer")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}={value!r} must be a number")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}={value!r} must be a string")
-        return value
-    if isinstance(tp, type) and isinstance(value, tp):
-        return value
-    raise ConfigError(f"{key}={value!r} has the wrong type; expected {_describe(tp)}")
-
-
-def from_dict(cls: type[T], data: Mapping[str, Any] | None, *, prefix: str = "") -> T:
+def from_dict(cls: type[T], data: Mapping[str, Any] | None) -> T:
     """Build ``cls`` (a dataclass, possibly nested) from ``data``, rejecting anything that does not fit."""
-    where = prefix or cls.__name__
-    if data is None:
-        data = {}
-    if isinstance(data, cls):
-        return data
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}={data!r} must be a mapping of {cls.__name__} settings")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    hints = _hints(cls)
-    for k in data:
-        if k not in fields:
-            near = difflib.get_close_matches(str(k), list(fields), n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else ";"
-            raise ConfigError(f"unknown key {(prefix + '.' if prefix else '') + str(k)!r}{hint} valid keys of {where}: {', '.join(fields)}")
-    kwargs = {}
-    for name, f in fields.items():
-        key = f"{prefix}.{name}" if prefix else name
-        if name in data:
-            kwargs[name] = _convert(hints[name], data[name], key)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"missing required key {key!r} ({_describe(hints[name])})")
     try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"{where}: {e}") from e
+        return _strict(cls).model_validate_json(json.dumps({"value": {} if data is None else data})).value
+    except pydantic.ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        raise ConfigError(_message(cls, err["loc"][1:], err)) from None
+
+
+def from_text(tp, text: str):
+    """One command-line word as a value of type ``tp`` (``int``, ``float | None``, ``Literal[...]``, ...)."""
+    if text.lower() in ("none", "null") and _optional(tp):
+        return None
+    try:
+        return _lax(tp).validate_python(text, strict=False)
+    except pydantic.ValidationError as e:
+        raise ConfigError(f"{text!r} {_sentence(tp, e.errors(include_url=False)[0], null='none')}") from None
+
+
+def unknown_key(cls, key: str) -> str | None:
+    """:func:`from_dict`'s message for a dotted key (``model.n_layrs``) that ``cls`` does not have, else
+    None. Below a field that is not a dataclass (a mapping, a leaf) no key is the schema's to judge."""
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if part not in _names(cls):
+            return _unknown(cls, part, ".".join(parts[:i]))
+        cls = _strip_none(typing.get_type_hints(cls)[part])
+        if not dataclasses.is_dataclass(cls):
+            return None
+    return None
 
 
 def to_dict(obj) -> dict[str, Any]:
     """A dataclass config as plain nested dicts/lists (for YAML/JSON dumps and logging)."""
     return dataclasses.asdict(obj)
+
+
+# --- the wording of pydantic's errors -------------------------------------------------------------
+
+
+def _message(cls, loc: tuple, err: dict) -> str:
+    if err["type"] == "unexpected_keyword_argument":
+        return _unknown(_type_at(cls, loc[:-1]), str(loc[-1]), _dotted(loc[:-1]))
+    if err["type"] == "value_error":  # a dataclass's own check (``__post_init__``), worded by it
+        return str(err["ctx"]["error"])
+    if err["type"] == "missing_keyword_argument":
+        return f"missing required key {_dotted(loc)!r}"
+    if err["type"] == "missing":  # a tuple's item: the message is about the tuple
+        loc = loc[:-1]
+    return f"{_dotted(loc) or cls.__name__}={err['input']!r} {_sentence(_type_at(cls, loc), err)}"
+
+
+def _sentence(tp, err: dict, null: str = "null") -> str:
+    """What a value of the declared type ``tp`` must be, for pydantic's error ``err``."""
+    kind, inner = err["type"], _strip_none(tp)
+    if kind == "literal_error":
+        text = "is not valid; valid: " + ", ".join(repr(a) for a in typing.get_args(inner))
+    elif kind in ("missing", "too_long", "too_short") and typing.get_origin(inner) is tuple:
+        text = f"must have {len(typing.get_args(inner))} items"
+    elif kind.startswith("dataclass"):
+        text = f"must be a mapping of {inner.__name__} settings"
+    else:
+        text = _MUST.get(kind.split("_")[0], f"is not valid ({err['msg']})")
+    return f"{text} (or {null})" if _optional(tp) else text
+
+
+def _unknown(cls, name: str, prefix: str) -> str:
+    names = _names(cls)
+    near = difflib.get_close_matches(name, names, n=1)
+    hint = f"; did you mean {near[0]!r}?" if near else ";"
+    key = f"{prefix}.{name}" if prefix else name
+    return f"unknown key {key!r}{hint} valid keys of {prefix or cls.__name__}: {', '.join(names)}"
+
+
+def _names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.init]
+
+
+def _dotted(loc) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+
+
+def _optional(tp) -> bool:
+    return typing.get_origin(tp) in (Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def _strip_none(tp):
+    """``X`` for ``X | None``, else ``tp``."""
+    arms = [a for a in typing.get_args(tp) if a is not type(None)] if _optional(tp) else []
+    return arms[0] if len(arms) == 1 else tp
+
+
+def _type_at(tp, loc):
+    """The declared type at a location inside ``tp``: field names of dataclasses, indices of lists
+    and tuples, keys of mappings."""
+    for part in loc:
+        tp = _strip_none(tp)
+        if dataclasses.is_dataclass(tp):
+            tp = typing.get_type_hints(tp).get(part, Any)
+            continue
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        fixed = typing.get_origin(tp) is tuple and len(args) > 1 and isinstance(part, int)
+        tp = args[part] if fixed and part < len(args) else (args[-1] if args else Any)
+    return tp
