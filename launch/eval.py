@@ -22,7 +22,7 @@ def main(cfg) -> dict:
 def _task(cfg) -> dict:
     from ringrt.jobs.eval import run_eval
     from ringrt.distributed.launcher import global_rank, init_distributed
-    from ringrt.run.config import EvalRun
+    from ringrt.runs import EvalRun
 
     run = _edge.to_schema(cfg, EvalRun)
     env = init_distributed(run.launcher.backend, run.launcher.timeout_s)
@@ -34,7 +34,7 @@ def _task(cfg) -> dict:
 
 
 if __name__ == "__main__":
-    from ringrt.run.config import EvalRun
+    from ringrt.runs import EvalRun
 
     _edge.prepare(EvalRun)
     with _edge.interruptible("evaluation"):

@@ -21,7 +21,7 @@ def main(cfg) -> dict:
 def _task(cfg) -> dict:
     from ringrt.jobs.generate import run_generate
     from ringrt.distributed.launcher import global_rank, init_distributed
-    from ringrt.run.config import GenerateRun
+    from ringrt.runs import GenerateRun
 
     run = _edge.to_schema(cfg, GenerateRun)
     env = init_distributed(run.launcher.backend, run.launcher.timeout_s)
@@ -35,7 +35,7 @@ def _task(cfg) -> dict:
 
 
 if __name__ == "__main__":
-    from ringrt.run.config import GenerateRun
+    from ringrt.runs import GenerateRun
 
     _edge.prepare(GenerateRun)
     with _edge.interruptible("generation"):

@@ -20,7 +20,7 @@ def main(cfg) -> dict:
 
 def _task(cfg) -> dict:
     from ringrt.jobs.probe import run_probe
-    from ringrt.run.config import ProbeRun
+    from ringrt.runs import ProbeRun
 
     run = _edge.to_schema(cfg, ProbeRun)
     _edge.write_resolved(run, _edge.output_dir())
@@ -35,7 +35,7 @@ def _task(cfg) -> dict:
 
 
 if __name__ == "__main__":
-    from ringrt.run.config import ProbeRun
+    from ringrt.runs import ProbeRun
 
     _edge.prepare(ProbeRun)
     with _edge.interruptible("probe"):

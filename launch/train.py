@@ -23,9 +23,9 @@ def _task(cfg) -> dict:
     from ringrt.jobs.train import run_train
     from ringrt.distributed.launcher import init_distributed
     from ringrt.model.llama import Llama
-    from ringrt.run.config import TrainRun
+    from ringrt.runs import TrainRun
     from ringrt.run.schema import to_dict
-    from ringrt.run.telemetry import metrics_logger, train_flops_per_token
+    from ringrt.run.metrics import metrics_logger, train_flops_per_token
 
     run = _edge.to_schema(cfg, TrainRun)
     env = init_distributed(run.launcher.backend, run.launcher.timeout_s)
@@ -58,7 +58,7 @@ def _task(cfg) -> dict:
 
 
 if __name__ == "__main__":
-    from ringrt.run.config import TrainRun
+    from ringrt.runs import TrainRun
 
     _edge.prepare(TrainRun)
     with _edge.interruptible("training"):

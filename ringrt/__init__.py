@@ -1,14 +1,36 @@
 """ringrt: a sequence-parallel long-context runtime for PyTorch.
 
-Read first: ``api.py`` (public entry points), ``schedule.py`` (Note [TokenRing]),
-``tokenring.py`` (the ring pass, forward and backward), ``comm.py`` (all point-to-point traffic).
+Read first: ``api.py`` (public entry points), ``schedules/tokenring_plan.py`` (Note [TokenRing]:
+who sends what at each step), ``schedules/tokenring.py`` (the ring pass, forward and backward),
+``distributed/comm.py`` (all point-to-point traffic). The package layout and its import rules are in
+the README ("Read these files first") and ``tests/test_architecture.py``.
+
+``import ringrt`` loads the attention runtime only (torch, no Hugging Face, Hydra or plotting
+libraries): :func:`load_pretrained` / :func:`save_pretrained` (safetensors) load on first use.
 """
 
 from .api import ALGORITHMS, attention, shard, unshard
 from .distributed.comm import CommError, CommTimeout
 from .lm_infinite import LambdaKVCache, LambdaMask, lambda_attention, sliding_window, sliding_window_attention
 from .ops.layout import pad_to_multiple, positions
-from .model.hf import load_pretrained, save_pretrained
+
+_LAZY = ("load_pretrained", "save_pretrained")
+"""Public names of ``ringrt.model.hf``, imported on first use (``ringrt.load_pretrained``)."""
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from .model import hf
+
+        value = getattr(hf, name)
+        globals()[name] = value  # the next lookup is a plain attribute
+        return value
+    raise AttributeError(f"module 'ringrt' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = ["ALGORITHMS", "CommError", "CommTimeout", "LambdaKVCache", "LambdaMask", "attention", "lambda_attention", "load_pretrained", "pad_to_multiple", "positions", "save_pretrained", "shard", "sliding_window", "sliding_window_attention", "unshard"]
 __version__ = "0.1.0"

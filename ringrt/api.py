@@ -3,27 +3,18 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 from .distributed import comm
-from .ops import layout as _layout
-from .distributed.groups import base_group, nccl_problem, ring_groups
-from .ops.kernels import get_kernel
-from .schedules import SCHEDULES
-from .schedules.hybrid import hybrid_degree
-from .schedules.tokenring import TOPOLOGIES, RingPlan, TokenRingAttention
 from .distributed.agree import agree, local_problem, needs_backward
-
-
-def _tokenring(q, k, v, plan: RingPlan) -> torch.Tensor:
-    return TokenRingAttention.apply(q, k, v, plan)
-
-
-# name -> fn(q, k, v, plan) on (B, S, H, D) shards. Other schedules register here.
-ALGORITHMS: dict[str, Callable[..., torch.Tensor]] = {"tokenring": _tokenring, **SCHEDULES}
+from .distributed.groups import base_group, nccl_problem, ring_groups
+from .ops import layout as _layout
+from .ops.kernels import get_kernel
+from .schedules import ALGORITHMS
+from .schedules.base import TOPOLOGIES, RingPlan
+from .schedules.hybrid import runtime_degree
 
 
 def attention(
@@ -62,7 +53,7 @@ def attention(
             process group's own timeout and watchdog catch a hang.
         group: process group over which the sequence is sharded; default the default group. With
             no process group initialised, or a group of one rank, this is plain attention. A
-            subgroup on NCCL needs dedicated direction groups (``ringrt.distributed.groups.new_subgroups`` or
+            subgroup on NCCL needs its dedicated lanes (``ringrt.distributed.groups.new_subgroups`` or
             ``ringrt.model.parallel.mesh``; see ``ringrt/distributed/groups.py``).
 
     Returns:
@@ -112,7 +103,7 @@ def _groups_problem(group, q, k, algorithm: str) -> str | None:
     if algorithm in ("allgather", "ulysses"):
         return None
     base, _, world = base_group(group)
-    u = hybrid_degree(world, q.shape[2], k.shape[2]) if algorithm == "hybrid" else None
+    u = runtime_degree(world, q.shape[2], k.shape[2]) if algorithm == "hybrid" else None
     return nccl_problem(base, q.device, hybrid_degree=u)
 
 

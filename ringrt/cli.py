@@ -12,12 +12,11 @@ with 2 (as argparse does for a bad flag). Anything else keeps its full traceback
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
-import os
 import sys
-from pathlib import Path
 
-PACKAGE_DIR = str(Path(__file__).resolve().parent)
+from .run.errors import is_user_error, user_error
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("ringrt.bench.cli", "benchmarks that print a table and write JSON (and PNG plots)"),
@@ -32,30 +31,21 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def is_user_error(e: BaseException) -> bool:
-    """A ``ValueError`` raised by ringrt's own code (its validation of settings and inputs), not one
-    from inside torch or another library; never with ``RINGRT_DEBUG=1``."""
-    if not isinstance(e, ValueError) or os.environ.get("RINGRT_DEBUG", "0") not in ("", "0"):
-        return False
-    tb = e.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(PACKAGE_DIR + os.sep)
+class _Parser(argparse.ArgumentParser):
+    """argparse, plus a did-you-mean for a mistyped flag (``--train.stpes`` -> ``--train.steps``)."""
 
-
-def user_error(prog: str, e: BaseException) -> int:
-    """Print ``<prog>: error: <message>`` on one line (stderr), leave the process group (bounded: a
-    peer may be gone) and return the exit code, 2."""
-    import threading
-
-    from .distributed.launcher import shutdown
-
-    message = " ".join(str(e).split()) or type(e).__name__
-    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
-    done = threading.Thread(target=shutdown, daemon=True)
-    done.start()
-    done.join(timeout=5.0)
-    return 2
+    def error(self, message: str):
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):
+            flags = list(self._option_string_actions)
+            hints = []
+            for word in message[len(prefix):].split():
+                near = difflib.get_close_matches(word.split("=")[0], flags, n=1) if word.startswith("--") else []
+                if near:
+                    hints.append(f"{word.split('=')[0]} -> {near[0]}")
+            if hints:
+                message += "; did you mean: " + ", ".join(hints) + "?"
+        super().error(message)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help() if not argv or argv[0] in ("-h", "--help") else parser.parse_args(argv[:1])
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     module = importlib.import_module(COMMANDS[argv[0]][0])
-    p = argparse.ArgumentParser(prog=f"ringrt {argv[0]}", description=COMMANDS[argv[0]][1])
+    p = _Parser(prog=f"ringrt {argv[0]}", description=COMMANDS[argv[0]][1])
     module.add_arguments(p)
     args = p.parse_args(argv[1:])
     try:

@@ -322,7 +322,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
             return
         if self.conf.exists() and self._ours(recorded.get("slurmctld", -1)):
             self._drain()
-        for name, pid in reversed(list(recorded.items())):  # slurmd, slurmctld, then munged
+        for pid in reversed(list(recorded.values())):  # slurmd, slurmctld, then munged
             if self._ours(pid):
                 try:
                     os.killpg(pid, signal.SIGTERM)

@@ -25,7 +25,6 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from ringrt import api
 from ringrt.distributed import comm, groups
 from ringrt.lm_infinite import attention as lambda_api
-from ringrt.schedules import hybrid
 
 
 @contextlib.contextmanager
@@ -37,7 +36,6 @@ def fake_rank(rank: int, world: int):
     finally:
         dist.destroy_process_group()
         groups.clear_cache()
-        hybrid.clear_cache()
 
 
 @dataclass
@@ -83,11 +81,16 @@ class Recorder:
     # ---- installation ------------------------------------------------------------------------
 
     def install(self, monkeypatch, *, nccl: bool) -> "Recorder":
+        self._record_channels(monkeypatch)
+        self._record_transfers(monkeypatch, nccl=nccl)
+        self._record_collectives(monkeypatch, nccl=nccl)
+        self._record_kernels(monkeypatch)
+        return self
+
+    def _record_channels(self, monkeypatch) -> None:
+        """``P2P.post`` and ``Pending.wait``: what each post moves, and which posts are in flight."""
         rec = self
         real_post, real_wait = comm.P2P.post, comm.Pending.wait
-        real_isend, real_irecv = dist.isend, dist.irecv
-        real_batch = dist.batch_isend_irecv
-        real_all_gather, real_a2a, real_rs = dist.all_gather, dist.all_to_all_single, dist.reduce_scatter
 
         def post(self_, **kw):
             p = Post(next(rec._ids), self_.name, self_.group, kw["step"],
@@ -112,6 +115,15 @@ class Recorder:
                 rec.inflight = [q for q in rec.inflight if q is not p]
             return real_wait(self_)
 
+        monkeypatch.setattr(comm.P2P, "post", post)
+        monkeypatch.setattr(comm.Pending, "wait", wait)
+
+    def _record_transfers(self, monkeypatch, *, nccl: bool) -> None:
+        """Plain isend/irecv, and on NCCL ``batch_isend_irecv`` answered like ProcessGroupNCCL."""
+        rec = self
+        real_isend, real_irecv = dist.isend, dist.irecv
+        real_batch = dist.batch_isend_irecv
+
         def direct(fn, kind):
             def call(tensor, *a, **kw):
                 rec.direct.append(kind)
@@ -133,6 +145,17 @@ class Recorder:
                 return [Work(rec, "p2p batch")]
             return [Work(rec, "p2p batch") for _ in ops]
 
+        # P2POp checks its op against c10d.isend/irecv: patch both names to the same wrapper
+        for mod in (dist, c10d):
+            monkeypatch.setattr(mod, "isend", isend)
+            monkeypatch.setattr(mod, "irecv", irecv)
+        monkeypatch.setattr(dist, "batch_isend_irecv", batch if nccl else real_batch)
+
+    def _record_collectives(self, monkeypatch, *, nccl: bool) -> None:
+        """The device of every all_gather / all_to_all_single / reduce_scatter, and the backend name."""
+        rec = self
+        real_all_gather, real_a2a, real_rs = dist.all_gather, dist.all_to_all_single, dist.reduce_scatter
+
         def collective(fn, name):
             def call(*a, **kw):
                 rec.collective_devices.append(a[1].device if name == "all_gather" else a[0].device)
@@ -140,18 +163,15 @@ class Recorder:
                 return Work(rec, name, work) if kw.get("async_op") else work
             return call
 
-        monkeypatch.setattr(comm.P2P, "post", post)
-        monkeypatch.setattr(comm.Pending, "wait", wait)
-        # P2POp checks its op against c10d.isend/irecv: patch both names to the same wrapper
-        for mod in (dist, c10d):
-            monkeypatch.setattr(mod, "isend", isend)
-            monkeypatch.setattr(mod, "irecv", irecv)
-        monkeypatch.setattr(dist, "batch_isend_irecv", batch if nccl else real_batch)
         monkeypatch.setattr(dist, "all_gather", collective(real_all_gather, "all_gather"))
         monkeypatch.setattr(dist, "all_to_all_single", collective(real_a2a, "all_to_all_single"))
         monkeypatch.setattr(dist, "reduce_scatter", collective(real_rs, "reduce_scatter"))
         if nccl:  # what a ProcessGroupNCCL group reports; ringrt.distributed.comm.backend_for/is_nccl read it
             monkeypatch.setattr(dist, "get_backend", lambda group=None: dist.Backend("nccl"))
+
+    def _record_kernels(self, monkeypatch) -> None:
+        """Every kernel call, forward or backward, as an event between the posts and waits."""
+        rec = self
 
         def kernels(get):
             def make(*a, **kw):
@@ -160,7 +180,6 @@ class Recorder:
 
         monkeypatch.setattr(api, "get_kernel", kernels(api.get_kernel))
         monkeypatch.setattr(lambda_api, "get_kernel", kernels(lambda_api.get_kernel))
-        return self
 
     def take(self) -> "Recorder":
         """What was recorded so far, as a separate object; this recorder starts afresh (still installed)."""

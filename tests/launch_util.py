@@ -28,7 +28,7 @@ def run(cmd: list[str], *, timeout: float = 120, env: dict | None = None, cwd: P
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, 9)
         out, err = p.communicate()
-        raise AssertionError(f"{cmd} timed out after {timeout}s\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
+        raise AssertionError(f"{cmd} timed out after {timeout}s\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}") from None
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 

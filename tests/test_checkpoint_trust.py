@@ -77,7 +77,7 @@ def test_round_trip_bit_identical_with_manifest(tmp_path):
     got_t, got_py = _draws()
     assert meta == {"step": 20, "data_position": 20}
     assert torch.equal(got_t, want_t) and got_py == want_py and random.gauss(0.0, 1.0) == want_gauss
-    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     s1, s2 = opt.state_dict(), opt2.state_dict()
     assert s1["param_groups"] == s2["param_groups"]
@@ -177,7 +177,7 @@ def test_missing_manifest_refused_unless_opted_in(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="unverified"):
         assert checkpoint.load(p, model=model, optimizer=opt, trust_unverified=True)["step"] == 20
     ref, _ = _trained()
-    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), model.parameters(), strict=True))
 
 
 def test_writable_by_others_or_foreign_owner_refused(tmp_path, monkeypatch):

@@ -101,7 +101,7 @@ def test_packed_loss_equals_naive_and_llm_gets_no_gradient():
         assert torch.allclose(s_packed, s_naive, rtol=1e-11, atol=0), (k, s_packed.item(), s_naive.item())
         # RMSNorm normalises in fp32 even for fp64 inputs (llama.py), so gradients carry fp32 rounding:
         # measured max |packed - naive| <= 5e-8 x max |grad| per tensor; allowed 1e-6 x
-        for gp, gn in zip((p.grad for p in emb.parameters()), g_naive):
+        for gp, gn in zip((p.grad for p in emb.parameters()), g_naive, strict=True):
             assert (gp - gn).abs().max() <= 1e-6 * gn.abs().max(), (k, (gp - gn).abs().max())
         assert all(p.grad is None for p in llm.parameters())  # frozen: nothing reaches the LLM
         assert sum(p.grad.abs().sum() for p in emb.parameters()) > 0
@@ -123,7 +123,7 @@ def test_offline_cache_equals_fresh_encoding(tmp_path):
         built.save(tmp_path / f"c{base_k}.safetensors")
         cache = EmbeddingCache.load(tmp_path / f"c{base_k}.safetensors", context=ctx)
         for k in (2, 4, 8, 16, 32):
-            ref = torch.cat([f[:, select_indices(c, k)] for f, c in zip(fresh, lengths)], dim=1)
+            ref = torch.cat([f[:, select_indices(c, k)] for f, c in zip(fresh, lengths, strict=True)], dim=1)
             got = cache.compressed(k)
             assert got.shape == ref.shape == (1, compressed_len(74, 16, k), CFG.dim)
             assert torch.allclose(got, ref, atol=1e-6, rtol=0), (base_k, k)  # same math, other batching

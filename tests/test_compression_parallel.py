@@ -64,7 +64,7 @@ def test_sequence_parallel_compression_matches_one_process(world):
     from ringrt.ops.layout import positions
 
     for rank, cases in enumerate(run(_worker, world, timeout=200)):
-        for (err, scale, M, pos), expected_m in zip(cases, (24, 6 * 8 + 3, 14, 40)):
+        for (err, scale, M, pos), expected_m in zip(cases, (24, 6 * 8 + 3, 14, 40), strict=True):
             assert M == expected_m
             # fp64 model whose RMSNorm rounds to fp32 (llama.py): one-process vs ring differ by reordering only
             assert err <= 1e-5 * scale, (world, rank, err, scale)

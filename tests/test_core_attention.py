@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -125,7 +123,8 @@ def _bytes_relay(world, heads, kv_heads, elt, acc, batch=2):
 
     s_l = 12
     fwd, bwd = {}, {}
-    for name, ((h0, h1), _) in zip(("q", "out"), head_split(heads, kv_heads)):
+    # a single head moves in one direction only (head_split), on the first channel
+    for name, ((h0, h1), _) in zip(("q", "out"), head_split(heads, kv_heads), strict=False):
         h = h1 - h0
         f = world * s_l * batch * h * (D * elt + D * acc + acc)  # q, out accumulator, lse
         b = world * s_l * batch * h * (2 * D * elt + 2 * acc + D * acc)  # q, dout, lse, delta, dq accumulator
@@ -152,11 +151,11 @@ def test_tokenring_matches_fp64_reference(world):
             # tolerance measured, flash-attention style: at most 2x the error of PyTorch's own
             # attention in the same precision against the same fp64 reference (measured here: <= 1.5x)
             same = _reference(world, causal, heads, kv_heads, getattr(torch, dt.split(".")[1]))
-            for n, a, b, c in zip(names, full, ref, same):
+            for n, a, b, c in zip(names, full, ref, same, strict=True):
                 err, base = (a - b).abs().max().item(), (c - b).abs().max().item()
                 assert err <= 2 * base, f"{dt} {n} causal={causal}: error {err:.3g} vs same-precision {base:.3g}"
             continue
-        for n, a, b in zip(names, full, ref):
+        for n, a, b in zip(names, full, ref, strict=True):
             err = (a - b).abs().max().item()
             assert err <= TOL[dt], f"{n} causal={causal} heads={heads}/{kv_heads} {topology} {dt}: max error {err:.3g}"
     for rank, res in enumerate(per_rank):
@@ -193,7 +192,7 @@ def _worker_groups(rank, world):
         qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
         ref = reference_attention(qr, kr, vr, causal=True)
         ref.backward(do)
-        errs[name] = max((a - b).abs().max().item() for a, b in zip(got, (ref.detach(), qr.grad, kr.grad, vr.grad)))
+        errs[name] = max((a - b).abs().max().item() for a, b in zip(got, (ref.detach(), qr.grad, kr.grad, vr.grad), strict=True))
     return errs
 
 

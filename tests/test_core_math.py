@@ -122,7 +122,7 @@ def test_cpu_backward_with_the_real_output_equals_the_surrogate_path():
         with_out = kern.backward(dout, q, k, v, lse, delta, causal=causal, mask=None, scale=0.25, out=out)
         rebuilt = kern.backward(dout, q, k, v, lse, delta, causal=causal, mask=None, scale=0.25)
         exact = MathKernel().backward(*(x.double() for x in (dout, q, k, v, lse, delta)), causal=causal, mask=None, scale=0.25)
-        for a, b, ref in zip(with_out, rebuilt, exact):
+        for a, b, ref in zip(with_out, rebuilt, exact, strict=True):
             # fp32 block gradients of O(1) entries: both paths within 2e-5 of fp64 and of each other
             torch.testing.assert_close(a.double(), ref, atol=2e-5, rtol=0)
             torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
@@ -165,7 +165,7 @@ def test_pack_unpack_mixed_dtypes_and_odd_offsets():
     buf = comm.pack(ts)
     assert buf.numel() == comm.nbytes([comm.spec_of(t) for t in ts]) == 30 + 12 + 48
     back = comm.unpack(buf, [comm.spec_of(t) for t in ts])
-    assert all(torch.equal(a, b) for a, b in zip(ts, back))
+    assert all(torch.equal(a, b) for a, b in zip(ts, back, strict=True))
     with pytest.raises(ValueError, match="packed message has"):
         comm.unpack(buf, [comm.spec_of(ts[0])])
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from ringrt.ops.layout import rank_chunks
@@ -101,11 +103,11 @@ def test_relay_visits_every_rank_once_and_returns_home(world, direction):
             # after the last hop the bundle is home: the last holder is the owner's neighbour
             last = steps[-1]
             assert (last.send_to == last.owner) or world == 1
-        for o, v in visits.items():
+        for v in visits.values():
             assert sorted(r for _, r in v) == list(range(world))
             # consecutive steps are consecutive ranks in the travel direction
             path = [r for _, r in sorted(v)]
-            assert all((b - a) % world == direction % world for a, b in zip(path, path[1:]))
+            assert all((b - a) % world == direction % world for a, b in itertools.pairwise(path))
 
 
 def test_block_for_rejects_nothing_for_known_layouts():

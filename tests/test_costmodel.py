@@ -24,7 +24,7 @@ def test_tokenring_closed_form_matches_schedule_tables():
             for layout in ("zigzag", "contiguous"):
                 for r in range(world):
                     for (block, q_rows, out_rows, _), st in zip(cm.tokenring_traffic(r, world, causal, layout),
-                                                                tokenring_schedule(r, world, causal, layout)):
+                                                                tokenring_schedule(r, world, causal, layout), strict=True):
                         assert block == st.block
                         assert q_rows == (st.q_send.rows if st.q_send else None)
                         assert out_rows == (st.out_send.rows if st.out_send else None)

@@ -60,7 +60,8 @@ def _bind(packet, args: tuple, kwargs: dict) -> dict:
     positional = [a for a in schema.arguments if not a.kwarg_only]
     if len(args) > len(positional):
         raise TypeError(f"{schema.name}: {len(args)} positional arguments, at most {len(positional)}")
-    bound = {a.name: x for a, x in zip(positional, args)}
+    # fewer positional arguments than parameters: the rest come by keyword or default
+    bound = {a.name: x for a, x in zip(positional, args, strict=False)}
     for name, x in kwargs.items():
         if name not in params or name in bound:
             raise TypeError(f"{schema.name}: unknown or repeated argument {name!r}")
@@ -94,7 +95,7 @@ def _bias_problems(bias: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> list
         bad.append(f"bias {tuple(bias.shape)} vs (B, H, M, N) {(b, nh, m, k.shape[1])}")
     if bias.stride(-1) != 1:
         bad.append(f"bias stride {bias.stride()}")
-    for dim, (size, stride) in enumerate(zip(bias.shape[:-1], bias.stride()[:-1])):
+    for dim, (size, stride) in enumerate(zip(bias.shape[:-1], bias.stride()[:-1], strict=True)):
         if size > 1 and stride % a:
             bad.append(f"bias stride({dim}) = {stride} is not a multiple of {a} ({bias.dtype})")
     if bias.storage_offset() % a:
@@ -330,7 +331,7 @@ def _check_against_reference(kern, q, k, v, dout, *, causal, mask, dtype):
     _assert_measured(lse, ref[1], low[1], "lse")
     delta = (dout.double() * ref[0]).sum(-1).float()
     grads = kern.backward(dout, q, k, v, ref[1].float(), delta, causal=causal, mask=mask, scale=scale)
-    for name, gd, r, lo in zip(("dq", "dk", "dv"), grads, ref[2], low[2]):
+    for name, gd, r, lo in zip(("dq", "dk", "dv"), grads, ref[2], low[2], strict=True):
         assert gd.dtype == q.dtype
         _assert_measured(gd, r, lo, name)
 

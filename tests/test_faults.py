@@ -60,11 +60,11 @@ def _worker_bad_timeouts(rank, world):
     mask = LambdaMask(n_global=2, n_local=3)
     for name, bad in BAD_TIMEOUTS.items():
         comm.reset_stats()
-        res[f"attention_{name}"] = (caught(lambda: ringrt.attention(q, k, v, timeout=bad)), _moved())
+        res[f"attention_{name}"] = (caught(lambda bad=bad: ringrt.attention(q, k, v, timeout=bad)), _moved())
     for name in ("zero", "negative"):
         comm.reset_stats()
         bad = BAD_TIMEOUTS[name]
-        res[f"lambda_{name}"] = (caught(lambda: ringrt.lambda_attention(q, k, v, mask=mask, timeout=bad)), _moved())
+        res[f"lambda_{name}"] = (caught(lambda bad=bad: ringrt.lambda_attention(q, k, v, mask=mask, timeout=bad)), _moved())
     # only one rank passes a bad value: the others must not be left waiting for it
     comm.reset_stats()
     res["rank1_only"] = (caught(lambda: ringrt.attention(q, k, v, timeout=0 if rank == 1 else 30)), _moved())
@@ -161,11 +161,12 @@ def _worker_requires_grad(rank, world):
     for name, call in cases.items():
         comm.reset_stats()
         q, k, v = _qkv(rank, grad=rank == 0)  # only rank 0's inputs need gradients
-        res[name] = (caught(lambda: call(q, k, v).sum().backward() if q.requires_grad else call(q, k, v)), _moved())
+        res[name] = (caught(lambda call=call, q=q, k=k, v=v: call(q, k, v).sum().backward() if q.requires_grad else call(q, k, v)),
+                     _moved())
         comm.reset_stats()
         q, k, v = _qkv(rank, grad=True)
         with torch.set_grad_enabled(rank == 1):  # grad mode off on rank 0 only
-            res[f"{name}_no_grad"] = (caught(lambda: call(q, k, v)), _moved())
+            res[f"{name}_no_grad"] = (caught(lambda call=call, q=q, k=k, v=v: call(q, k, v)), _moved())
     return res
 
 
@@ -315,3 +316,39 @@ def test_collective_failures_say_what_happened(one_rank):
     with pytest.raises(ValueError, match=r"timeout=0 must be a positive finite number of seconds or None"):
         comm.collective("all_reduce", lambda: _FailingWork(GLOO_CLOSED), group=one_rank, device=torch.device("cpu"),
                         timeout_s=0, channel="loss")
+
+
+class _DoneWork:
+    def wait(self, timeout=None):
+        return True
+
+
+NCCL_ERROR = "NCCL error in: ProcessGroupNCCL.cpp:1970, remote process exited or there was a network error"
+
+
+@pytest.mark.parametrize("works", [3, 2, 1])
+def test_a_failed_nccl_batch_blames_the_peers_its_failed_work_stands_for(monkeypatch, works):
+    """Rank 1 of 4 posts one batch (send to 0, receive from 2, receive from 3) and the backend hands
+    back ``works`` works, the second (or only) one failing. One work per transfer: only that
+    transfer's peer is blamed. Fewer: a work cannot be pinned on one transfer, so every peer is."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    batch = [_DoneWork(), _FailingWork(NCCL_ERROR), _DoneWork()][:works] if works > 1 else [_FailingWork(NCCL_ERROR)]
+    monkeypatch.setattr(dist, "batch_isend_irecv", lambda ops: batch)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: dist.Backend("nccl"))
+    dist.init_process_group("fake", store=FakeStore(), rank=1, world_size=4)
+    try:
+        chan = comm.P2P(dist.group.WORLD, "q", timeout=2.0)
+        pending = chan.post(step=5, sends=[(0, torch.zeros(8, dtype=torch.uint8))], recvs=[(2, 8), (3, 8)])
+        with pytest.raises(comm.CommError) as info:
+            pending.wait()
+    finally:
+        dist.destroy_process_group()
+    msg = str(info.value)
+    assert msg.startswith("rank 1 (of 4) on channel 'q', step 5: "), msg
+    if works == 3:
+        assert "receive from peer 2 failed" in msg and "is rank 2 alive" in msg, msg
+        assert "peer 0" not in msg and "peer 3" not in msg, msg
+    else:
+        assert "the batched transfers (send to peer 0, receive from peer 2, receive from peer 3) failed" in msg, msg
+        assert "any of ranks 0, 2, 3" in msg, msg

@@ -185,7 +185,7 @@ def test_a_bad_setting_is_one_line_and_exit_2(tmp_path):
 
 
 def test_only_our_own_value_errors_are_user_errors():
-    from ringrt.cli import is_user_error
+    from ringrt.run.errors import is_user_error
 
     def ours():
         from ringrt.data.config import DataConfig

@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -113,7 +112,7 @@ def test_local_sweep_prints_one_result_line_per_job(tmp_path):
     (sweep,) = (tmp_path / "multirun").glob("*/*")  # Hydra's default multirun/<date>/<time>
     lines = [line for line in p.stdout.splitlines() if line.startswith("sweep job ")]
     assert len(lines) == 2, p.stdout[-3000:]
-    for job, (line, lr) in enumerate(zip(lines, ("0.001", "0.003"))):
+    for job, (line, lr) in enumerate(zip(lines, ("0.001", "0.003"), strict=True)):
         last = json.loads((sweep / str(job) / "metrics.jsonl").read_text().splitlines()[-1])
         where = sweep.relative_to(tmp_path) / str(job)
         assert line == f"sweep job {job} (train.lr={lr}): step 2 | loss {last['loss']:.4g} -> {where}", line

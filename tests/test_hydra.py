@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
-from ringrt.run.config import TrainRun
+from ringrt.runs import TrainRun
 from ringrt.run.schema import ConfigError, from_dict
 from tests.launch_util import PYTHON, REPO, check_probe, run
 
@@ -115,7 +114,7 @@ def test_conf_lists_every_schema_field():
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from ringrt.run.config import EvalRun, GenerateRun, ProbeRun
+    from ringrt.runs import EvalRun, GenerateRun, ProbeRun
 
     def missing(cls, data, prefix=""):
         out = []

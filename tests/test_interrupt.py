@@ -63,7 +63,7 @@ class Launch:
             self.p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise AssertionError(f"still running {timeout} s after Ctrl-C:\n" + self.text())
+            raise AssertionError(f"still running {timeout} s after Ctrl-C:\n" + self.text()) from None
         for t in self._readers:
             t.join(timeout=5)
         return self.p.returncode

@@ -17,8 +17,8 @@ import torch
 from ringrt.data.config import DataConfig
 from ringrt.jobs.config import EvalConfig, EvalJobConfig, GenerateConfig, TrainConfig, TrainJobConfig
 from ringrt.jobs.passkey import QUESTION, passkey_example
-from ringrt.jobs.train import lr_at
 from ringrt.model.config import AttentionConfig, ModelConfig
+from ringrt.run.lr_schedule import lr_at
 from tests.distributed import run
 
 LAMBDA = AttentionConfig(lambda_mask=True, n_global=4, n_local=16)

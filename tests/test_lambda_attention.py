@@ -6,8 +6,6 @@ halo formula, the two invariances, and input errors raised on every rank before 
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -134,16 +132,17 @@ def _tokenring_bytes(rank, world, s, nl, h):
 
 
 def _check(world, results, fp32_case):
-    for alg, i, (ng, nl, lim, s, block, h, kvh) in [(a, j, c) for a in ALGS for j, c in enumerate(CASES)]:
+    for alg, i, (ng, nl, lim, s, _block, h, kvh) in [(a, j, c) for a in ALGS for j, c in enumerate(CASES)]:
         n = world * s
         q, k, v, dout = _full(n, h, kvh, seed=100 + i)
         q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
         ref = lambda_reference(q, k, v, n_global=ng, n_local=nl, limit=lim)
         grads = torch.autograd.grad(ref, (q, k, v), dout)
         got = [torch.cat([torch.from_numpy(r["cases"][alg, i][0][j]) for r in results], 1) for j in range(4)]
-        for name, a, b in zip(("out", "dq", "dk", "dv"), got, (ref, *grads)):
+        for name, a, b in zip(("out", "dq", "dk", "dv"), got, (ref, *grads), strict=True):
             # fp64 throughout: only summation-order rounding, measured <= 2e-15 here
-            torch.testing.assert_close(a, b.detach(), rtol=0, atol=1e-12, msg=lambda m: f"{alg} case {i} {name} W={world}: {m}")
+            torch.testing.assert_close(a, b.detach(), rtol=0, atol=1e-12,
+                                       msg=lambda m, alg=alg, i=i, name=name: f"{alg} case {i} {name} W={world}: {m}")
         for rank, r in enumerate(results):
             st = {name: c for name, c in r["cases"][alg, i][1].items() if any(c)}
             halo, glob = _halo_bytes(rank, world, s, ng, nl, kvh)
@@ -179,7 +178,7 @@ def _check(world, results, fp32_case):
         ref32 = lambda_reference(q, k, v, n_global=4, n_local=12, dtype=torch.float32)
         g64 = torch.autograd.grad(ref64, (q, k, v), dout.double())
         g32 = torch.autograd.grad(ref32, (q, k, v), dout)
-        for name, a, r64, r32 in zip(("out", "dq", "dk", "dv"), got, (ref64, *g64), (ref32, *g32)):
+        for name, a, r64, r32 in zip(("out", "dq", "dk", "dv"), got, (ref64, *g64), (ref32, *g32), strict=True):
             ours = (a.double() - r64.detach()).abs().max().item()
             theirs = (r32.double() - r64.detach()).abs().max().item()
             # flash-attention's criterion: at most 2x the error of the same formula in plain fp32 math,

@@ -119,7 +119,7 @@ def test_hf_parity_fp32_sharded_within_2x_of_hf_fp32(tmp_path):
     cases32 = [(p, t, l, lay, torch.float32, ref64) for (p, t, l, lay, _, ref64) in cases64]
     hf32 = [_hf_reference(p, t, l, torch.float32) for (p, t, l, lay, _, _) in cases64]
     results = run(_worker, 2, cases32)
-    for i, ((ref_logits, ref_loss, ref_grads), h32) in enumerate(zip([c[5] for c in cases64], hf32)):
+    for i, ((ref_logits, _, ref_grads), h32) in enumerate(zip([c[5] for c in cases64], hf32, strict=True)):
         hf_logit = (h32[0].double() - ref_logits).abs().max().item()
         hf_grad = max((h32[2][n].double() - g).abs().max().item() for n, g in ref_grads.items())
         for errs in results:

@@ -119,7 +119,7 @@ def _case_failures(world: int, case: tuple, got: list[torch.Tensor]) -> list[str
     other = torch.randn(heads if which == "q" else kv_heads, D, generator=torch.Generator().manual_seed(7),
                         dtype=torch.float64) + 0.5
     moved = _reference(case, _with((q, k, v), which, pos, other), do)
-    depends = [a != b for a, b in zip(clean, moved)]  # (B, N, H, D) bool each: out, dq, dk, dv
+    depends = [a != b for a, b in zip(clean, moved, strict=True)]  # (B, N, H, D) bool each: out, dq, dk, dv
 
     # the row rule for the output
     rows = torch.zeros(B, n, dtype=torch.bool)
@@ -137,7 +137,7 @@ def _case_failures(world: int, case: tuple, got: list[torch.Tensor]) -> list[str
         bad.append(f"{case} out: NaN rows {rows_of(got[0].isnan())}, want {rows_of(rows[..., None, None])}")
     if which == "q" and not torch.equal(got[1].isnan().any(-1).any(-1), rows):  # its own dq row, no other
         bad.append(f"{case} dq: NaN rows {rows_of(got[1].isnan())}, want {rows_of(rows[..., None, None])}")
-    for name, a, dep, ref in zip(("out", "dq", "dk", "dv"), got, depends, clean):
+    for name, a, dep, ref in zip(("out", "dq", "dk", "dv"), got, depends, clean, strict=True):
         if not torch.equal(a.isnan(), dep):
             bad.append(f"{case} {name}: NaN at rows {rows_of(a.isnan())}, want exactly {rows_of(dep)}")
         err = (a[~dep].double() - ref[~dep]).abs().max().item() if (~dep).any() else 0.0
@@ -155,7 +155,7 @@ def test_nan_single_process():
         for case in (("attention", "tokenring", True, "cpu", "v", POS), ("attention", "ring", False, "math", "q", POS)):
             want = results[case]
             got = _run_case(0, 1, case, dtype)
-            for a, b in zip(got, want):
+            for a, b in zip(got, want, strict=True):
                 assert torch.equal(a.isnan(), b.isnan()), (dtype, case)
 
 

@@ -294,4 +294,4 @@ def test_register_rejects_shared_groups():
     with fake_rank(0, 2):
         g, q = dist.new_group([0, 1]), dist.new_group([0, 1])
         with pytest.raises(ValueError, match="three different groups"):
-            groups.register(g, q=q, out=q)
+            groups.register(g, lanes=(q, q))

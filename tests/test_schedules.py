@@ -4,8 +4,6 @@ formulas in each schedule's note; bad head counts rejected on every rank before 
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -59,7 +57,7 @@ def _exactness_worker(rank, world):
                 got = (out, dq, dk, dv)
                 want = (ref.detach(), qr.grad, kr.grad, vr.grad)
                 errors[(algo, causal, heads, kv_heads)] = max(
-                    (a - ringrt.shard(b, layout=layout)).abs().max().item() for a, b in zip(got, want)
+                    (a - ringrt.shard(b, layout=layout)).abs().max().item() for a, b in zip(got, want, strict=True)
                 )
                 traffic[(algo, causal, heads, kv_heads)] = st
     return errors, traffic
@@ -144,7 +142,7 @@ def _fp32_worker(rank, world):
 def test_schedules_fp32_cpu_kernel_within_twice_torch_error():
     for rank_res in run(_fp32_worker, 4):
         for key, (errs, base) in rank_res.items():
-            for name, e, b in zip(("out", "dq", "dk", "dv"), errs, base):
+            for name, e, b in zip(("out", "dq", "dk", "dv"), errs, base, strict=True):
                 # flash-attention's rule: at most 2x the error of same-precision PyTorch attention,
                 # plus 1e-6 for sums that land exactly on the reference in PyTorch's order
                 assert e <= 2 * b + 1e-6, (key, name, e, b)
@@ -243,13 +241,13 @@ def _tuning_worker(rank, world, machine_dict, slow: str | None, tune_env: str):
     auto._MACHINES["cpu"] = costmodel.machine_from_dict(machine_dict)
     auto._CHOICES.clear()
     if slow is not None:
-        fast = auto.RUNNERS[slow]
+        fast = auto.SCHEDULES[slow]
 
         def slowed(*a):
             time.sleep(0.06)
             return fast(*a)
 
-        auto.RUNNERS[slow] = slowed
+        auto.SCHEDULES[slow] = slowed
     q, k, v, do = _problem(5, world, 8, 8)
     first = _run_one(q, k, v, do, algo="auto", causal=True, kernel="math")
     (key, (name, ests, measured)), = auto._CHOICES.items()
@@ -258,7 +256,7 @@ def _tuning_worker(rank, world, machine_dict, slow: str | None, tune_env: str):
     ref = reference_attention(qr, kr, vr, causal=True)
     ref.backward(do)
     err = max((a - ringrt.shard(b, layout="zigzag")).abs().max().item()
-              for run_ in (first, second) for a, b in zip(run_[1:5], (ref.detach(), qr.grad, kr.grad, vr.grad)))
+              for run_ in (first, second) for a, b in zip(run_[1:5], (ref.detach(), qr.grad, kr.grad, vr.grad), strict=True))
     channels = [sorted(n for n, c in r[5].items() if c[0] or c[1]) for r in (first, second)]
     return name, [e.schedule for e in ests], measured, err, channels
 

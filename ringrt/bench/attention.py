@@ -10,7 +10,7 @@ Also reported: bytes moved per rank per call (forward and backward) from the cha
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import os
 import statistics
 import time
@@ -51,6 +51,32 @@ def _time(fn) -> float:
     return time.perf_counter() - t0
 
 
+def _sides(rank: int, world: int, cfg: dict, layout: str, full, local):
+    """(single, ring): one call, ``fwd_only`` or fwd+bwd, of each side on one length's tensors
+    (``full``: q, k, v, do of the whole sequence; ``local``: this rank's shards of them)."""
+    q, k, v, do = full
+    ql, kl, vl, dol = local
+    kvh, h = cfg["kv_heads"], cfg["heads"]
+
+    def single(fwd_only: bool):
+        if rank != 0:
+            return
+        torch.set_num_threads(world)
+        qs, ks, vs = (x.transpose(1, 2).requires_grad_(not fwd_only) for x in (q, k, v))
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=cfg["causal"], enable_gqa=kvh != h)
+        if not fwd_only:
+            o.backward(do.transpose(1, 2))
+        torch.set_num_threads(1)
+
+    def ring(fwd_only: bool):
+        qr, kr, vr = (x.detach().requires_grad_(not fwd_only) for x in (ql, kl, vl))
+        o = attention(qr, kr, vr, causal=cfg["causal"], layout=layout, topology=cfg["topology"])
+        if not fwd_only:
+            o.backward(dol)
+
+    return single, ring
+
+
 def _job(rank: int, world: int, cfg: dict) -> list[dict]:
     dtype = getattr(torch, cfg["dtype"])
     h, kvh, d, b = cfg["heads"], cfg["kv_heads"], cfg["head_dim"], cfg["batch"]
@@ -62,38 +88,23 @@ def _job(rank: int, world: int, cfg: dict) -> list[dict]:
         k = torch.randn(b, s, kvh, d, generator=g).to(dtype)
         v = torch.randn(b, s, kvh, d, generator=g).to(dtype)
         do = torch.randn(b, s, h, d, generator=g).to(dtype)
-        ql, kl, vl, dol = (shard(x, layout=layout) for x in (q, k, v, do))
-
-        def single(fwd_only: bool):
-            if rank != 0:
-                return
-            torch.set_num_threads(world)
-            qs, ks, vs = (x.transpose(1, 2).requires_grad_(not fwd_only) for x in (q, k, v))
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=cfg["causal"], enable_gqa=kvh != h)
-            if not fwd_only:
-                o.backward(do.transpose(1, 2))
-            torch.set_num_threads(1)
-
-        def ring(fwd_only: bool):
-            qr, kr, vr = (x.detach().requires_grad_(not fwd_only) for x in (ql, kl, vl))
-            o = attention(qr, kr, vr, causal=cfg["causal"], layout=layout, topology=cfg["topology"])
-            if not fwd_only:
-                o.backward(dol)
+        local = tuple(shard(x, layout=layout) for x in (q, k, v, do))
+        single, ring = _sides(rank, world, cfg, layout, (q, k, v, do), local)
 
         torch.set_num_threads(1)
         for fwd_only in (True, False):
             single(fwd_only), ring(fwd_only)  # warm-up
             ts, tr = [], []
             for _ in range(cfg["reps"]):
-                ts.append(_time(lambda: single(fwd_only)))
-                tr.append(_time(lambda: ring(fwd_only)))
+                ts.append(_time(functools.partial(single, fwd_only)))
+                tr.append(_time(functools.partial(ring, fwd_only)))
             comm.reset_stats()
             ring(fwd_only)
             st = comm.stats()
             rows.append({
                 "seq": s, "pass": "fwd" if fwd_only else "fwd+bwd",
                 "t_single_s": statistics.median(ts), "t_ring_s": statistics.median(tr),
-                "efficiency": statistics.median(a / b_ for a, b_ in zip(ts, tr)),
+                "efficiency": statistics.median(a / b_ for a, b_ in zip(ts, tr, strict=True)),
                 "bytes_sent_per_rank": sum(c.bytes_sent for c in st.values()),
                 "bytes_recv_per_rank": sum(c.bytes_recv for c in st.values()),
                 "bytes_by_channel": {k_: v_.bytes_sent for k_, v_ in st.items()},

@@ -103,25 +103,69 @@ def _call(name, q, k, v, causal, world, ds_attn):
     return ringrt.attention(q, k, v, causal=causal, algorithm=name)
 
 
-def _worker(rank, world, grid, reps):
+def _deepspeed_attention(world):
+    """DeepSpeed's ``DistributedAttention`` over the whole group, or why it cannot run here (a
+    string, reported as the reason its rows are skipped); None on one rank."""
     import torch.distributed as dist
 
-    ds_attn = None
-    if world > 1:
-        try:
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-            import deepspeed
-            from deepspeed.sequence.layer import DistributedAttention
+    if world == 1:
+        return None
+    try:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+        from deepspeed.sequence.layer import DistributedAttention
 
-            deepspeed.init_distributed(dist_backend="gloo")
+        deepspeed.init_distributed(dist_backend="gloo")
 
-            def local(q_, k_, v_, *a, **kw):
-                return F.scaled_dot_product_attention(q_.transpose(1, 2), k_.transpose(1, 2), v_.transpose(1, 2),
-                                                      is_causal=kw.get("causal", True), enable_gqa=True).transpose(1, 2)
+        def local(q_, k_, v_, *a, **kw):
+            return F.scaled_dot_product_attention(q_.transpose(1, 2), k_.transpose(1, 2), v_.transpose(1, 2),
+                                                  is_causal=kw.get("causal", True), enable_gqa=True).transpose(1, 2)
 
-            ds_attn = DistributedAttention(local, dist.group.WORLD, scatter_idx=2, gather_idx=1)
-        except Exception as e:  # not installed or not usable here: reported as skipped
-            ds_attn = repr(e)[:120]
+        return DistributedAttention(local, dist.group.WORLD, scatter_idx=2, gather_idx=1)
+    except Exception as e:  # not installed or not usable here: reported as skipped
+        return repr(e)[:120]
+
+
+def _rounds(runnable, reps, world, rank, seq, heads, kv_heads, d, causal, grad, ds_attn) -> dict:
+    """Round 0 warms every contender up, then ``reps`` measured rounds, round-robin. Returns
+    ``spans`` ((start, end) per measured round), ``rss`` (largest peak growth) and ``sent`` (bytes
+    of the last round) per contender, ``errors`` (the first failure of a contender, which then sits
+    out the remaining rounds) and ``ran`` (what auto ran, and what it measured when it tuned)."""
+    times: dict[str, list[tuple[float, float]]] = {n: [] for n in runnable}  # (start, end) per round
+    ran: dict = {}
+    rss = dict.fromkeys(runnable, 0)
+    sent = dict.fromkeys(runnable, 0)
+    errors: dict[str, str] = {}
+    for i in range(reps + 1):  # round 0 warms up every contender
+        for name in runnable:
+            if name in errors:
+                continue
+            try:
+                span, peak, nbytes = _run_once(name, world, rank, seq, heads, kv_heads, d, causal, grad, ds_attn)
+            except Exception as e:
+                errors[name] = f"error: {type(e).__name__}: {str(e)[:160]}"
+                continue
+            if name == "auto":
+                _note_auto_choice(ran)
+            if i > 0:
+                times[name].append(span)
+                rss[name] = max(rss[name], peak)
+                sent[name] = nbytes
+    return dict(spans=times, rss=rss, sent=sent, errors=errors, ran=ran)
+
+
+def _note_auto_choice(ran: dict) -> None:
+    """Record in ``ran`` the schedule auto's last call ran and, from its first call, what it measured."""
+    from ringrt.schedules.auto import last_choice
+
+    choice = last_choice()
+    if choice is not None:
+        ran["auto_ran"] = choice[0]
+        ran.setdefault("auto_measured", choice[1])
+
+
+def _worker(rank, world, grid, reps):
+    ds_attn = _deepspeed_attention(world)
     rows = []
     for seq, heads, kv_heads, d, causal, mode in grid:
         names = ["single"] if world == 1 else [*OURS, "deepspeed", "torch_cp"]
@@ -133,39 +177,14 @@ def _worker(rank, world, grid, reps):
                 rows.append(dict(cfg, name=name, skipped=skip))
             else:
                 runnable.append(name)
-        times: dict[str, list[tuple[float, float]]] = {n: [] for n in runnable}  # (start, end) per round
-        ran: dict = {}  # what auto ran, and what it measured when it tuned
-        rss = dict.fromkeys(runnable, 0)
-        sent = dict.fromkeys(runnable, 0)
-        errors: dict[str, str] = {}
-        grad = mode == "fwd+bwd"
-        for i in range(reps + 1):  # round 0 warms up every contender
-            for name in runnable:
-                if name in errors:
-                    continue
-                try:
-                    span, peak, nbytes = _run_once(name, world, rank, seq, heads, kv_heads, d, causal, grad, ds_attn)
-                except Exception as e:
-                    errors[name] = f"error: {type(e).__name__}: {str(e)[:160]}"
-                    continue
-                if name == "auto":
-                    from ringrt.schedules.auto import last_choice
-
-                    choice = last_choice()
-                    if choice is not None:
-                        ran["auto_ran"] = choice[0]
-                        ran.setdefault("auto_measured", choice[1])
-                if i > 0:
-                    times[name].append(span)
-                    rss[name] = max(rss[name], peak)
-                    sent[name] = nbytes
+        got = _rounds(runnable, reps, world, rank, seq, heads, kv_heads, d, causal, mode == "fwd+bwd", ds_attn)
         for name in runnable:
-            if name in errors:
-                rows.append(dict(cfg, name=name, skipped=errors[name]))
+            if name in got["errors"]:
+                rows.append(dict(cfg, name=name, skipped=got["errors"][name]))
                 continue
-            rows.append(dict(cfg, name=name, spans=times[name], rss=rss[name],
-                             bytes_sent=sent[name] if name not in ("deepspeed", "torch_cp") else None,
-                             **(ran if name == "auto" else {})))
+            rows.append(dict(cfg, name=name, spans=got["spans"][name], rss=got["rss"][name],
+                             bytes_sent=got["sent"][name] if name not in ("deepspeed", "torch_cp") else None,
+                             **(got["ran"] if name == "auto" else {})))
     return rows
 
 
@@ -276,7 +295,7 @@ def _merge_ranks(res: list[list[dict]]) -> list[dict]:
                 by_key[key] = dict(r)
                 continue
             if "spans" in r and "spans" in cur:
-                cur["spans"] = [(min(a[0], b[0]), max(a[1], b[1])) for a, b in zip(cur["spans"], r["spans"])]
+                cur["spans"] = [(min(a[0], b[0]), max(a[1], b[1])) for a, b in zip(cur["spans"], r["spans"], strict=True)]
                 cur["rss"] = max(cur["rss"], r["rss"])
                 if r.get("bytes_sent") is not None:
                     cur["bytes_sent"] = max(cur["bytes_sent"], r["bytes_sent"])
@@ -295,6 +314,7 @@ def _price(r: dict, machine) -> None:
     """The model's time for row ``r`` (``model``, ``model_err``; ``auto`` is priced as the schedule it
     ran, and ``model_pick`` is the model's own first choice)."""
     from ringrt.schedules.auto import choose
+    from ringrt.schedules.hybrid import degree_setting
     from ringrt.schedules import costmodel as cm
 
     layout = "contiguous" if (r["name"] == "deepspeed" or not r["causal"]) else "zigzag"
@@ -304,11 +324,12 @@ def _price(r: dict, machine) -> None:
         if r["name"] == "single":
             r["model"] = cm.single_device(p, machine)
         elif r["name"] == "auto":
-            r["model_pick"], ests = choose(p, machine, r["world"])
+            r["model_pick"], ests = choose(p, machine, r["world"], ulysses_degree=degree_setting(r["world"]))
             ran = r.get("auto_ran", r["model_pick"])
             r["model"] = next((e.total for e in ests if e.schedule == ran), ests[0].total)
         elif r["name"] in cm.SCHEDULES or r["name"] == "deepspeed":
-            r["model"] = cm.estimate("ulysses" if r["name"] == "deepspeed" else r["name"], p, machine, r["world"]).total
+            name = "ulysses" if r["name"] == "deepspeed" else r["name"]
+            r["model"] = cm.estimate(name, p, machine, r["world"], ulysses_degree=degree_setting(r["world"])).total
         else:
             return
     except ValueError:
@@ -341,7 +362,7 @@ def _targets(rows) -> dict:
             configs.setdefault(key, {})[r["name"]] = r
     for stat, suffix in (("time", ""), ("median", " (medians)"), ("noise", " (within noise)")):
         tr_wins = tr_total = auto_wins = auto_total = 0
-        for (w, s, h, hk, c, mo), t in configs.items():
+        for (_, _, h, hk, _, _), t in configs.items():
             val = "median" if stat == "median" else "time"
             peers = {n: r[val] for n, r in t.items() if n not in ("tokenring", "auto")}
             if not peers:
@@ -395,13 +416,14 @@ def _plot(result, path) -> None:
     rows = [r for r in result["rows"] if "time" in r]
     cases = sorted({(r["heads"], r["kv_heads"], r["causal"], r["mode"]) for r in rows})
     fig, axes = plt.subplots(1, max(1, len(cases)), figsize=(4 * max(1, len(cases)), 4), squeeze=False)
-    for ax, (h, hk, c, mo) in zip(axes[0], cases):
+    # with no case the figure still has its one (empty) axis: zip stops at the cases
+    for ax, (h, hk, c, mo) in zip(axes[0], cases, strict=False):
         sel = [r for r in rows if (r["heads"], r["kv_heads"], r["causal"], r["mode"]) == (h, hk, c, mo)]
         seq = max(r["seq"] for r in sel)
         for name in sorted({r["name"] for r in sel}):
             pts = sorted((r["world"], r["time"] * 1e3) for r in sel if r["name"] == name and r["seq"] == seq)
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=name)
+                ax.plot(*zip(*pts, strict=True), marker="o", label=name)
         ax.set_title(f"{h}/{hk} heads, {'causal' if c else 'full'}, {mo}, S={seq}", fontsize=8)
         ax.set_xlabel("W (gloo ranks, CPU)")
         ax.set_ylabel("ms (measured)")

@@ -16,7 +16,6 @@ Writes ``compression.json``, ``compression.png`` (perplexity) and ``compression_
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from pathlib import Path
@@ -62,7 +61,7 @@ def attention_rows(*, n_heads: int, n_kv_heads: int, head_dim: int, context: int
     base = ks[0]
     rows = []
     for k in ks:
-        ratio = statistics.median(a / b for a, b in zip(times[base][1:], times[k][1:]))
+        ratio = statistics.median(a / b for a, b in zip(times[base][1:], times[k][1:], strict=True))
         rows.append({"k": k, "tokens": lengths[k], "attention_ms": 1e3 * statistics.median(times[k][1:]),
                      "speedup": ratio, "target_k2_over_2": k * k / 2,
                      "kv_bytes_per_layer": 2 * lengths[k] * n_kv_heads * head_dim * 4})
@@ -89,7 +88,7 @@ def main(args: argparse.Namespace) -> int:
     from ..compression.config import CompressionConfig
     from ..data.config import DataConfig
     from ..jobs.config import EvalConfig, EvalJobConfig, TrainConfig, TrainJobConfig
-    from ..jobs.eval import resolve_checkpoint
+    from ..run.rundir import resolve_checkpoint
     from ..model.hf import read_config
     from ..distributed.spawn import run_local
 

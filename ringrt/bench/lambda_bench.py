@@ -19,6 +19,7 @@ wall times mean little. Besides wall time each point also records the CPU time o
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -89,6 +90,15 @@ def _bytes(fwd, do) -> dict:
     }
 
 
+def _forward_backward(fwd, do) -> None:
+    fwd().backward(do)
+
+
+def _median_ratio(ts, first, i: int) -> float:
+    """Median over reps of ``ts[rep][i] / first[rep][i]`` (i = 0: wall time, 1: CPU time)."""
+    return statistics.median(a[i] / b[i] for a, b in zip(ts, first, strict=True))
+
+
 def _job(rank: int, world: int, cfg: dict) -> list[dict]:
     """Every (kind, N) point is timed once per rep, the points interleaved within each rep, so that a
     slow drift of the shared machine hits all points alike; ratios are then taken per rep."""
@@ -116,17 +126,17 @@ def _job(rank: int, world: int, cfg: dict) -> list[dict]:
     times: dict[tuple[str, int], list[tuple[float, float]]] = {(kind, n): [] for kind, n, _, _ in points}
     for rep in range(cfg["reps"] + 1):  # rep 0 is the warm-up
         for kind, n, fwd, do in points:
-            t = _time_once(lambda: fwd().backward(do))
+            t = _time_once(functools.partial(_forward_backward, fwd, do))
             if rep:
                 times[kind, n].append(t)
     rows = []
     for kind, n, fwd, do in points:
         ts, first = times[kind, n], times[kind, cfg["seqs"][0]]
-        ratio = lambda i: statistics.median(a[i] / b_[i] for a, b_ in zip(ts, first))  # noqa: E731
         rows.append({"kind": kind, "world": world, "seq": n,
                      "t_s": statistics.median(t[0] for t in ts), "cpu_s": statistics.median(t[1] for t in ts),
                      "t_all_s": [t[0] for t in ts], "cpu_all_s": [t[1] for t in ts],
-                     "t_ratio_vs_first_seq": ratio(0), "cpu_ratio_vs_first_seq": ratio(1), **_bytes(fwd, do)})
+                     "t_ratio_vs_first_seq": _median_ratio(ts, first, 0), "cpu_ratio_vs_first_seq": _median_ratio(ts, first, 1),
+                     **_bytes(fwd, do)})
     return rows
 
 
@@ -135,6 +145,28 @@ def _ratio(rows, kind, world, key):
     if len(sel) < 2 or sel[0][key] == 0:
         return None
     return sel[-1][key] / sel[0][key], sel[-1]["seq"] / sel[0]["seq"]
+
+
+def _checks(rows: list[dict], args: argparse.Namespace) -> dict:
+    """The targets of the module docstring, from the rows: per kind and W, the last length's time,
+    CPU time and bytes over the first's; per N, Λ's bytes at the last W over the first W."""
+    checks = {}
+    for kind in ("lambda", "dense"):
+        for w in args.worlds:
+            t, b = _ratio(rows, kind, w, "t_ratio_vs_first_seq"), _ratio(rows, kind, w, "bytes_per_rank")
+            c = _ratio(rows, kind, w, "cpu_ratio_vs_first_seq")
+            if t:  # the last row's median per-rep ratio to the first length (the first row's is 1)
+                checks[f"{kind}_W{w}_seq_ratio"] = t[1]
+                checks[f"{kind}_W{w}_time_ratio"] = round(t[0], 3)
+                checks[f"{kind}_W{w}_cpu_time_ratio"] = round(c[0], 3)
+            if b:
+                checks[f"{kind}_W{w}_bytes_ratio"] = round(b[0], 4)
+    for n in args.seqs:
+        for key in ("bytes_per_rank", "fwd_recv_per_rank", "bwd_recv_per_rank"):
+            per_w = [r[key] for w in args.worlds for r in rows if r["kind"] == "lambda" and r["world"] == w and r["seq"] == n]
+            if len(per_w) == len(args.worlds) and per_w[0]:
+                checks[f"lambda_N{n}_{key}_W{args.worlds[-1]}_over_W{args.worlds[0]}"] = round(per_w[-1] / per_w[0], 4)
+    return checks
 
 
 def main(args: argparse.Namespace) -> int:
@@ -158,22 +190,7 @@ def main(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r['kind']:>6} {r['world']:>3} {r['seq']:>7} {r['t_s']:>8.3f} {r['cpu_s']:>7.3f} {r['bytes_per_rank'] / 1e6:>8.3f} "
               f"{r['fwd_recv_per_rank'] / 1e6:>9.3f} {r['bwd_recv_per_rank'] / 1e6:>9.3f}")
-    checks = {}
-    for kind in ("lambda", "dense"):
-        for w in args.worlds:
-            t, b = _ratio(rows, kind, w, "t_ratio_vs_first_seq"), _ratio(rows, kind, w, "bytes_per_rank")
-            c = _ratio(rows, kind, w, "cpu_ratio_vs_first_seq")
-            if t:  # the last row's median per-rep ratio to the first length (the first row's is 1)
-                checks[f"{kind}_W{w}_seq_ratio"] = t[1]
-                checks[f"{kind}_W{w}_time_ratio"] = round(t[0], 3)
-                checks[f"{kind}_W{w}_cpu_time_ratio"] = round(c[0], 3)
-            if b:
-                checks[f"{kind}_W{w}_bytes_ratio"] = round(b[0], 4)
-    for n in args.seqs:
-        for key in ("bytes_per_rank", "fwd_recv_per_rank", "bwd_recv_per_rank"):
-            per_w = [r[key] for w in args.worlds for r in rows if r["kind"] == "lambda" and r["world"] == w and r["seq"] == n]
-            if len(per_w) == len(args.worlds) and per_w[0]:
-                checks[f"lambda_N{n}_{key}_W{args.worlds[-1]}_over_W{args.worlds[0]}"] = round(per_w[-1] / per_w[0], 4)
+    checks = _checks(rows, args)
     print("checks:")
     for k, val in checks.items():
         print(f"  {k} = {val}")

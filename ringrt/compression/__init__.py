@@ -2,7 +2,12 @@
 
 Read in this order: ``select.py`` (down-scaling, choosing k), ``embedder.py``, ``packing.py``
 (two-stream training, naive and packed), ``parallel.py`` (sequence-parallel inference),
-``cache.py`` (offline), ``session.py`` (online), ``train.py`` / ``eval.py`` (the jobs).
+``cache.py`` (offline), ``session.py`` (online), ``train.py`` / ``eval.py`` (the jobs behind
+``ringrt train|eval --compression.enabled true``), ``config.py``.
+
+May import: ``ringrt.data``, ``ringrt.model`` and what they may import (api, schedules,
+lm_infinite, run, distributed, ops). Never ``ringrt.jobs`` (the jobs call in here, not the other
+way round), engines or the tools. Enforced by ``tests/test_architecture.py``.
 """
 
 from .cache import EmbeddingCache

@@ -19,6 +19,7 @@ Everything runs sequence-parallel over all ranks (the embedder on chunk-aligned 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 
@@ -32,6 +33,7 @@ from ..distributed.groups import base_group
 from ..ops.layout import num_chunks, pad_to_multiple, positions as layout_positions, shard_of
 from ..model.hf import load_pretrained
 from ..model.parallel import make_attend, sequence_loss
+from ..run.rundir import atomic_save_figure, atomic_write_json, resolve_checkpoint
 from .embedder import load_embedder
 from .packing import freeze
 from .parallel import compressed_logits
@@ -62,11 +64,65 @@ def _compressed_loss(llm, emb, doc: torch.Tensor, *, raw_len: int, chunk_len: in
     return sequence_loss(logits, labels)
 
 
+def _mean_perplexity(docs: torch.Tensor, loss_of) -> float:
+    """exp(mean over ``docs`` (n_docs, doc_len) of ``loss_of(doc[None])``); the row's one host read."""
+    total = torch.zeros((), dtype=torch.float64, device=docs.device)
+    for d in docs:
+        total += loss_of(d[None]).double()
+    return math.exp(total.item() / len(docs))
+
+
+def _scored_tail(d: torch.Tensor, start: int, raw_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, labels) of ``d`` (1, doc_len) from token ``start`` on, scoring only the last ``raw_len`` tokens."""
+    inp, lab = d[:, start:-1], d[:, start + 1 :].clone()
+    lab[:, : lab.shape[1] - raw_len] = -100
+    return inp, lab
+
+
+def _check_lengths(c, raw_len: int, window: int) -> None:
+    if not 2 <= raw_len <= window:
+        raise ValueError(f"compression.raw_len={raw_len} must be in [2, window={window}]")
+    if c.doc_len <= window:
+        raise ValueError(f"compression.doc_len={c.doc_len} must exceed the window {window} (otherwise nothing needs compressing)")
+
+
+def _baseline_rows(cfg, llm, docs: torch.Tensor, *, raw_len: int, window: int) -> dict[str, float]:
+    """The rows without the embedder that ``compression.baselines`` asks for: none, truncate, lambda."""
+    c, R = cfg.compression, raw_len
+    truncate_attend = make_attend(dataclasses.replace(cfg.attention, lambda_mask=False, layout="zigzag"), llm.config, train_len=window)
+    lambda_cfg = dataclasses.replace(cfg.attention, lambda_mask=True, layout="contiguous", n_local=window, limit_distance=window)
+    lambda_attend = make_attend(lambda_cfg, llm.config, train_len=window)
+    rows: dict[str, float] = {}
+    if "none" in c.baselines:
+        rows["none"] = _mean_perplexity(
+            docs, lambda d: _sharded_loss(llm, *_scored_tail(d, c.doc_len - R - 1, R), truncate_attend, "zigzag"))
+    if "truncate" in c.baselines:
+        rows["truncate"] = _mean_perplexity(
+            docs, lambda d: _sharded_loss(llm, *_scored_tail(d, c.doc_len - window - 1, R), truncate_attend, "zigzag"))
+    if "lambda" in c.baselines:
+        rows["lambda"] = _mean_perplexity(docs, lambda d: _sharded_loss(llm, *_scored_tail(d, 0, R), lambda_attend, "contiguous"))
+    return rows
+
+
+def _compressed_rows(cfg, llm, emb, docs: torch.Tensor, *, raw_len: int, window: int, chunk_len: int) -> dict[str, float]:
+    """One row per factor k: the context compressed k-fold and cut to the window, then the raw tail."""
+    keep = window - (raw_len - 1)
+    return {f"k={k}": _mean_perplexity(docs, functools.partial(_compressed_loss, llm, emb, raw_len=raw_len, chunk_len=chunk_len,
+                                                                k=k, keep=keep, algorithm=cfg.attention.algorithm))
+            for k in cfg.compression.factors()}
+
+
+def _summary(rows: dict[str, float], results: dict) -> str:
+    R, auto = results["raw_len"], results["auto_k"]
+    return (f"perplexity of the last {R} tokens of {results['documents']} documents of {results['doc_len']} tokens "
+            f"(LLM window {results['window']})\n"
+            + "\n".join(f"{name:>10} {ppl:10.3f}" for name, ppl in rows.items())
+            + (f"\n  smallest k whose whole context fits the window: {auto}" if auto else "\n  no k in ks fits the whole context"))
+
+
 @torch.no_grad()
 def run_compression_eval(cfg, print_fn=print) -> dict:
     """Perplexity table (see the module doc); returns it and writes ``results.json`` + ``compression.png``."""
-    from ..jobs.eval import _save_fig, _write_json, resolve_checkpoint
-
     c, e = cfg.compression, cfg.eval
     c.validate()
     if not c.embedder:
@@ -75,10 +131,7 @@ def run_compression_eval(cfg, print_fn=print) -> dict:
     hf_dir, extra = resolve_checkpoint(e.checkpoint)
     window = c.window or e.train_len or extra.get("train_len") or cfg.data.seq_len
     R = c.resolved_raw_len()
-    if not 2 <= R <= window:
-        raise ValueError(f"compression.raw_len={R} must be in [2, window={window}]")
-    if c.doc_len <= window:
-        raise ValueError(f"compression.doc_len={c.doc_len} must exceed the window {window} (otherwise nothing needs compressing)")
+    _check_lengths(c, R, window)
     tok = load_tokenizer(cfg.data.tokenizer if cfg.data.tokenizer is not None else extra.get("tokenizer"))
     llm = freeze(load_pretrained(hf_dir)).to(devices.job_device()).eval()
     check_tokenizer(tok, llm.config)
@@ -87,48 +140,20 @@ def run_compression_eval(cfg, print_fn=print) -> dict:
     chunk_len = meta.get("chunk_len", c.chunk_len)
     device = devices.module_device(llm)
     docs = eval_sequences(cfg.data, tok, c.doc_len - 1, max(1, e.tokens // c.doc_len)).to(device)  # (n_docs, doc_len)
-    n_ctx = c.doc_len - R
-    rows: dict[str, float] = {}
-    truncate_attend = make_attend(dataclasses.replace(cfg.attention, lambda_mask=False, layout="zigzag"), llm.config, train_len=window)
-    lambda_cfg = dataclasses.replace(cfg.attention, lambda_mask=True, layout="contiguous", n_local=window, limit_distance=window)
-    lambda_attend = make_attend(lambda_cfg, llm.config, train_len=window)
-
-    def mean_ppl(loss_of) -> float:
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        for d in docs:
-            total += loss_of(d[None]).double()
-        return math.exp(total.item() / len(docs))  # the row's one host read
-
-    def scored_tail(d: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        inp, lab = d[:, start:-1], d[:, start + 1 :].clone()
-        lab[:, : lab.shape[1] - R] = -100  # score only the last R tokens
-        return inp, lab
-
-    if "none" in c.baselines:
-        rows["none"] = mean_ppl(lambda d: _sharded_loss(llm, *scored_tail(d, c.doc_len - R - 1), truncate_attend, "zigzag"))
-    if "truncate" in c.baselines:
-        rows["truncate"] = mean_ppl(lambda d: _sharded_loss(llm, *scored_tail(d, c.doc_len - window - 1), truncate_attend, "zigzag"))
-    if "lambda" in c.baselines:
-        rows["lambda"] = mean_ppl(lambda d: _sharded_loss(llm, *scored_tail(d, 0), lambda_attend, "contiguous"))
-    keep = window - (R - 1)
-    for k in c.factors():
-        rows[f"k={k}"] = mean_ppl(lambda d: _compressed_loss(llm, emb, d, raw_len=R, chunk_len=chunk_len, k=k, keep=keep,
-                                                             algorithm=cfg.attention.algorithm))
+    rows = _baseline_rows(cfg, llm, docs, raw_len=R, window=window)
+    rows.update(_compressed_rows(cfg, llm, emb, docs, raw_len=R, window=window, chunk_len=chunk_len))
     try:
-        auto = choose_k(n_ctx, R - 1, window=window, chunk_len=chunk_len, ks=c.factors())
+        auto = choose_k(c.doc_len - R, R - 1, window=window, chunk_len=chunk_len, ks=c.factors())
     except ValueError:
         auto = None
     results = {"doc_len": c.doc_len, "raw_len": R, "window": window, "chunk_len": chunk_len, "auto_k": auto,
                "documents": len(docs), "perplexity": rows, "checkpoint": hf_dir, "embedder": c.embedder}
-    text = (f"perplexity of the last {R} tokens of {len(docs)} documents of {c.doc_len} tokens (LLM window {window})\n"
-            + "\n".join(f"{name:>10} {ppl:10.3f}" for name, ppl in rows.items())
-            + (f"\n  smallest k whose whole context fits the window: {auto}" if auto else "\n  no k in ks fits the whole context"))
-    results["table"] = text
+    results["table"] = _summary(rows, results)
     if not dist.is_initialized() or dist.get_rank() == 0:
         os.makedirs(e.out_dir, exist_ok=True)
-        results["plots"] = [_save_fig(_bar(rows, results), os.path.join(e.out_dir, "compression.png"))]
-        _write_json(results, os.path.join(e.out_dir, "results.json"))
-        print_fn(text)
+        results["plots"] = [atomic_save_figure(_bar(rows, results), os.path.join(e.out_dir, "compression.png"))]
+        atomic_write_json(os.path.join(e.out_dir, "results.json"), results, sort_keys=False)
+        print_fn(results["table"])
     return results
 
 

@@ -64,7 +64,7 @@ def compress_context(embedder, context: torch.Tensor, *, chunk_len: int, k: int,
     padded[:, : mine.shape[1]] = mine
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded, group=g)
-    return torch.cat([p[:, :n] for p, n in zip(parts, counts)], dim=1)  # (B, M, dim)
+    return torch.cat([p[:, :n] for p, n in zip(parts, counts, strict=True)], dim=1)  # (B, M, dim)
 
 
 @torch.no_grad()

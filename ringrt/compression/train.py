@@ -34,7 +34,9 @@ from ..run import checkpoint
 from ..distributed import device as devices
 from ..data.batching import train_batches
 from ..data.tokenizer import check_tokenizer, load_tokenizer
+from ..run.lr_schedule import lr_at
 from ..run.metrics import ConsoleSink, JsonlSink, MetricsLogger
+from ..run.rundir import resolve_checkpoint
 from ..model.hf import load_pretrained
 from ..model.parallel import sum_gradients
 from .config import CompressionConfig
@@ -70,37 +72,77 @@ def _out_of_time(mine: bool, world: int, device: torch.device) -> bool:
     return flag.item() > 0
 
 
+def _frozen_llm(cfg):
+    """(LLM directory, tokenizer, the frozen LLM in eval mode on the job device) from ``train.init_from``."""
+    llm_dir, extra = resolve_checkpoint(cfg.train.init_from)
+    tok = load_tokenizer(cfg.data.tokenizer if cfg.data.tokenizer is not None else extra.get("tokenizer"))
+    llm = freeze(load_pretrained(llm_dir)).to(devices.job_device()).eval()
+    check_tokenizer(tok, llm.config)
+    return llm_dir, tok, llm
+
+
+def _adamw(params: list[torch.Tensor], t) -> torch.optim.AdamW:
+    """AdamW over the embedder's trainable ``params``: weight decay on matrices only."""
+    decay = [p for p in params if p.dim() >= 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=t.lr, betas=t.betas)
+
+
+def _resume(ckpt_root: str, resume: bool, emb, opt, settings: dict):
+    """(step, data position, checkpoint path or None): the newest complete checkpoint loaded into
+    ``emb`` and ``opt`` (and this rank's RNG), or a fresh start."""
+    found = checkpoint.latest(ckpt_root) if resume else None
+    if found is None:
+        return 0, 0, None
+    meta = checkpoint.load(found, model=emb, optimizer=opt)
+    _check_resumable(meta, settings, found)
+    return meta["step"], meta["data_position"], found
+
+
+def _embedder_step(llm, emb, params, opt, batches, *, c, t, factors: list[int], step: int, lr: float, rank: int, world: int):
+    """One optimizer step over ``t.grad_accum`` micro-batches of ``batches``; returns (mean loss over
+    the ranks, gradient norm before clipping), on the LLM's device (no host read here)."""
+    device = devices.module_device(llm)
+    for gr in opt.param_groups:
+        gr["lr"] = lr
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for micro in range(t.grad_accum):
+        tokens = next(batches)  # (B, n·c) on the CPU: grouped by k there, each group moved to the device
+        ks = torch.tensor(sample_ks(factors, tokens.shape[0], seed=t.seed, step=step * t.grad_accum + micro, rank=rank))
+        loss_sum, count = torch.zeros((), dtype=torch.float64, device=device), 0
+        for k in ks.unique().tolist():
+            s, n = packed_two_stream_loss(llm, emb, tokens[ks == k].to(device), chunk_len=c.chunk_len, k=k)
+            loss_sum, count = loss_sum + s, count + n
+        loss = loss_sum / count / t.grad_accum  # every rank scores the same number of tokens
+        loss.backward()
+        total += loss.detach()
+    sum_gradients(params, None, divide_by=world)
+    gnorm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip) if t.grad_clip > 0 else float("nan")
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if world > 1:
+        dist.all_reduce(total)
+        total /= world
+    return total, gnorm
+
+
 def run_compression_train(cfg, logger: MetricsLogger | None = None) -> dict:
     """Train the embedder, or continue it from its newest checkpoint (module docstring); returns {"step",
     "loss", "losses" (this process's steps only), "embedder_dir", "checkpoint", "seconds"}. Works on one
     process or on an initialised default process group (every rank calls it)."""
-    from ..jobs.eval import resolve_checkpoint
-    from ..jobs.train import lr_at
-
     validate_train(cfg)
     c, t = cfg.compression, cfg.train
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    llm_dir, extra = resolve_checkpoint(t.init_from)
-    tok = load_tokenizer(cfg.data.tokenizer if cfg.data.tokenizer is not None else extra.get("tokenizer"))
-    llm = freeze(load_pretrained(llm_dir)).to(devices.job_device()).eval()
-    check_tokenizer(tok, llm.config)
+    llm_dir, tok, llm = _frozen_llm(cfg)
     torch.manual_seed(t.seed)
     emb = ExtensibleEmbedder(llm, c.embedder_layers).train()  # on the LLM's device
     params = [p for p in emb.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=t.lr, betas=t.betas)
+    opt = _adamw(params, t)
     factors = c.factors()
     settings = {"chunk_len": c.chunk_len, "train_chunks": c.train_chunks, "ks": factors, "embedder_layers": emb.n_layers}
     ckpt_root = os.path.join(t.out_dir, "embedder_checkpoints")
-    step, position = 0, 0  # position: global batches consumed (one per micro-step)
-    found = checkpoint.latest(ckpt_root) if t.resume else None
-    if found is not None:
-        meta = checkpoint.load(found, model=emb, optimizer=opt)  # and this rank's RNG
-        _check_resumable(meta, settings, found)
-        step, position = meta["step"], meta["data_position"]
-    example_len = c.train_chunks * c.chunk_len
-    data = dataclasses.replace(cfg.data, seq_len=example_len - 1)  # windows of example_len tokens
+    step, position, found = _resume(ckpt_root, t.resume, emb, opt, settings)  # position: global batches consumed
+    data = dataclasses.replace(cfg.data, seq_len=c.train_chunks * c.chunk_len - 1)  # windows of train_chunks x chunk_len tokens
     batches = train_batches(data, tok, replicas=world, replica=rank, skip=position)
     if logger is None:
         logger = MetricsLogger([ConsoleSink(), JsonlSink(os.path.join(t.out_dir, "metrics.jsonl"))], enabled=rank == 0)
@@ -108,7 +150,6 @@ def run_compression_train(cfg, logger: MetricsLogger | None = None) -> dict:
         logger.log(step, resumed_from=str(found))
     losses: list[float] = []
     t_start = time.perf_counter()
-    device = devices.module_device(llm)
     saved = step
 
     def save() -> None:
@@ -119,39 +160,29 @@ def run_compression_train(cfg, logger: MetricsLogger | None = None) -> dict:
 
     while step < t.steps:
         lr = lr_at(step, t)
-        for gr in opt.param_groups:
-            gr["lr"] = lr
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        for micro in range(t.grad_accum):
-            tokens = next(batches)  # (B, n·c) on the CPU: grouped by k there, each group moved to the device
-            ks = torch.tensor(sample_ks(factors, tokens.shape[0], seed=t.seed, step=step * t.grad_accum + micro, rank=rank))
-            loss_sum, count = torch.zeros((), dtype=torch.float64, device=device), 0
-            for k in ks.unique().tolist():
-                s, n = packed_two_stream_loss(llm, emb, tokens[ks == k].to(device), chunk_len=c.chunk_len, k=k)
-                loss_sum, count = loss_sum + s, count + n
-            loss = loss_sum / count / t.grad_accum  # every rank scores the same number of tokens
-            loss.backward()
-            total += loss.detach()
+        total, gnorm = _embedder_step(llm, emb, params, opt, batches, c=c, t=t, factors=factors, step=step, lr=lr,
+                                      rank=rank, world=world)
         position += t.grad_accum
-        sum_gradients(params, None, divide_by=world)
-        gnorm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip) if t.grad_clip > 0 else float("nan")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if world > 1:
-            dist.all_reduce(total)
-            total /= world
         step += 1
         losses.append(total.item())  # the step's one host read
         if step % t.log_every == 0 or step == t.steps:
             logger.log(step, loss=losses[-1], lr=lr, grad_norm=gnorm)  # a device tensor: read by rank 0 only
         if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.steps:
             save()
-        if c.train_minutes is not None and _out_of_time(time.perf_counter() - t_start > 60 * c.train_minutes, world, device):
+        if c.train_minutes is not None and _out_of_time(time.perf_counter() - t_start > 60 * c.train_minutes, world,
+                                                        devices.module_device(llm)):
             logger.log(step, stopped="compression.train_minutes reached")
             if saved != step:
                 save()
             break
-    out = os.path.join(t.out_dir, "embedder")
+    return _finish(emb, cfg, llm_dir=llm_dir, factors=factors, step=step, losses=losses, ckpt_root=ckpt_root,
+                   t_start=t_start, rank=rank)
+
+
+def _finish(emb, cfg, *, llm_dir: str, factors: list[int], step: int, losses: list[float], ckpt_root: str, t_start: float,
+            rank: int) -> dict:
+    """Rank 0 writes the embedder to ``<train.out_dir>/embedder``; every rank waits for it; the result dict."""
+    c, out = cfg.compression, os.path.join(cfg.train.out_dir, "embedder")
     if rank == 0:
         save_embedder(emb, out, extra={"llm": llm_dir, "chunk_len": c.chunk_len, "ks": factors, "steps": step,
                                        "train_chunks": c.train_chunks})

@@ -43,6 +43,16 @@ def local_problem(
     q, k, v, *, causal, algorithm: str, algorithms, layout: str, topology: str, topologies, softmax_scale, world: int
 ) -> str | None:
     """The first problem with this rank's inputs, as a message, or None."""
+    return (
+        _tensor_problem(q, k, v)
+        or _settings_problem(causal, algorithm, algorithms, layout, topology, topologies, softmax_scale)
+        or _shape_problem(q, k, v)
+        or _device_problem(q, world)
+        or _layout_problem(q, layout, world)
+    )
+
+
+def _tensor_problem(q, k, v) -> str | None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             return f"{name} must be a torch.Tensor, got {type(t).__name__}"
@@ -50,6 +60,10 @@ def local_problem(
             return f"{name} must be 4-D (batch, local_seq, heads, head_dim), got shape {tuple(t.shape)}"
         if t.dtype not in DTYPES:
             return f"{name}.dtype={t.dtype} is not supported; valid: float16, bfloat16, float32, float64"
+    return None
+
+
+def _settings_problem(causal, algorithm: str, algorithms, layout: str, topology: str, topologies, softmax_scale) -> str | None:
     if algorithm not in algorithms:
         return f"algorithm={algorithm!r} is not a known algorithm; valid: {', '.join(algorithms)}"
     if layout not in LAYOUTS:
@@ -60,6 +74,10 @@ def local_problem(
         return f"causal={causal!r} must be True or False"
     if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale) and softmax_scale > 0):
         return f"softmax_scale={softmax_scale!r} must be a positive finite number or None (1/sqrt(head_dim))"
+    return None
+
+
+def _shape_problem(q, k, v) -> str | None:
     if k.shape != v.shape:
         return f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}"
     if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1]:
@@ -72,12 +90,18 @@ def local_problem(
         return f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
     if len({q.device, k.device, v.device}) != 1:
         return f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}"
+    return None
+
+
+def _device_problem(q, world: int) -> str | None:
     if q.device.type == "cuda" and world > 1:  # NCCL runs on the current device: no host sync, one index compare
         from .device import wrong_cuda_device
 
-        wrong = wrong_cuda_device(q.device, torch.cuda.current_device())
-        if wrong:
-            return wrong
+        return wrong_cuda_device(q.device, torch.cuda.current_device()) or None
+    return None
+
+
+def _layout_problem(q, layout: str, world: int) -> str | None:
     n = local_chunks(layout)
     if q.shape[1] == 0 or q.shape[1] % n:
         return (
@@ -112,7 +136,7 @@ def agree(group: dist.ProcessGroup | None, rank: int, world: int, problem: str |
     arrives makes the others raise ``CommTimeout`` after ``timeout_s`` on gloo; on a plain NCCL
     group the wait is the process group's own (its timeout and watchdog).
     """
-    fields = [] if world == 1 else list(zip(_FIELDS, _meta(*meta_args, ok=problem is None)[1:]))
+    fields = [] if world == 1 else list(zip(_FIELDS, _meta(*meta_args, ok=problem is None)[1:], strict=True))
     agree_fields(group, rank, world, problem, fields, what, timeout_s, device, show=show_field)
 
 
@@ -177,7 +201,7 @@ def _gather_texts(text: bytes, lengths: list[int], g, dev, timeout_s, what, rank
     parts = [torch.empty_like(buf) for _ in range(world)]
     _gather(lambda: dist.all_gather(parts, buf, group=g, async_op=True), g, dev, timeout_s, what, rank, world,
             "the ranks' problems")
-    return [bytes(p[:m].cpu().tolist()).decode("utf-8", "replace") for p, m in zip(parts, lengths)]
+    return [bytes(p[:m].cpu().tolist()).decode("utf-8", "replace") for p, m in zip(parts, lengths, strict=True)]
 
 
 def show_field(name: str, val: float):

@@ -107,12 +107,12 @@ def heads_to_seq(ys: list[torch.Tensor], group, member_chunks: list[list[int]], 
     n = len(member_chunks[rank])
     lns = [y.shape[2] // (u * n) for y in ys]
     pieces = [
-        [y.transpose(1, 2)[:, pos[j][c] * ln : (pos[j][c] + 1) * ln] for y, ln in zip(ys, lns) for c in range(n)]
+        [y.transpose(1, 2)[:, pos[j][c] * ln : (pos[j][c] + 1) * ln] for y, ln in zip(ys, lns, strict=True) for c in range(n)]
         for j in range(u)
     ]
     got = all_to_all_packed(pieces, group, channel, timeout, step)
     outs = []
-    for t, (y, ln) in enumerate(zip(ys, lns)):
+    for t, (y, ln) in enumerate(zip(ys, lns, strict=True)):
         b, hu, s, d = y.shape
         out = y.new_empty(b, s // u, hu * u, d)
         for i in range(u):

@@ -451,7 +451,7 @@ class P2P:
             except (RuntimeError, ConnectionError) as e:
                 raise self.failure(step, every, e, nccl=True, starting=True) from e
             # NCCL returns one coalesced work for the whole batch: it stands for every peer in it
-            works = [(w, [op]) for w, op in zip(batch, every)] if len(batch) == len(ops) else [(w, every) for w in batch]
+            works = [(w, [op]) for w, op in zip(batch, every, strict=True)] if len(batch) == len(ops) else [(w, every) for w in batch]
         else:
             works = []
             for fn, buf, kind, peer in ops:

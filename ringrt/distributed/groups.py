@@ -1,31 +1,39 @@
 """Process groups used by the ring schedules.
 
-TokenRing keeps its two traffic directions on two process groups over the same ranks (a "q" group
-for queries travelling one way and an "out" group for partial results travelling back) so neither
-queues behind the other (on NCCL each group is its own communicator and stream). The KV-ring runs
-K/V on the first and dK/dV on the second; the Λ-mask pass its halo exchanges on the first and the
-global-token relay on the second; the hybrid adds Ulysses rows and two column rings (a "grid").
+Every ring schedule has two streams of traffic in flight at once, so it gets two *lanes*: process
+groups over the same ranks as the base group, each its own communicator (and stream, on NCCL), so
+neither stream queues behind the other. Who uses them for what:
 
-NCCL ignores P2P tags and runs a communicator's operations in order, so channels in flight at the
-same time must never share a communicator there (see Note [NCCL and gloo] in ``comm.py``).
+* TokenRing: queries on lane 0 (r -> r-1), partial results on lane 1 (back to their owner); in the
+  relay topology one head half travels each way, lane 0 downwards and lane 1 upwards;
+* KV-ring: K/V on lane 0, dK/dV on lane 1 (both r -> r+1, the gradients one step behind);
+* Λ-mask pass: the halo exchanges on lane 0, the global-token relay on lane 1;
+* hybrid: Ulysses rows and two column rings (a "grid"; u = 1 is the KV-ring on the two lanes).
 
-For the default group the direction groups are created on first use with ``dist.new_group`` over
-all ranks, which every rank reaches because every rank is inside the same ``ringrt.attention``
-call. ``new_group`` waits for every rank up to the process group's own timeout (30 minutes, say),
-so a bounded rendezvous (:func:`ringrt.distributed.comm.rendezvous`) goes first: a rank that gave up on the
-input agreement just before (its timeout ran out while another rank was late) then makes every
+The lanes are named for being two, not for a direction or a payload: the KV-ring sends both its
+streams the same way. NCCL ignores P2P tags and runs a communicator's operations in order, so
+channels in flight at the same time must never share a communicator there (see Note [NCCL and gloo]
+in ``comm.py``).
+
+For the default group the lanes are created on first use with ``dist.new_group`` over all ranks,
+which every rank reaches because every rank is inside the same ``ringrt.attention`` call.
+``new_group`` waits for every rank up to the process group's own timeout (30 minutes, say), so a
+bounded rendezvous (:func:`ringrt.distributed.comm.rendezvous`) goes first: a rank that gave up on
+the input agreement just before (its timeout ran out while another rank was late) then makes every
 rank raise within ringrt's timeout instead of leaving the late one blocked.
 
 A subgroup (a sequence-parallel group of a data x sequence mesh) cannot do that — ``new_group`` is
-collective over the whole world — so its dedicated groups are made where the
-subgroups are made, on every rank of the world: :func:`new_subgroups` (what
-``ringrt.model.parallel.mesh`` uses), or ``dist.new_group`` twice plus :func:`register`. Without
-them a subgroup's channels share the subgroup itself, kept apart by per-channel tags: fine on gloo;
-on NCCL :func:`nccl_problem` rejects it, on every rank before any transfer.
+collective over the whole world — so its dedicated groups are made where the subgroups are made, on
+every rank of the world: :func:`new_subgroups` (what ``ringrt.model.parallel.mesh`` uses), or
+``dist.new_group`` twice plus :func:`register` for subgroups made some other way. Without them a
+subgroup's channels share the subgroup itself, kept apart by per-channel tags: fine on gloo; on NCCL
+:func:`nccl_problem` rejects it, on every rank before any transfer. The hybrid's grids on the default
+group, or on a gloo subgroup without registered grids, are made on first use by :func:`grid_groups`.
 
-Groups are never created with ``use_local_synchronization`` here: its names hash the rank list and
-the number of groups the process already has, so two ranks with different histories can pair one
-group's connections with another's.
+Groups are created with ``use_local_synchronization`` only for a gloo subgroup's own grid row and
+column (:func:`grid_groups`), and never two over the same ranks: such a group's name hashes the rank
+list and the number of groups the process already has, so two ranks with different histories could
+pair one group's connections with another's.
 """
 
 from __future__ import annotations
@@ -38,19 +46,19 @@ import torch.distributed as dist
 from . import comm
 
 Grid = tuple  # (Ulysses row group, K/V column group, dK/dV column group) of one rank
+Lanes = tuple  # (lane 0, lane 1): two groups over the base group's ranks, or (None, None) on one process
 
 
 @dataclass(frozen=True, slots=True)
 class RingGroups:
-    """The base group, the two direction groups and the hybrid grids. Groups None on a single process.
+    """The base group, its two lanes and the hybrid grids. Groups None on a single process.
 
-    ``dedicated``: q and out are groups of their own (False: both are the base group, channels
-    kept apart by tags, gloo only). ``grids``: Ulysses degree u -> this rank's :data:`Grid`.
+    ``dedicated``: the lanes are groups of their own (False: both are the base group, channels kept
+    apart by tags, gloo only). ``grids``: Ulysses degree u -> this rank's :data:`Grid`.
     """
 
     base: dist.ProcessGroup | None
-    q: dist.ProcessGroup | None
-    out: dist.ProcessGroup | None
+    lanes: Lanes
     rank: int
     world: int
     dedicated: bool = True
@@ -58,6 +66,7 @@ class RingGroups:
 
 
 _CACHE: dict[tuple, RingGroups] = {}
+_GRID_CACHE: dict[tuple, Grid] = {}
 
 
 def base_group(group: dist.ProcessGroup | None) -> tuple[dist.ProcessGroup | None, int, int]:
@@ -81,17 +90,16 @@ def ring_groups(group: dist.ProcessGroup | None, *, timeout_s: float | None = No
     caller's tensors live (for the rendezvous, see :func:`ringrt.distributed.comm.metadata_device`)."""
     g, rank, world = base_group(group)
     if world == 1:
-        return RingGroups(g, None, None, rank, world)
+        return RingGroups(g, (None, None), rank, world)
     key = _key(g)
     rg = _CACHE.get(key)
     if rg is None:
         if g is dist.group.WORLD:  # every rank is here: a collective creation names them alike everywhere
             comm.rendezvous(g, device=device, timeout_s=timeout_s, channel="groups", step="setup of the ring groups")
-            q = dist.new_group(list(key[1]), group_desc="ringrt_q")
-            out = dist.new_group(list(key[1]), group_desc="ringrt_out")
-            rg = RingGroups(g, q, out, rank, world)
+            lanes = tuple(dist.new_group(list(key[1]), group_desc=f"ringrt_lane{i}") for i in range(2))
+            rg = RingGroups(g, lanes, rank, world)
         else:  # an unregistered subgroup: its channels share it, kept apart by tags (gloo only)
-            rg = RingGroups(g, g, g, rank, world, dedicated=False)
+            rg = RingGroups(g, (g, g), rank, world, dedicated=False)
         _CACHE[key] = rg
     return rg
 
@@ -105,6 +113,16 @@ def grid_ranks(ranks: Sequence[int], u: int) -> tuple[list[list[int]], list[list
     return rows, cols
 
 
+def _new_grid_groups(ranks: Sequence[int], u: int) -> tuple[list, list, list]:
+    """Every row group and both rings of every column of the degree-u grid over ``ranks``, created
+    in the same order on every rank that calls it."""
+    rows, cols = grid_ranks(ranks, u)
+    row_groups = [dist.new_group(r, group_desc="ringrt_ulysses") for r in rows]
+    kv_groups = [dist.new_group(c, group_desc="ringrt_ring_kv") for c in cols]
+    dkv_groups = [dist.new_group(c, group_desc="ringrt_ring_dkv") for c in cols]
+    return row_groups, kv_groups, dkv_groups
+
+
 def new_grids(ranks: Sequence[int], degrees: Sequence[int]) -> dict[int, Grid]:
     """The hybrid grids over ``ranks`` for each Ulysses degree in ``degrees`` (1 < u < len(ranks),
     dividing it): every row and both column rings, created on every rank of the world in the same
@@ -114,20 +132,52 @@ def new_grids(ranks: Sequence[int], degrees: Sequence[int]) -> dict[int, Grid]:
     for u in sorted(set(degrees)):
         if not (1 < u < len(ranks) and len(ranks) % u == 0):
             raise ValueError(f"hybrid degree {u} must be a divisor of the group size {len(ranks)} strictly between 1 and it")
-        rows, cols = grid_ranks(ranks, u)
-        row_groups = [dist.new_group(r, group_desc="ringrt_ulysses") for r in rows]
-        kv_groups = [dist.new_group(c, group_desc="ringrt_ring_kv") for c in cols]
-        dkv_groups = [dist.new_group(c, group_desc="ringrt_ring_dkv") for c in cols]
+        row_groups, kv_groups, dkv_groups = _new_grid_groups(ranks, u)
         if me in ranks:
             i = list(ranks).index(me)
             mine[u] = (row_groups[i // u], kv_groups[i % u], dkv_groups[i % u])
     return mine
 
 
+def grid_groups(base: dist.ProcessGroup, world: int, rank: int, u: int, device=None, timeout: float | None = None) -> Grid:
+    """This rank's (ulysses group, ring K/V group, ring dK/dV group) of the degree-u grid on the
+    default group, or on a gloo subgroup without registered grids; created once and cached.
+
+    On the default group every rank creates every row and column group, in the same order, so the
+    groups are named alike on all ranks. On a subgroup only the members are present: this rank's
+    row and column are created with local synchronisation, and the K/V and dK/dV rings share the
+    column group (their channels are kept apart by tags, which only gloo honours: an NCCL subgroup
+    needs its grids registered, see :func:`new_subgroups`). Never two local groups over the same
+    ranks: their names could pair up differently on different ranks.
+
+    Creation starts with a bounded rendezvous over ``base`` (``timeout`` seconds on gloo, see
+    :func:`ringrt.distributed.comm.rendezvous`): ``dist.new_group`` would wait for a missing rank up
+    to the process group's own timeout.
+    """
+    ranks = dist.get_process_group_ranks(base)
+    key = (id(base), tuple(ranks), u)
+    if key not in _GRID_CACHE:
+        rows, cols = grid_ranks(ranks, u)
+        my_row, my_col = rank // u, rank % u
+        if base is dist.group.WORLD or not comm.is_nccl(base, device):  # (an NCCL subgroup is refused below)
+            comm.rendezvous(base, device=device, timeout_s=timeout, channel="groups", step=f"setup of the hybrid grid (u={u})")
+        if base is dist.group.WORLD:
+            row_groups, kv_groups, dkv_groups = _new_grid_groups(ranks, u)
+            _GRID_CACHE[key] = (row_groups[my_row], kv_groups[my_col], dkv_groups[my_col])
+        else:
+            if comm.is_nccl(base, device):
+                raise ValueError(nccl_problem(base, device, hybrid_degree=u) or "hybrid: no grid for this NCCL subgroup")
+            row = dist.new_group(rows[my_row], use_local_synchronization=True, group_desc="ringrt_ulysses")
+            col = row if rows[my_row] == cols[my_col] else dist.new_group(
+                cols[my_col], use_local_synchronization=True, group_desc="ringrt_ring_kv")
+            _GRID_CACHE[key] = (row, col, col)
+    return _GRID_CACHE[key]
+
+
 def new_subgroups(rank_lists: Sequence[Sequence[int]], *, hybrid_degrees: Sequence[int] = ()) -> dist.ProcessGroup | None:
-    """One process group per rank list, each with its dedicated direction groups (and the hybrid
-    grids of ``hybrid_degrees``) registered. Collective over the whole world: every rank calls it
-    with the same arguments. Returns the group this rank is in (None if none)."""
+    """One process group per rank list, each with its two lanes (and the hybrid grids of
+    ``hybrid_degrees``) registered. Collective over the whole world: every rank calls it with the
+    same arguments. Returns the group this rank is in (None if none)."""
     me, mine = dist.get_rank(), None
     for ranks in rank_lists:
         ranks = list(ranks)
@@ -135,41 +185,43 @@ def new_subgroups(rank_lists: Sequence[Sequence[int]], *, hybrid_degrees: Sequen
         if len(ranks) == 1:  # nothing travels
             mine = base if me in ranks else mine
             continue
-        q = dist.new_group(ranks, group_desc="ringrt_q")
-        out = dist.new_group(ranks, group_desc="ringrt_out")
+        lanes = tuple(dist.new_group(ranks, group_desc=f"ringrt_lane{i}") for i in range(2))
         grids = new_grids(ranks, hybrid_degrees)
         if me in ranks:
             mine = base
-            register(base, q=q, out=out, grids=grids)
+            register(base, lanes=lanes, grids=grids)
     return mine
 
 
-def register(group: dist.ProcessGroup, *, q: dist.ProcessGroup, out: dist.ProcessGroup, grids: Mapping[int, Grid] | None = None) -> None:
-    """Use ``q`` and ``out`` (same ranks, same order as ``group``) as the direction groups of
+def register(group: dist.ProcessGroup, *, lanes: Lanes, grids: Mapping[int, Grid] | None = None) -> None:
+    """Use ``lanes`` (two groups over the same ranks as ``group``, same order) as the lanes of
     ``group``, and ``grids`` (Ulysses degree -> this rank's (row, kv, dkv) groups, see
-    :func:`new_grids`) for ``algorithm="hybrid"``.
+    :func:`new_grids`) for ``algorithm="hybrid"``. :func:`new_subgroups` does all of this; call it
+    directly for a subgroup made some other way.
 
-    Create them with ``dist.new_group`` on every rank of the world, then call this on the members.
+    Create the lanes with ``dist.new_group`` on every rank of the world, then call this on the members.
     """
     ranks = tuple(dist.get_process_group_ranks(group))
-    for name, sub in (("q", q), ("out", out)):
+    if len(lanes) != 2:
+        raise ValueError(f"register: lanes must be two groups, got {len(lanes)}")
+    for i, sub in enumerate(lanes):
         if tuple(dist.get_process_group_ranks(sub)) != ranks:
-            raise ValueError(f"register: the {name} group has ranks {dist.get_process_group_ranks(sub)}, "
+            raise ValueError(f"register: lane {i} has ranks {dist.get_process_group_ranks(sub)}, "
                              f"the base group {list(ranks)}; they must be the same ranks in the same order")
-    if q is out or group in (q, out):
-        raise ValueError("register: q, out and the base group must be three different groups (NCCL ignores tags: "
+    if lanes[0] is lanes[1] or group in lanes:
+        raise ValueError("register: the two lanes and the base group must be three different groups (NCCL ignores tags: "
                          "channels sharing a group would match each other's messages)")
-    _CACHE[(id(group), ranks)] = RingGroups(group, q, out, dist.get_rank(group), dist.get_world_size(group),
+    _CACHE[(id(group), ranks)] = RingGroups(group, tuple(lanes), dist.get_rank(group), dist.get_world_size(group),
                                             grids=dict(grids or {}))
 
 
 def nccl_problem(group: dist.ProcessGroup | None, device, *, hybrid_degree: int | None = None) -> str | None:
     """Why ringrt's channels cannot run over ``group`` for tensors on ``device``, or None.
 
-    Only a subgroup on NCCL can fail: it needs dedicated direction groups (and, for the hybrid with
-    Ulysses degree ``hybrid_degree``, that grid), since NCCL ignores the tags that keep channels
-    apart on a shared group. Every rank computes the same answer, so it goes into the input
-    agreement and every rank raises the same ``ValueError`` before any transfer.
+    Only a subgroup on NCCL can fail: it needs its dedicated lanes (and, for the hybrid with Ulysses
+    degree ``hybrid_degree``, that grid), since NCCL ignores the tags that keep channels apart on a
+    shared group. Every rank computes the same answer, so it goes into the input agreement and every
+    rank raises the same ``ValueError`` before any transfer.
     """
     g, _, world = base_group(group)
     if world == 1 or g is dist.group.WORLD or not comm.is_nccl(g, device):
@@ -178,10 +230,11 @@ def nccl_problem(group: dist.ProcessGroup | None, device, *, hybrid_degree: int 
     rg = _CACHE.get(_key(g))
     if rg is None or not rg.dedicated:
         return (
-            f"group (ranks {ranks}) is a subgroup on NCCL without dedicated direction groups: NCCL ignores P2P tags, so "
-            f"ringrt's concurrent channels cannot share one communicator. Create the subgroups with "
+            f"group (ranks {ranks}) is a subgroup on NCCL without dedicated direction groups (its two lanes): NCCL ignores "
+            f"P2P tags, so ringrt's concurrent channels cannot share one communicator. Create the subgroups with "
             f"ringrt.distributed.groups.new_subgroups(rank_lists) on every rank (ringrt.model.parallel.mesh does), or create two more "
-            f"groups over the same ranks with dist.new_group on every rank and call ringrt.distributed.groups.register(group, q=..., out=...)"
+            f"groups over the same ranks with dist.new_group on every rank and call "
+            f"ringrt.distributed.groups.register(group, lanes=(a, b))"
         )
     u = hybrid_degree
     if u is not None and 1 < u < world and u not in rg.grids:
@@ -194,5 +247,7 @@ def nccl_problem(group: dist.ProcessGroup | None, device, *, hybrid_degree: int 
 
 
 def clear_cache() -> None:
-    """Forget cached groups (call after destroy_process_group before re-initialising)."""
+    """Forget every cached group: lanes, registrations and hybrid grids (call after
+    ``destroy_process_group``, before initialising again in the same process)."""
     _CACHE.clear()
+    _GRID_CACHE.clear()

@@ -79,7 +79,8 @@ def run_local(fn, world: int, *args, timeout: float = 240.0, threads: int = 1, b
             except _queue.Empty:
                 dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
                 if dead:
-                    raise RuntimeError(f"worker(s) {dead} died without reporting (exit codes {[procs[r].exitcode for r in dead]})")
+                    codes = [procs[r].exitcode for r in dead]
+                    raise RuntimeError(f"worker(s) {dead} died without reporting (exit codes {codes})") from None
                 continue
             if status == "ok":
                 results[rank] = torch.load(io.BytesIO(payload), weights_only=False)

@@ -175,8 +175,9 @@ def run_train_deepspeed(cfg: TrainJobConfig, ds: DeepSpeedConfig, logger=None) -
 
     from ..data.batching import train_batches
     from ..data.tokenizer import check_tokenizer, load_tokenizer
-    from ..jobs.train import _validate, lr_at
+    from ..jobs.train import validate
     from ..distributed.launcher import detect
+    from ..run.lr_schedule import lr_at
     from ..run.metrics import Throughput
     from ..model.hf import load_pretrained
     from ..model.llama import Llama
@@ -191,7 +192,7 @@ def run_train_deepspeed(cfg: TrainJobConfig, ds: DeepSpeedConfig, logger=None) -
                          "on one process")
     t = cfg.train
     seq_group, data_group, dp_rank, sp = mesh(t.data_parallel)
-    _validate(cfg, sp)
+    validate(cfg, sp)
     mpu = MeshMPU(seq_group, data_group)
     tok = load_tokenizer(cfg.data.tokenizer)
     torch.manual_seed(t.seed)

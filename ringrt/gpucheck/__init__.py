@@ -9,6 +9,10 @@ against a single-process fp64 reference over NCCL. One verdict line, and a JSON 
 Without CUDA it prints a SKIP line and exits 0; ``--device cpu`` runs the same checks on the CPU
 (gloo, the CPU kernel), which is how the command itself is tested.
 
-Files: ``reference.py`` (the plain references), ``kernels.py`` (kernel vs references),
-``throughput.py`` (FLOP/s and peaks), ``ranks.py`` (schedules over several ranks), ``cli.py``.
+Read first: ``cli.py`` (the command and its verdict), ``kernels.py`` (kernel vs references), then
+``reference.py`` (the plain references), ``throughput.py`` (FLOP/s and peaks), ``ranks.py``
+(schedules over several ranks).
+
+A tool: may import any ringrt package; nothing but the command line (``ringrt.cli``) and the other
+tools imports it (``tests/test_architecture.py``).
 """

@@ -19,9 +19,9 @@ from .reference import attend
 
 
 def _row(name: str, dtype, got, ref, base) -> dict:
-    errs = {n: (g.double() - r).abs().max().item() for n, g, r in zip(("out", "dq", "dk", "dv"), got, ref)}
+    errs = {n: (g.double() - r).abs().max().item() for n, g, r in zip(("out", "dq", "dk", "dv"), got, ref, strict=True)}
     tols = {n: 2 * (b.double() - r).abs().max().item() + roundoff_floor(dtype, r)
-            for n, b, r in zip(("out", "dq", "dk", "dv"), base, ref)}
+            for n, b, r in zip(("out", "dq", "dk", "dv"), base, ref, strict=True)}
     ok = all(math.isfinite(errs[n]) and errs[n] <= tols[n] for n in errs)
     return {"check": name, "dtype": str(dtype).replace("torch.", ""), "ok": ok, "max_abs_err": errs, "tolerance": tols}
 

@@ -54,13 +54,13 @@ def summary(r: dict, world: int, total_s: float) -> str:
 def run_demo(cfg: DemoConfig) -> dict:
     from ..distributed.spawn import run_local
 
-    from .train import _validate
+    from .train import validate
 
     if cfg.world < 1:
         raise ValueError(f"world={cfg.world} must be a positive number of ranks")
     # Bad settings fail here, in one line, not as a traceback from every rank it starts.
     cfg.model.validate()
-    _validate(TrainJobConfig(model=cfg.model, attention=cfg.attention, data=cfg.data, train=cfg.train), cfg.world)
+    validate(TrainJobConfig(model=cfg.model, attention=cfg.attention, data=cfg.data, train=cfg.train), cfg.world)
     t0 = time.perf_counter()
     results = run_local(_worker, cfg.world, cfg, timeout=3600.0, threads=cfg.threads)
     r = results[0]

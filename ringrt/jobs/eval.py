@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import random
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -28,21 +26,13 @@ from ..data.batching import eval_sequences
 from ..data.tokenizer import check_tokenizer, load_tokenizer
 from ..model.hf import load_pretrained
 from ..model.parallel import group_sum, make_attend, sequence_loss, shard_batch
+from ..run.rundir import atomic_save_figure, atomic_write_json, resolve_checkpoint
 from .config import EvalJobConfig
 from .flags import add_dataclass_arguments, build
 from .passkey import passkey_example
 from .train import autocast_for
 
 MODES = ("vanilla", "lambda")
-
-
-def resolve_checkpoint(path: str) -> tuple[str, dict]:
-    """(HF directory, ringrt.json extras) for a HF directory or a training out_dir (uses its ``hf/``)."""
-    p = Path(path)
-    if not (p / "config.json").is_file() and (p / "hf" / "config.json").is_file():
-        p = p / "hf"
-    extra = json.loads((p / "ringrt.json").read_text()) if (p / "ringrt.json").is_file() else {}
-    return str(p), extra
 
 
 def _world() -> int:
@@ -120,7 +110,7 @@ def _plot(results: dict, out_dir: str) -> list[str]:
     ax.set_title("Perplexity beyond the training length")
     ax.legend()
     fig.tight_layout()
-    written.append(_save_fig(fig, os.path.join(out_dir, "perplexity.png")))
+    written.append(atomic_save_figure(fig, os.path.join(out_dir, "perplexity.png")))
     if results.get("passkey"):
         fig, ax = plt.subplots(figsize=(6, 4))
         for mode, row in results["passkey"].items():
@@ -133,23 +123,75 @@ def _plot(results: dict, out_dir: str) -> list[str]:
         ax.set_ylabel("passkey accuracy (mean over depths)")
         ax.legend()
         fig.tight_layout()
-        written.append(_save_fig(fig, os.path.join(out_dir, "passkey.png")))
+        written.append(atomic_save_figure(fig, os.path.join(out_dir, "passkey.png")))
     plt.close("all")
     return written
 
 
-def _save_fig(fig, path: str) -> str:
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
-    return path
+def _check_modes(e) -> None:
+    bad = [m for m in e.modes if m not in MODES]
+    if bad or not e.modes:
+        raise ValueError(f"eval.modes={e.modes} must be a non-empty list of {', '.join(MODES)}")
+    if any(m < 1 for m in e.multiples + e.passkey_multiples):
+        raise ValueError(f"eval.multiples={e.multiples} / eval.passkey_multiples={e.passkey_multiples} must be positive integers")
 
 
-def _write_json(obj: dict, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+def _check_lengths(e, train_len: int, world: int) -> None:
+    """Every evaluated length must split over the ranks in both layouts (zigzag needs 2 x world chunks)."""
+    for m in e.multiples + e.passkey_multiples:
+        if (m * train_len) % (2 * world):
+            raise ValueError(f"eval length {m * train_len} (= {m} x train_len {train_len}) is not a multiple of "
+                             f"{2 * world} (2 x world size), which the zigzag layout needs")
+
+
+def _perplexity_row(cfg: EvalJobConfig, model, tok, attend, layout: str, *, mode: str, train_len: int, autocast, say) -> dict:
+    """{str(length): perplexity} for every ``eval.multiples`` length, one progress line each."""
+    e, row = cfg.eval, {}
+    for m in e.multiples:
+        L, t0 = m * train_len, time.perf_counter()
+        seqs = eval_sequences(cfg.data, tok, L, max(1, e.tokens // L))
+        with autocast():
+            ppl = perplexity(model, seqs, attend, layout)
+        row[str(L)] = ppl
+        say(f"eval: {mode:>7} at {L:>6} tokens: perplexity {ppl:.3f} ({len(seqs)} sequence{'s' if len(seqs) > 1 else ''}, "
+            f"{time.perf_counter() - t0:.1f} s)")
+    return row
+
+
+def _passkey_row(cfg: EvalJobConfig, model, tok, attend, layout: str, *, mode: str, train_len: int, autocast, say) -> dict:
+    """{str(length): {str(depth): accuracy}} for every ``eval.passkey_multiples`` length, one progress line each."""
+    e, row = cfg.eval, {}
+    for m in e.passkey_multiples:
+        L, t0 = m * train_len, time.perf_counter()
+        with autocast():
+            by_depth = {str(d): passkey_accuracy(model, tok, L, d, e.passkey_trials, attend, layout, e.seed)
+                        for d in e.passkey_depths}
+        row[str(L)] = by_depth
+        say(f"eval: {mode:>7} at {L:>6} tokens: passkey accuracy {sum(by_depth.values()) / len(by_depth):.2f} "
+            f"({len(by_depth)} depths x {e.passkey_trials} trials, {time.perf_counter() - t0:.1f} s)")
+    return row
+
+
+def _tables(results: dict, e, train_len: int) -> str:
+    """The perplexity table, then one passkey table per attention mode (when passkey ran)."""
+    lengths = [str(m * train_len) for m in e.multiples]
+    text = _table(f"perplexity (trained at {train_len} tokens; rows: attention, columns: context length)",
+                  e.modes, lengths, lambda r, c: f"{results['perplexity'][r][c]:.3f}")
+    if results["passkey"]:
+        for mode in e.modes:
+            pk = results["passkey"][mode]
+            text += "\n\n" + _table(f"passkey accuracy, {mode} (rows: depth, columns: context length)",
+                                    [str(d) for d in e.passkey_depths], list(pk), lambda r, c, pk=pk: f"{pk[c][r]:.2f}")
+    return text
+
+
+def _write_results(results: dict, out_dir: str, print_fn) -> None:
+    """Rank 0: ``results.json`` and the plots in ``out_dir``, then the tables on the console."""
+    os.makedirs(out_dir, exist_ok=True)
+    results["plots"] = _plot(results, out_dir)
+    atomic_write_json(os.path.join(out_dir, "results.json"), results, sort_keys=False)
+    print_fn(results["table"])
+    print_fn(f"wrote {os.path.join(out_dir, 'results.json')} and {', '.join(results['plots'])}")
 
 
 def run_eval(cfg: EvalJobConfig, model=None, print_fn=print) -> dict:
@@ -162,11 +204,7 @@ def run_eval(cfg: EvalJobConfig, model=None, print_fn=print) -> dict:
 
         return run_compression_eval(cfg, print_fn)
     e = cfg.eval
-    bad = [m for m in e.modes if m not in MODES]
-    if bad or not e.modes:
-        raise ValueError(f"eval.modes={e.modes} must be a non-empty list of {', '.join(MODES)}")
-    if any(m < 1 for m in e.multiples + e.passkey_multiples):
-        raise ValueError(f"eval.multiples={e.multiples} / eval.passkey_multiples={e.passkey_multiples} must be positive integers")
+    _check_modes(e)
     hf_dir, extra = resolve_checkpoint(e.checkpoint)
     train_len = e.train_len or extra.get("train_len") or cfg.data.seq_len
     tok = load_tokenizer(cfg.data.tokenizer if cfg.data.tokenizer is not None else extra.get("tokenizer"))
@@ -175,10 +213,7 @@ def run_eval(cfg: EvalJobConfig, model=None, print_fn=print) -> dict:
     model.eval()
     check_tokenizer(tok, model.config)
     world = _world()
-    for m in e.multiples + e.passkey_multiples:  # every length must split over the ranks in both layouts
-        if (m * train_len) % (2 * world):
-            raise ValueError(f"eval length {m * train_len} (= {m} x train_len {train_len}) is not a multiple of "
-                             f"{2 * world} (2 x world size), which the zigzag layout needs")
+    _check_lengths(e, train_len, world)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     say = print_fn if rank0 else (lambda *a, **k: None)
     results: dict = {"train_len": train_len, "world": world, "checkpoint": hf_dir, "perplexity": {}, "passkey": {}}
@@ -188,40 +223,13 @@ def run_eval(cfg: EvalJobConfig, model=None, print_fn=print) -> dict:
         f"{e.tokens} tokens per length")
     for mode in e.modes:
         attend, layout = _attend(cfg, model, mode, train_len)
-        results["perplexity"][mode] = {}
-        for m in e.multiples:
-            L, t0 = m * train_len, time.perf_counter()
-            seqs = eval_sequences(cfg.data, tok, L, max(1, e.tokens // L))
-            with autocast():
-                ppl = perplexity(model, seqs, attend, layout)
-            results["perplexity"][mode][str(L)] = ppl
-            say(f"eval: {mode:>7} at {L:>6} tokens: perplexity {ppl:.3f} ({len(seqs)} sequence{'s' if len(seqs) > 1 else ''}, "
-                f"{time.perf_counter() - t0:.1f} s)")
+        scoring = dict(mode=mode, train_len=train_len, autocast=autocast, say=say)
+        results["perplexity"][mode] = _perplexity_row(cfg, model, tok, attend, layout, **scoring)
         if e.passkey_multiples:
-            results["passkey"][mode] = {}
-            for m in e.passkey_multiples:
-                L, t0 = m * train_len, time.perf_counter()
-                with autocast():
-                    row = {str(d): passkey_accuracy(model, tok, L, d, e.passkey_trials, attend, layout, e.seed)
-                           for d in e.passkey_depths}
-                results["passkey"][mode][str(L)] = row
-                say(f"eval: {mode:>7} at {L:>6} tokens: passkey accuracy {sum(row.values()) / len(row):.2f} "
-                    f"({len(row)} depths x {e.passkey_trials} trials, {time.perf_counter() - t0:.1f} s)")
-    lengths = [str(m * train_len) for m in e.multiples]
-    text = _table(f"perplexity (trained at {train_len} tokens; rows: attention, columns: context length)",
-                  e.modes, lengths, lambda r, c: f"{results['perplexity'][r][c]:.3f}")
-    if results["passkey"]:
-        for mode in e.modes:
-            pk = results["passkey"][mode]
-            text += "\n\n" + _table(f"passkey accuracy, {mode} (rows: depth, columns: context length)",
-                                    [str(d) for d in e.passkey_depths], list(pk), lambda r, c: f"{pk[c][r]:.2f}")
-    results["table"] = text
+            results["passkey"][mode] = _passkey_row(cfg, model, tok, attend, layout, **scoring)
+    results["table"] = _tables(results, e, train_len)
     if rank0:
-        os.makedirs(e.out_dir, exist_ok=True)
-        results["plots"] = _plot(results, e.out_dir)
-        _write_json(results, os.path.join(e.out_dir, "results.json"))
-        print_fn(text)
-        print_fn(f"wrote {os.path.join(e.out_dir, 'results.json')} and {', '.join(results['plots'])}")
+        _write_results(results, e.out_dir, print_fn)
     return results
 
 

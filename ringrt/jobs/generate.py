@@ -9,7 +9,6 @@ the prompt followed by its continuation (:func:`shown`).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 import torch
 import torch.distributed as dist
@@ -20,8 +19,8 @@ from ..ops.layout import num_chunks, pad_to_multiple
 from ..model.hf import load_pretrained
 from ..model.kvcache import LambdaPrefillCache, ShardedKVCache
 from ..model.parallel import group_sum, make_attend, shard_batch
+from ..run.rundir import resolve_checkpoint
 from .config import GenerateConfig, GenerateJobConfig
-from .eval import resolve_checkpoint
 from .flags import add_dataclass_arguments, build
 
 

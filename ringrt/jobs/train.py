@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import time
 
@@ -21,7 +20,8 @@ import torch.distributed as dist
 from ..run import checkpoint
 from ..distributed import device as devices
 from ..ops.layout import num_chunks
-from ..run.metrics import ConsoleSink, JsonlSink, MetricsLogger, Throughput, progress_bar, say
+from ..run.lr_schedule import lr_at
+from ..run.metrics import ConsoleSink, JsonlSink, MetricsLogger, Telemetry, Throughput, progress_bar, say, train_flops_per_token
 from ..data.batching import train_batches
 from ..data.tokenizer import check_tokenizer, load_tokenizer
 from ..model.hf import load_pretrained, save_pretrained
@@ -32,15 +32,9 @@ from .config import TrainConfig, TrainJobConfig
 from .flags import add_dataclass_arguments, build
 
 
-def lr_at(step: int, t: TrainConfig) -> float:
-    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``steps``."""
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    frac = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
-    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1.0 + math.cos(math.pi * frac))
-
-
-def _validate(cfg: TrainJobConfig, sp: int) -> None:
+def validate(cfg: TrainJobConfig, sp: int) -> None:
+    """ValueError naming the setting if ``cfg`` cannot train over ``sp`` sequence-parallel ranks;
+    no communication (the demo checks its settings with it before starting any rank)."""
     t = cfg.train
     for name in ("steps", "grad_accum"):
         if getattr(t, name) < 1:
@@ -106,9 +100,7 @@ def train_step(model, opt, batches, *, t: TrainConfig, lr: float, layout: str, a
 
 def default_logger(cfg: TrainJobConfig, *, enabled: bool) -> MetricsLogger:
     """The plain CLI's metrics: console lines and ``<out_dir>/metrics.jsonl`` with the same columns
-    as under Hydra (``ringrt.run.telemetry``: flops_per_s, peak_mem_bytes, comm_bytes)."""
-    from ..run.telemetry import Telemetry, train_flops_per_token
-
+    as under Hydra (:class:`ringrt.run.metrics.Telemetry`: flops_per_s, peak_mem_bytes, comm_bytes)."""
     if not enabled:
         return MetricsLogger([], enabled=False)
     m = cfg.model
@@ -140,7 +132,7 @@ def run_train(cfg: TrainJobConfig, logger: MetricsLogger | None = None) -> dict:
     t = cfg.train
     rank = dist.get_rank() if dist.is_initialized() else 0
     seq_group, data_group, dp_rank, sp = mesh(t.data_parallel)
-    _validate(cfg, sp)
+    validate(cfg, sp)
     tok = load_tokenizer(cfg.data.tokenizer)
     torch.manual_seed(t.seed)
     model = (load_pretrained(t.init_from) if t.init_from else Llama(cfg.model)).to(devices.job_device())

@@ -1,7 +1,19 @@
-"""LM-Infinite Λ-mask attention inside the ring (contiguous shards, halo exchange, block skipping).
+"""LM-Infinite Λ-mask attention inside the ring: ``ringrt.lambda_attention`` and ``sliding_window_attention``.
 
-Read ``mask.py`` (the mask, block classification), ``plan.py`` (Note [Λ-mask halo]: who sends what),
-``ring.py`` (forward/backward), ``attention.py`` (public entry points), ``cache.py`` (decode cache).
+Each query sees the first n_global tokens and the last n_local ones; shards are contiguous, so a
+rank exchanges only a halo with a few predecessors plus the global tokens (a relay), skips every
+empty block, and runs the rest with the block loops every schedule shares. Also the decode cache
+that keeps only the tokens the mask can still see.
+
+Read in this order: ``mask.py`` (the mask, block classification, additive masks; pure math),
+``plan.py`` (Note [Λ-mask halo]: who sends what; pure integers), ``ring.py`` (forward/backward:
+halo exchange, global relay, tiles), ``attention.py`` (public entry points, RoPE, input agreement),
+``cache.py`` (decode cache).
+
+May import: ``ringrt.ops`` (kernels, merge, rope), ``ringrt.distributed`` (traffic, groups, input
+agreement) and the shared pieces of ``ringrt.schedules`` (``base``: autograd Function and block
+loops; ``blocks``: Block and the row slicer). Never ``ringrt.simulate``, ``ringrt.bench``,
+``ringrt.jobs`` or ``ringrt.model``.
 """
 
 from .attention import lambda_attention, sliding_window_attention

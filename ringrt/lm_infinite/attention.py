@@ -8,13 +8,13 @@ import torch
 import torch.distributed as dist
 
 from ..distributed import comm
+from ..distributed.agree import DTYPES, agree_fields, local_problem, needs_backward, show_field
 from ..distributed.groups import base_group, nccl_problem, ring_groups
 from ..ops.kernels import get_kernel
 from ..ops.rope import apply_rope, inv_freq
-from ..distributed.agree import DTYPES, agree_fields, local_problem, needs_backward, show_field
 from .mask import LambdaMask, sliding_window, stationary_positions
 from .plan import halo_plan
-from .ring import LambdaPlan, LambdaRingAttention
+from .ring import LambdaPlan, lambda_ring
 
 ALGORITHMS = ("ring", "tokenring")
 DEFAULT_BLOCK = 512
@@ -94,7 +94,7 @@ def lambda_attention(
             (gloo; on NCCL waits are stream-ordered and the process group's timeout and watchdog apply).
         group: process group the sequence is sharded over (default: the default group; none
             initialised or one rank: single-process attention). A subgroup on NCCL needs
-            dedicated direction groups (``ringrt.distributed.groups.new_subgroups``).
+            its dedicated lanes (``ringrt.distributed.groups.new_subgroups``).
 
     Returns:
         (batch, local_seq, heads, head_dim): this rank's output shard, dtype of q, differentiable
@@ -118,7 +118,7 @@ def lambda_attention(
     if problem is None:
         try:
             kern = get_kernel(q.device, kernel)
-            problem = nccl_problem(base, q.device)  # an NCCL subgroup needs dedicated direction groups
+            problem = nccl_problem(base, q.device)  # an NCCL subgroup needs its dedicated lanes
         except ValueError as e:
             problem = str(e)
     ok = problem is None
@@ -148,7 +148,7 @@ def lambda_attention(
         mask=mask, scale=float(scale), kernel=kern, groups=groups, halo=halo_plan(groups.rank, groups.world, s, mask),
         block=min(s, block_size or DEFAULT_BLOCK), algorithm=algorithm, timeout=to,
     )
-    return LambdaRingAttention.apply(qr, qs, kr, k, v, plan)
+    return lambda_ring(qr, qs, kr, k, v, plan)
 
 
 def sliding_window_attention(

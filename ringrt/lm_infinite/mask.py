@@ -136,7 +136,7 @@ class Tile:
 def _runs(q0: int, q1: int, edges: list[tuple[int, int]], kinds: list[Kind]) -> list[Tile]:
     """Merge consecutive key tiles of the same (non-empty) kind into one call each."""
     out: list[Tile] = []
-    for (a, b), kind in zip(edges, kinds):
+    for (a, b), kind in zip(edges, kinds, strict=True):
         if kind is Kind.EMPTY:
             continue
         dense = kind is Kind.DENSE

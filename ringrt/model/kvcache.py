@@ -99,7 +99,7 @@ class LambdaPrefillCache:
 
     def __init__(self, *, n_layers: int, prefill_attend, mask, rope_theta: float, real_len: int,
                  group: dist.ProcessGroup | None = None):
-        from .. import LambdaKVCache
+        from ..lm_infinite import LambdaKVCache
 
         self.group, self.rank, self.world = base_group(group)
         self.prefill_attend, self.real_len, self.mask = prefill_attend, real_len, mask

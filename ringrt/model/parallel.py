@@ -45,14 +45,14 @@ class LambdaAttend:
         self.mask, self.rope_theta, self.group = mask, rope_theta, group
 
     def __call__(self, q, k, v, *, layer, positions):
-        from .. import lambda_attention
+        from ..lm_infinite import lambda_attention
 
         return lambda_attention(q, k, v, mask=self.mask, rope_theta=self.rope_theta, group=self.group)
 
 
 def lambda_mask(attn: AttentionConfig, train_len: int):
     """The ``ringrt.LambdaMask`` of these settings (n_local defaults to the training length)."""
-    from .. import LambdaMask
+    from ..lm_infinite import LambdaMask
 
     n_local = attn.n_local or train_len
     return LambdaMask(n_global=attn.n_global, n_local=n_local, limit_distance=attn.limit_distance or n_local)
@@ -172,7 +172,7 @@ def mesh(data_parallel: int, *, hybrid_degrees: Sequence[int] | None = None) -> 
     Ranks [i*sp, (i+1)*sp) shard one sequence (sp = world / data_parallel); rank r is replica
     r // sp. Every rank must call this (group creation is collective). Without distributed: all None.
 
-    Each sequence group comes with its dedicated direction groups (``ringrt.distributed.groups.new_subgroups``):
+    Each sequence group comes with its two dedicated lanes (``ringrt.distributed.groups.new_subgroups``):
     NCCL ignores P2P tags, so ringrt's concurrent channels need communicators of their own.
     ``hybrid_degrees``: the Ulysses degrees whose grids to create for ``algorithm="hybrid"``; default
     on NCCL every degree the hybrid can pick (the divisors of sp below it, at most

@@ -1,9 +1,11 @@
-"""Math on one device: never ``torch.distributed``.
+"""Math on one device: block kernels, merging partial results, rotary embeddings, sequence layouts.
 
-``kernels.py`` the block kernels (CPU, math, and the protocol; ``kernels_cuda.py`` / ``flash.py``
-load only on CUDA), ``kernel_layout.py`` the aligned tensors CUDA kernels want, ``merge.py`` folding
-partial (out, lse) results, ``rope.py`` rotary embeddings, ``layout.py`` how a sequence is sharded
-(contiguous / zigzag chunk ids), ``timing.py`` device-synchronised wall clocks.
+Read first: ``kernels.py`` (the block-kernel protocol, the CPU and math kernels; ``kernels_cuda.py``
+and ``flash.py`` load only on CUDA), ``merge.py`` (folding partial (out, lse) results in fp32),
+``layout.py`` (how a sequence is cut into contiguous / zigzag shards). Then ``kernel_layout.py``
+(the aligned tensors CUDA kernels want), ``rope.py`` (rotary embeddings), ``timing.py``
+(device-synchronised wall clocks).
 
-May import: torch and the standard library only (and each other).
+May import: torch and the standard library only; never ``torch.distributed`` and no other ringrt
+package (communication is injected from above). Enforced by ``tests/test_architecture.py``.
 """

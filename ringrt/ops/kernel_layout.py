@@ -59,7 +59,7 @@ def is_aligned_bias(bias: torch.Tensor) -> bool:
     a = bias_alignment(bias.dtype)
     if bias.shape[-1] > 1 and bias.stride(-1) != 1:
         return False
-    lead = [st for sz, st in zip(bias.shape[:-1], bias.stride()[:-1]) if sz > 1]
+    lead = [st for sz, st in zip(bias.shape[:-1], bias.stride()[:-1], strict=True) if sz > 1]
     return bias.storage_offset() % a == 0 and all(st % a == 0 for st in lead)
 
 

@@ -16,11 +16,10 @@ Token order inside a rank's shard always follows global order, which is what let
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Sequence
 
 import torch
 
-Layout = Literal["contiguous", "zigzag"]
 LAYOUTS: tuple[str, ...] = ("contiguous", "zigzag")
 
 
@@ -77,7 +76,7 @@ def assemble(shards: Sequence[torch.Tensor], layout: str, dim: int = 1) -> torch
     per = local_chunks(layout)
     pieces: list[torch.Tensor | None] = [None] * num_chunks(layout, world)
     for r, s in enumerate(shards):
-        for idx, piece in zip(rank_chunks(layout, r, world), s.chunk(per, dim=dim)):
+        for idx, piece in zip(rank_chunks(layout, r, world), s.chunk(per, dim=dim), strict=True):
             pieces[idx] = piece
     return torch.cat(pieces, dim=dim)  # type: ignore[arg-type]
 

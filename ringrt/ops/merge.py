@@ -14,6 +14,10 @@ finite value first (an empty accumulator loses to anything, an empty block inclu
 only case made finite. NaN propagates (the kernels' rule, ``kernels.py``): a row whose out or lse is
 NaN on either side merges to a NaN row (NaN weight, or ``lerp``'s ``w * (b - a)`` with a NaN
 operand), so a query row that saw a NaN in any block ends NaN, and every other row is untouched.
+
+The backward of every schedule needs one more row statistic of the merged result,
+delta = rowsum(dout * out) (:func:`grad_delta`): with the final lse it makes each block's gradient
+exact on its own (``kernels.py``).
 """
 
 from __future__ import annotations
@@ -45,3 +49,10 @@ def empty_accumulator(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     out = torch.zeros(q.shape, dtype=dt, device=q.device)
     lse = torch.full(q.shape[:-1], float("-inf"), dtype=dt, device=q.device)
     return out, lse
+
+
+def grad_delta(dout: torch.Tensor, out: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """delta = rowsum(dout * out): dout, out (B, H, S, D) -> (B, H, S) in ``dtype`` (default the
+    accumulation dtype of ``out``), both factors cast to it before the product."""
+    dt = dtype if dtype is not None else acc_dtype(out.dtype)
+    return (dout.to(dt) * out.to(dt)).sum(-1)

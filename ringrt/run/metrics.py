@@ -1,12 +1,14 @@
-"""A small metrics logger: ``log(step, **metrics)`` to pluggable sinks, on rank 0 only.
+"""Metrics of a run: ``log(step, **metrics)`` to pluggable sinks, on rank 0 only.
 
 Sinks are callables ``sink(step: int, metrics: dict) -> None`` with an optional ``close()``;
-``ConsoleSink`` prints one line, ``JsonlSink`` appends one JSON object per call.
+``ConsoleSink`` prints one line, ``JsonlSink`` appends one JSON object per call, ``WandbSink``
+logs to Weights & Biases. :func:`metrics_logger` builds a run's logger from its ``logging`` settings.
 
 Lines for the person watching go through :func:`say`: above the progress bar while one is shown
 (:func:`progress_bar`), and into the run's log file when the logging setup has one (Hydra's
 ``<job>.log``), so the log holds the step lines too. :class:`Throughput` turns step times into
-the ``tokens_per_s`` column.
+the ``tokens_per_s`` column; :class:`Telemetry` adds the system columns to each logged step that
+has one (``flops_per_s``, ``peak_mem_bytes``, ``comm_bytes``).
 
 Values may be 0-dim tensors on the job's device (``grad_norm``): the logger reads them back only
 when it has sinks (rank 0), so the other ranks never wait for a number nobody prints.
@@ -19,13 +21,39 @@ import json
 import logging
 import math
 import os
+import resource
 import sys
 import time
-from typing import Callable, Iterator, Protocol
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Literal, Protocol
+
+import torch
+
+from ..distributed import comm
 
 _bar = None
 """The progress bar on screen (set by :func:`progress_bar`), or None."""
 
+
+
+@dataclass(kw_only=True, slots=True)
+class LoggingConfig:
+    """Where metrics go (written by global rank 0 only)."""
+
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    """``offline``: a local run under ``<out_dir>/wandb`` (upload later with ``wandb sync``);
+    ``online``: stream to the W&B server (needs ``WANDB_API_KEY`` or ``wandb login``); ``disabled``: none."""
+    project: str = "ringrt"
+    entity: str | None = None
+    name: str | None = None
+    """Run name; None = the output directory's name."""
+    group: str | None = None
+    """Groups the runs of one sweep in the W&B UI."""
+    tags: list[str] = field(default_factory=list)
+    jsonl: bool = True
+    """Append every logged step to ``<out_dir>/metrics.jsonl``."""
+    console: bool = True
+    """Print one ``step N | key value | ...`` line per logged step."""
 
 def _log_files() -> list[logging.FileHandler]:
     """The root logger's file handlers (Hydra's ``<job>.log``), not counting ones that write to /dev/null."""
@@ -201,3 +229,73 @@ class WandbSink:
         self._run.finish()
         if self._offline_dir:
             print(f"wandb: offline run in {self._offline_dir} (upload later: wandb sync {self._offline_dir})", flush=True)
+
+
+# --- Telemetry: the system columns -------------------------------------------------------------
+
+
+def train_flops_per_token(*, n_params: int, n_layers: int, dim: int, seq_len: int, causal: bool = True) -> float:
+    """Forward + backward FLOPs per token: 6·N for the weights plus 12·L·d·T for attention scores
+    (halved under a causal mask), as in the PaLM/Megatron MFU accounting."""
+    attn = 12 * n_layers * dim * seq_len * (0.5 if causal else 1.0)
+    return 6.0 * n_params + attn
+
+
+def peak_memory_bytes() -> int:
+    """CUDA peak allocated memory on a GPU process, else the process's peak RSS."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated())
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def _bytes_sent() -> int:
+    return sum(s.bytes_sent for s in comm.stats().values())
+
+
+class Telemetry:
+    """A sink in front of ``sinks``: for every logged step that carries ``tokens_per_s`` it adds
+
+    * ``flops_per_s``: tokens_per_s x ``flops_per_token`` (see :func:`train_flops_per_token`);
+    * ``peak_mem_bytes``: :func:`peak_memory_bytes`;
+    * ``comm_bytes``: bytes this rank sent through ``ringrt.distributed.comm`` since the previous logged step,
+
+    then forwards the step to ``sinks``.
+    """
+
+    def __init__(self, sinks, *, flops_per_token: float):
+        self.sinks = list(sinks)
+        self.flops_per_token = float(flops_per_token)
+        self._sent = _bytes_sent()
+
+    def __call__(self, step: int, metrics: dict) -> None:
+        if "tokens_per_s" in metrics:
+            sent = _bytes_sent()
+            metrics = {**metrics, "flops_per_s": metrics["tokens_per_s"] * self.flops_per_token,
+                       "peak_mem_bytes": peak_memory_bytes(), "comm_bytes": sent - self._sent}
+            self._sent = sent
+        for s in self.sinks:
+            s(step, metrics)
+
+    def close(self) -> None:
+        for s in self.sinks:
+            getattr(s, "close", lambda: None)()
+
+
+def metrics_logger(logging_cfg, out_dir: str, *, config: dict | None = None, flops_per_token: float = 0.0) -> MetricsLogger:
+    """The run's :class:`MetricsLogger` from a :class:`LoggingConfig`: console line,
+    ``<out_dir>/metrics.jsonl`` and W&B, on global rank 0 only, behind :class:`Telemetry`."""
+    from ..distributed.launcher import global_rank
+
+    if global_rank() != 0:
+        return MetricsLogger([], enabled=False)
+    sinks: list[Sink] = []
+    if logging_cfg.console:
+        sinks.append(ConsoleSink())
+    if logging_cfg.jsonl:
+        sinks.append(JsonlSink(os.path.join(out_dir, "metrics.jsonl")))
+    if logging_cfg.wandb != "disabled":
+        sinks.append(WandbSink(mode=logging_cfg.wandb, project=logging_cfg.project, dir=out_dir,
+                               entity=logging_cfg.entity, name=logging_cfg.name or os.path.basename(os.path.abspath(out_dir)),
+                               group=logging_cfg.group, tags=list(logging_cfg.tags), config=config))
+    return MetricsLogger([Telemetry(sinks, flops_per_token=flops_per_token)])

@@ -6,6 +6,10 @@ A write goes to a temporary file in the same directory and is then renamed over 
 ``os.replace``, so a reader (or a kill at any moment) sees either the old file or the new one,
 never half of one. The file gets the mode a plain ``open()`` would give it (``0o666 & ~umask``,
 e.g. 0644), not ``mkstemp``'s private 0600: teammates sharing a run directory can read it.
+
+A training run's ``out_dir`` holds the model in Hugging Face format under ``hf/``;
+:func:`resolve_checkpoint` turns either directory into the model's (what eval, generate and the
+compression jobs accept as a checkpoint).
 """
 
 from __future__ import annotations
@@ -60,12 +64,27 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, sort_keys: bool = True) -> Path:
+    """``obj`` as indented JSON through :func:`atomic_write_text`; ``sort_keys=False`` keeps the
+    dict's own order (a results table whose keys are lengths reads in the order it was measured)."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
 
 
-def is_writer() -> bool:
-    """True on the one process that writes shared files (global rank 0, or a single process)."""
-    from ..distributed.launcher import global_rank  # here, so that writers (ringrt.model.hf) need no launcher facts
+def atomic_save_figure(fig, path: str | os.PathLike, *, dpi: int = 120) -> str:
+    """Save a matplotlib figure as ``path`` (PNG) through a temporary file + ``os.replace``; returns ``path``."""
+    path = str(path)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=dpi)
+    os.replace(tmp, path)
+    return path
 
-    return global_rank() == 0
+
+def resolve_checkpoint(path: str | os.PathLike) -> tuple[str, dict]:
+    """(Hugging Face directory, its ``ringrt.json`` extras) for a HF directory or a training
+    ``out_dir`` (whose model is in ``<out_dir>/hf``). The extras are what ``ringrt train`` recorded
+    (``train_len``, ``tokenizer``, ``step``); {} for a directory written elsewhere."""
+    p = Path(path)
+    if not (p / "config.json").is_file() and (p / "hf" / "config.json").is_file():
+        p = p / "hf"
+    extra = json.loads((p / "ringrt.json").read_text()) if (p / "ringrt.json").is_file() else {}
+    return str(p), extra

@@ -1,27 +1,30 @@
-"""Sequence-parallel attention schedules that run behind ``ringrt.attention(..., algorithm=...)``.
+"""Sequence-parallel attention schedules: everything behind ``ringrt.attention(..., algorithm=...)``.
 
-One file per schedule, each in three layers (raw ``*_forward/_backward`` -> autograd Function ->
-the registered ``fn(q, k, v, plan)`` on (B, S_l, H, D) shards):
+Each schedule takes this rank's (B, S_l, H, D) shards and a :class:`base.RingPlan` and returns its
+output shard, differentiably, in three layers: raw ``*_forward/_backward`` passes on heads-first
+tensors -> the shared autograd Function (``base.ShardAttention``) -> the registered function.
 
-* ``ring``      K/V rotate round the ring (zigzag-balanced for causal); dK/dV travel with them.
-* ``allgather`` gather K/V once (Llama-3 context parallelism); reduce-scatter dK/dV.
-* ``ulysses``   all-to-all from sequence shards to head shards and back (DeepSpeed-Ulysses).
-* ``hybrid``    Ulysses inside groups of u ranks x KV-ring across the groups.
-* ``auto``      picks one of the above or TokenRing per call from :mod:`ringrt.costmodel`.
+Read in this order:
+
+* ``blocks.py``          the :class:`~blocks.Block` rectangle and the row slicer every pass uses (pure integers).
+* ``base.py``            the plan, the autograd Function, and the block loops (kernel + merge).
+* ``tokenring_plan.py``  Note [TokenRing]: which block each rank computes at each step (pure integers).
+* ``tokenring.py``       TokenRing: queries travel one way, partial results straight back.
+* ``ring.py``            KV-ring: K/V rotate round the ring (zigzag-balanced); dK/dV travel with them.
+* ``allgather.py``       gather K/V once (Llama-3 context parallelism); reduce-scatter dK/dV.
+* ``ulysses.py``         all-to-all from sequence shards to head shards and back (DeepSpeed-Ulysses).
+* ``hybrid.py``          Ulysses inside groups of u ranks x KV-ring across the groups.
+* ``registry.py``        the one table name -> schedule.
+* ``auto.py``            picks a schedule per call from ``costmodel.py`` (and ``tiling.py``), pure math.
+
+May import: ``ringrt.ops`` (kernels, merge, layout) and ``ringrt.distributed`` (traffic, groups).
+Never ``ringrt.simulate``, ``ringrt.bench``, ``ringrt.jobs`` or ``ringrt.model``.
 """
 
-from .allgather import allgather_attention
 from .auto import auto_attention
-from .hybrid import hybrid_attention
-from .ring import ring_attention
-from .ulysses import ulysses_attention
+from .registry import SCHEDULES
 
-SCHEDULES = {
-    "ring": ring_attention,
-    "allgather": allgather_attention,
-    "ulysses": ulysses_attention,
-    "hybrid": hybrid_attention,
-    "auto": auto_attention,
-}
+# Every ``algorithm=`` name: the schedules, then ``auto`` (which picks among them).
+ALGORITHMS = {**SCHEDULES, "auto": auto_attention}
 
-__all__ = ["SCHEDULES"]
+__all__ = ["ALGORITHMS", "SCHEDULES"]

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.layout import assemble, num_chunks, rank_chunks, shard_of
-from ..ops.merge import acc_dtype, empty_accumulator, merge_
-from .blocks import chunk_blocks, rows
 from ..distributed.collectives import all_gather, reduce_scatter
+from ..ops.layout import assemble, num_chunks, rank_chunks, shard_of
+from ..ops.merge import acc_dtype, empty_accumulator, grad_delta
+from .base import RingPlan, attend_blocks, grad_blocks, seq_first
+from .blocks import Block, chunk_blocks
 
 
-def _gather_kv(k, v, plan, step: str):
+def _gather_kv(k, v, plan: RingPlan, step: str):
     g = plan.groups
     if g.world == 1:
         return k, v
@@ -37,42 +38,32 @@ def _gather_kv(k, v, plan, step: str):
     return (assemble([p[0] for p in parts], plan.layout, dim=2), assemble([p[1] for p in parts], plan.layout, dim=2))
 
 
-def _blocks(plan):
+def _blocks(plan: RingPlan) -> list[Block]:
     g = plan.groups
     return chunk_blocks(rank_chunks(plan.layout, g.rank, g.world), list(range(num_chunks(plan.layout, g.world))), plan.causal)
 
 
-def allgather_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> tuple[torch.Tensor, torch.Tensor]:
+def allgather_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, H, S_l, D), k/v (B, H_kv, S_l, D) -> out (B, H, S_l, D), lse (B, H, S_l)."""
     chunk = q.shape[2] // len(rank_chunks(plan.layout, 0, plan.groups.world))
     kf, vf = _gather_kv(k, v, plan, "forward")  # (B, H_kv, S, D), global order
-    acc_o, acc_l = empty_accumulator(q)
-    for b in _blocks(plan):
-        o, l = plan.kernel.forward(rows(q, b.q_rows, chunk), rows(kf, b.k_rows, chunk), rows(vf, b.k_rows, chunk),
-                                   causal=b.diagonal, mask=None, scale=plan.scale)
-        merge_(rows(acc_o, b.q_rows, chunk), rows(acc_l, b.q_rows, chunk), o, l)
-    return acc_o.to(q.dtype), acc_l
+    acc = empty_accumulator(q)
+    attend_blocks(acc, q, kf, vf, _blocks(plan), kernel=plan.kernel, scale=plan.scale, chunk=chunk)
+    return acc[0].to(q.dtype), acc[1]
 
 
-def allgather_backward(dout, q, k, v, out, lse, plan):
+def allgather_backward(dout, q, k, v, out, lse, plan: RingPlan):
     """Gradients of the local shards (shapes as in :func:`allgather_forward`)."""
     g = plan.groups
     chunk = q.shape[2] // len(rank_chunks(plan.layout, 0, g.world))
     adt = acc_dtype(q.dtype)
-    delta = (dout.to(adt) * out.to(adt)).sum(-1)  # (B, H, S_l)
+    delta = grad_delta(dout, out, adt)  # (B, H, S_l)
     kf, vf = _gather_kv(k, v, plan, "backward")
     dq = torch.zeros(q.shape, dtype=adt, device=q.device)
     dkf = torch.zeros(kf.shape, dtype=adt, device=q.device)
     dvf = torch.zeros(vf.shape, dtype=adt, device=q.device)
-    for b in _blocks(plan):
-        dq_b, dk_b, dv_b = plan.kernel.backward(
-            rows(dout, b.q_rows, chunk), rows(q, b.q_rows, chunk), rows(kf, b.k_rows, chunk), rows(vf, b.k_rows, chunk),
-            rows(lse, b.q_rows, chunk), rows(delta, b.q_rows, chunk), causal=b.diagonal, mask=None, scale=plan.scale,
-            out=rows(out, b.q_rows, chunk),
-        )
-        rows(dq, b.q_rows, chunk).add_(dq_b)
-        rows(dkf, b.k_rows, chunk).add_(dk_b)
-        rows(dvf, b.k_rows, chunk).add_(dv_b)
+    grad_blocks((dq, dkf, dvf), dout, q, kf, vf, lse, delta, _blocks(plan), kernel=plan.kernel, scale=plan.scale,
+                chunk=chunk, out=out)
     if g.world == 1:
         return dq.to(q.dtype), dkf.to(k.dtype), dvf.to(v.dtype)
     dkv = torch.stack([dkf, dvf])  # (2, B, H_kv, S, D): one reduce-scatter for both
@@ -81,21 +72,6 @@ def allgather_backward(dout, q, k, v, out, lse, plan):
     return dq.to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype)
 
 
-class AllGatherAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, plan):
-        out, lse = allgather_forward(q, k, v, plan)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan = plan
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        return (*allgather_backward(dout.contiguous(), q, k, v, out, lse, ctx.plan), None)
-
-
-def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> torch.Tensor:
+def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan) -> torch.Tensor:
     """``algorithm="allgather"``: q (B, S_l, H, D), k/v (B, S_l, H_kv, D) shards -> (B, S_l, H, D)."""
-    qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (q, k, v))
-    return AllGatherAttention.apply(qh, kh, vh, plan).transpose(1, 2).contiguous()
+    return seq_first(allgather_forward, allgather_backward, plan, q, k, v)

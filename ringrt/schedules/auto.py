@@ -22,35 +22,34 @@ Every rank must run the same schedule, yet calibration files could differ betwee
 tuning the first call with a new problem broadcasts rank 0's choice (one small collective). Later
 calls with the same problem reuse the choice without communication. The choice, every estimate and
 any measured times go to ``logging.getLogger("ringrt.auto")`` at DEBUG.
+
+The candidates are the schedules of ``registry.SCHEDULES``. This module reads the settings
+(``RINGRT_CALIBRATION``, ``RINGRT_MACHINE``, ``RINGRT_AUTO_TUNE``, and the hybrid's
+``RINGRT_ULYSSES_DEGREE`` through :func:`hybrid.degree_setting`) and hands their values to the cost
+model, which reads none itself.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from ..distributed import comm
-from ..ops import timing as devtime
 from ..distributed.comm import count
+from ..ops import timing as devtime
 from . import costmodel
-from .tokenring import TokenRingAttention
-from .allgather import allgather_attention
-from .hybrid import hybrid_attention
-from .ring import ring_attention
-from .ulysses import ulysses_attention
+from .base import RingPlan
+from .hybrid import degree_setting
+from .registry import SCHEDULES
 
 log = logging.getLogger("ringrt.auto")
 
-RUNNERS = {
-    "tokenring": lambda q, k, v, plan: TokenRingAttention.apply(q, k, v, plan),
-    "ring": ring_attention,
-    "allgather": allgather_attention,
-    "ulysses": ulysses_attention,
-    "hybrid": hybrid_attention,
-}
 TUNE_MARGIN = 0.5
 TUNE_MARGIN_SIMULATED = 2.0
 TUNE_MAX = 3
@@ -75,6 +74,20 @@ def gpu_preset(device_name: str) -> str | None:
     return None
 
 
+def calibration_path() -> Path:
+    """``RINGRT_CALIBRATION`` or ``~/.cache/ringrt/calibration.json``."""
+    env = os.environ.get("RINGRT_CALIBRATION")
+    return Path(env) if env else Path.home() / ".cache" / "ringrt" / "calibration.json"
+
+
+def load_machine(path: str | Path | None = None) -> costmodel.Machine:
+    """The calibrated CPU machine from ``path`` (default :func:`calibration_path`), else the defaults."""
+    p = Path(path) if path else calibration_path()
+    if p.exists():
+        return costmodel.machine_from_dict(json.loads(p.read_text())["machine"])
+    return costmodel.PRESETS["cpu"]
+
+
 def machine_for(device: torch.device) -> costmodel.Machine:
     """The machine description ``auto`` prices schedules on for tensors on ``device``."""
     key = str(device) if device.type == "cuda" else device.type
@@ -92,11 +105,11 @@ def machine_for(device: torch.device) -> costmodel.Machine:
                                 "to one of %s) and measuring a wider shortlist", gpu, preset, ", ".join(sorted(costmodel.PRESETS)))
             _MACHINES[key] = costmodel.PRESETS[preset]
         else:
-            _MACHINES[key] = costmodel.load_machine()
+            _MACHINES[key] = load_machine()
     return _MACHINES[key]
 
 
-def problem_of(q: torch.Tensor, k: torch.Tensor, plan, world: int, backward: bool) -> costmodel.Problem:
+def problem_of(q: torch.Tensor, k: torch.Tensor, plan: RingPlan, world: int, backward: bool) -> costmodel.Problem:
     """The cost-model problem of shards q (B, S_l, H, D), k (B, S_l, H_kv, D)."""
     return costmodel.Problem(
         batch=q.shape[0], seq=q.shape[1] * world, heads=q.shape[2], kv_heads=k.shape[2], head_dim=q.shape[3],
@@ -104,9 +117,11 @@ def problem_of(q: torch.Tensor, k: torch.Tensor, plan, world: int, backward: boo
     )
 
 
-def choose(p: costmodel.Problem, m: costmodel.Machine, world: int, topology: str = "full") -> tuple[str, list[costmodel.Estimate]]:
-    """(chosen schedule, every candidate's estimate fastest first). Pure; no communication."""
-    ests = costmodel.rank_schedules(p, m, world)
+def choose(p: costmodel.Problem, m: costmodel.Machine, world: int, topology: str = "full",
+           ulysses_degree: int | None = None) -> tuple[str, list[costmodel.Estimate]]:
+    """(chosen schedule, every candidate's estimate fastest first). Pure; no communication.
+    ``ulysses_degree``: the hybrid's set degree (``RINGRT_ULYSSES_DEGREE``), None: the model's rule."""
+    ests = costmodel.rank_schedules(p, m, world, ulysses_degree=ulysses_degree)
     if topology == "ring":  # no direct links: schedules that need them are priced but not picked
         ests = [e for e in ests if e.schedule not in ("ulysses", "hybrid", "allgather")] or ests
     return ests[0].schedule, ests
@@ -136,9 +151,10 @@ def _tune(names: list[str], q, k, v, plan, backward: bool) -> dict[str, float]:
     (identical on every rank)."""
     g = plan.groups
     rounds: dict[str, list[float]] = {n: [] for n in names}
+
     def run(n: str, qq, kk, vv) -> None:
         with torch.enable_grad() if backward else torch.no_grad():
-            out = RUNNERS[n](qq, kk, vv, plan)
+            out = SCHEDULES[n](qq, kk, vv, plan)
             if backward:
                 out.backward(torch.ones_like(out))
 
@@ -147,12 +163,12 @@ def _tune(names: list[str], q, k, v, plan, backward: bool) -> dict[str, float]:
             copies = [x.detach().clone().requires_grad_(backward) for x in (q, k, v)]
             comm.collective("barrier", lambda: dist.barrier(group=g.base, async_op=True), group=g.base, device=q.device,
                             timeout_s=plan.timeout, channel="auto", step=f"tuning round {i}, before {n}")
-            rounds[n].append(devtime.elapsed(lambda: run(n, *copies), q.device))
+            rounds[n].append(devtime.elapsed(functools.partial(run, n, *copies), q.device))
     best = torch.tensor([min(rounds[n]) for n in names], dtype=torch.float64,
                         device=comm.metadata_device(g.base, q.device))
     comm.collective("all_reduce", lambda: dist.all_reduce(best, op=dist.ReduceOp.MAX, group=g.base, async_op=True),
                     group=g.base, device=best.device, timeout_s=plan.timeout, channel="auto", step="tuning result")
-    return dict(zip(names, best.cpu().tolist()))
+    return dict(zip(names, best.cpu().tolist(), strict=True))
 
 
 class _Tuning:
@@ -163,7 +179,7 @@ class _Tuning:
 def _agree(name: str, short: list[str], tune: bool, q, g, timeout: float | None = None) -> tuple[str, list[str], bool]:
     """Rank 0's (choice, shortlist, whether to tune), on every rank: one broadcast of 2 + TUNE_MAX
     integers, so ranks whose calibration files or settings differ still take the same path."""
-    names = list(RUNNERS)
+    names = list(SCHEDULES)
     vec = torch.full((2 + TUNE_MAX,), -1, dtype=torch.int64)
     vec[0], vec[1] = names.index(name), int(tune)
     vec[2 : 2 + len(short)] = torch.tensor([names.index(n) for n in short], dtype=torch.int64)
@@ -179,10 +195,10 @@ def _agree(name: str, short: list[str], tune: bool, q, g, timeout: float | None 
     return names[got[0]], [names[i] for i in got[2:] if i >= 0], bool(got[1])
 
 
-def _decide(q, k, v, plan, p: costmodel.Problem, m: costmodel.Machine) -> tuple[str, list, dict]:
+def _decide(q, k, v, plan: RingPlan, p: costmodel.Problem, m: costmodel.Machine) -> tuple[str, list, dict]:
     """(schedule, estimates fastest first, measured best-round seconds if tuned)."""
     g = plan.groups
-    name, ests = choose(p, m, g.world, plan.topology)
+    name, ests = choose(p, m, g.world, plan.topology, ulysses_degree=degree_setting(g.world))
     if g.world == 1:
         return name, ests, {}
     short = shortlist(ests, TUNE_MARGIN_SIMULATED if m.simulated else TUNE_MARGIN)
@@ -202,7 +218,7 @@ def _decide(q, k, v, plan, p: costmodel.Problem, m: costmodel.Machine) -> tuple[
     return min(measured, key=measured.get), ests, measured
 
 
-def auto_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> torch.Tensor:
+def auto_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan) -> torch.Tensor:
     """``algorithm="auto"``: q (B, S_l, H, D), k/v (B, S_l, H_kv, D) shards -> (B, S_l, H, D)."""
     g = plan.groups
     backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
@@ -222,4 +238,4 @@ def auto_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> t
             name, p.batch, p.seq, p.heads, p.kv_heads, p.head_dim, q.dtype, p.causal,
             "fwd+bwd" if backward else "fwd", g.world, plan.layout, m.name, shown, timed,
         )
-    return RUNNERS[name](q, k, v, plan)
+    return SCHEDULES[name](q, k, v, plan)

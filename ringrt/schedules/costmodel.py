@@ -1,7 +1,7 @@
 """Per-step compute / communication / overlap model of every attention schedule. Pure math.
 
-An estimate walks the same integer step tables the schedules run (``schedule.tokenring_schedule``,
-``schedules.blocks.chunk_blocks``) and prices each step of each rank:
+An estimate walks the same integer step tables the schedules run (``tokenring_plan.tokenring_schedule``,
+``blocks.chunk_blocks``) and prices each step of each rank:
 
     kernel call   t = overhead + flops / (peak_D * m / (m + m_half_D)),  m = min(query rows, key rows)
                   flops = 4*B*H*D*area, area = sq*sk, or what the kernel's tiling computes of a
@@ -29,22 +29,23 @@ ranks for a burst, 2.5 to 2.7 for steps); without a measurement, min(1, cores / 
 
 All numbers are estimates for the machine described; presets for GPUs are simulation, not
 measurement (their sources are given next to them). The CPU machine is calibrated from measured
-runs (``ringrt simulate calibrate``).
+runs (``ringrt simulate calibrate``); ``auto`` loads it (``auto.load_machine``). Nothing here reads
+the environment or a file: settings (the hybrid's Ulysses degree) come in as arguments.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Literal
 
 from ..ops.layout import local_chunks, rank_chunks
-from .tokenring_plan import Rows, block_for
-from .blocks import ChunkBlock, chunk_blocks
+from .blocks import Block, Rows, chunk_blocks, n_rows
+from .hybrid import hybrid_degree
 from .tiling import Tiling, computed_area
+from .tokenring_plan import block_for
+from .ulysses import ulysses_problem
 
 ScheduleName = Literal["tokenring", "ring", "allgather", "ulysses", "hybrid"]
 SCHEDULES: tuple[str, ...] = ("tokenring", "ring", "allgather", "ulysses", "hybrid")
@@ -214,12 +215,6 @@ PRESETS: dict[str, Machine] = {
 }
 
 
-def calibration_path() -> Path:
-    """``RINGRT_CALIBRATION`` or ``~/.cache/ringrt/calibration.json``."""
-    env = os.environ.get("RINGRT_CALIBRATION")
-    return Path(env) if env else Path.home() / ".cache" / "ringrt" / "calibration.json"
-
-
 def machine_to_dict(m: Machine) -> dict:
     return asdict(m)
 
@@ -234,14 +229,6 @@ def machine_from_dict(d: dict) -> Machine:
     d["slowdowns"] = tuple(RankSlowdown(**x) for x in d.get("slowdowns", ()))
     d["burst_slowdowns"] = tuple(RankSlowdown(**x) for x in d.get("burst_slowdowns", ()))
     return Machine(**d)
-
-
-def load_machine(path: str | Path | None = None) -> Machine:
-    """The calibrated CPU machine from ``path`` (default :func:`calibration_path`), else the defaults."""
-    p = Path(path) if path else calibration_path()
-    if p.exists():
-        return machine_from_dict(json.loads(p.read_text())["machine"])
-    return PRESETS["cpu"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -374,10 +361,10 @@ def _slowest_steps(m: Machine, world: int, ranks: list[int], cost) -> tuple[floa
     return total, comp_sum, comm_sum, steps
 
 
-def blocks_time(m: Machine, p: Problem, blocks: list[ChunkBlock], chunk: int, heads: int, *, backward: bool, share: float) -> float:
+def blocks_time(m: Machine, p: Problem, blocks: list[Block], chunk: int, heads: int, *, backward: bool, share: float) -> float:
     t = 0.0
     for b in blocks:
-        sq, sk = (b.q_rows[1] - b.q_rows[0]) * chunk, (b.k_rows[1] - b.k_rows[0]) * chunk
+        sq, sk = n_rows(b.q_rows) * chunk, n_rows(b.k_rows) * chunk
         t += kernel_time(m, p, sq, sk, heads, diagonal=b.diagonal, backward=backward, share=share)
         if not backward:
             t += merge_time(m, p, sq, heads, share)
@@ -439,7 +426,10 @@ def _ring_collective(m: Machine, world: int, piece_bytes: float, share: float) -
 
 
 def estimate(schedule: str, p: Problem, m: Machine, world: int, *, ulysses_degree: int | None = None) -> Estimate:
-    """Estimated seconds of one call (forward, or forward + backward) of ``schedule`` on ``world`` ranks."""
+    """Estimated seconds of one call (forward, or forward + backward) of ``schedule`` on ``world`` ranks.
+
+    ``ulysses_degree``: the hybrid's Ulysses degree; None: what ``hybrid.hybrid_degree`` picks for
+    ``m.ranks_per_node``."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule={schedule!r} is not modelled; valid: {', '.join(SCHEDULES)}")
     layout = _layout(p)
@@ -477,19 +467,11 @@ def _estimate_pass(schedule, p, m, world, layout, chunk, shares, bwd, ulysses_de
         comp = max(blocks_time(m, p, chunk_blocks(chunks[r], all_chunks, p.causal), chunk, p.heads, backward=bwd, share=burst)
                    for r in sample_ranks(world, m.ranks_per_node))
         return comp + comm, comp, comm, [(comp, comm)], f"{n_chunks_total} chunks gathered"
-    u = world if schedule == "ulysses" else (ulysses_degree or _hybrid_degree(world, p.heads, p.kv_heads, m.ranks_per_node))
+    u = world if schedule == "ulysses" else hybrid_degree(world, p.heads, p.kv_heads, m.ranks_per_node, ulysses_degree)
     return _ulysses_ring(m, p, world, u, layout, chunk, burst if u == world else share, bwd)
 
 
-def _hybrid_degree(world: int, heads: int, kv_heads: int, per_node: int) -> int:
-    from .hybrid import hybrid_degree
-
-    return hybrid_degree(world, heads, kv_heads, per_node)
-
-
 def ulysses_valid(heads: int, kv_heads: int, degree: int) -> bool:
-    from .ulysses import ulysses_problem
-
     return ulysses_problem(heads, kv_heads, degree) is None
 
 
@@ -518,10 +500,10 @@ def _ulysses_ring(m, p, world, u, layout, chunk, share, bwd):
     return t + a2a, c, x + a2a, steps, f"ulysses degree {u} x ring {n}"
 
 
-def tokenring_traffic(rank: int, world: int, causal: bool, layout: str) -> list[tuple[Rows | None, Rows | None, Rows | None, int | None]]:
-    """Per step of ``rank``: (block rows (q, k) as a Block or None, q rows sent, out rows sent, out peer).
+def tokenring_traffic(rank: int, world: int, causal: bool, layout: str) -> list[tuple[Block | None, Rows | None, Rows | None, int | None]]:
+    """Per step of ``rank``: (the block computed or None, q rows sent, out rows sent, out peer).
 
-    Closed form of ``schedule.tokenring_schedule`` for the contiguous and zigzag layouts (O(W) instead
+    Closed form of ``tokenring_plan.tokenring_schedule`` for the contiguous and zigzag layouts (O(W) instead
     of O(W^2) per rank, so 1024 ranks price in seconds); the tests check both agree.
     Owner o's queries are needed after step s by some rank below o (whole shard) iff s + 1 <= o, else
     (causal zigzag) only the back half by the ranks above o; non-causal: always the whole shard.
@@ -559,17 +541,16 @@ def _tokenring(m, p, world, layout, chunk, share, bwd):
         block, q_rows, out_rows, owner = traffic[r][s]
         comp = 0.0
         if block is not None:
-            comp = blocks_time(m, p, [ChunkBlock(block.q_rows, block.k_rows, block.diagonal)], chunk, p.heads,
-                               backward=bwd, share=share)
+            comp = blocks_time(m, p, [block], chunk, p.heads, backward=bwd, share=share)
         tq = tout = 0.0
         if q_rows is not None:
-            nb = (q_rows[1] - q_rows[0]) * q_bytes_per_chunk
+            nb = n_rows(q_rows) * q_bytes_per_chunk
             tq = msg_time(_link(m, r, (r - 1) % world), nb) + copy_time(m, nb, share)
         if out_rows is not None:
-            nb = (out_rows[1] - out_rows[0]) * out_bytes_per_chunk
+            nb = n_rows(out_rows) * out_bytes_per_chunk
             tout = msg_time(_link(m, r, owner), nb) + copy_time(m, nb, share)
             if not bwd:  # the owner's merge of this partial
-                comp += merge_time(m, p, (out_rows[1] - out_rows[0]) * chunk, p.heads, share)
+                comp += merge_time(m, p, n_rows(out_rows) * chunk, p.heads, share)
         return comp, (max(tq, tout) if m.intra.duplex else tq + tout)
 
     return (*_slowest_steps(m, world, ranks, cost), "")
@@ -583,21 +564,22 @@ def single_device(p: Problem, m: Machine) -> float:
     return t
 
 
-def candidates(p: Problem, world: int, ranks_per_node: int) -> list[str]:
-    """Schedules that can run this problem at this world size (hybrid only when it differs from both
-    a plain ring and plain Ulysses)."""
+def candidates(p: Problem, world: int, ranks_per_node: int, ulysses_degree: int | None = None) -> list[str]:
+    """Schedules that can run this problem at this world size (hybrid only when its degree, the set
+    ``ulysses_degree`` or the rule's, differs from both a plain ring and plain Ulysses)."""
     out = ["tokenring", "ring", "allgather"]
     if world > 1 and ulysses_valid(p.heads, p.kv_heads, world):
         out.append("ulysses")
     if world > 1:
-        u = _hybrid_degree(world, p.heads, p.kv_heads, ranks_per_node)
+        u = hybrid_degree(world, p.heads, p.kv_heads, ranks_per_node, ulysses_degree)
         if 1 < u < world:
             out.append("hybrid")
     return out
 
 
-def rank_schedules(p: Problem, m: Machine, world: int) -> list[Estimate]:
-    """Estimates of every candidate, fastest first."""
-    ests = [estimate(s, p, m, world) for s in candidates(p, world, m.ranks_per_node)]
+def rank_schedules(p: Problem, m: Machine, world: int, *, ulysses_degree: int | None = None) -> list[Estimate]:
+    """Estimates of every candidate, fastest first (``ulysses_degree`` as in :func:`estimate`)."""
+    ests = [estimate(s, p, m, world, ulysses_degree=ulysses_degree)
+            for s in candidates(p, world, m.ranks_per_node, ulysses_degree)]
     return sorted(ests, key=lambda x: x.total)
 

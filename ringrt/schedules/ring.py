@@ -18,7 +18,9 @@ shard, its gradient buffers and the ones in flight: memory stays O(local shard).
 Bytes a member sends (= receives), element size e of the inputs, a of the fp32/fp64 accumulators:
 forward (W-1)*2*S_l*H_kv*D*e; backward (W-1)*2*S_l*H_kv*D*e + W*2*S_l*H_kv*D*a.
 
-Tensors here are (B, H, S, D); lse and delta (B, H, S).
+K/V run on the ring's ``kv_group``, dK/dV on its ``grad_group`` (for ``algorithm="ring"`` the two
+lanes of ``RingGroups``; for the hybrid its column rings). Tensors here are (B, H, S, D); lse and
+delta (B, H, S).
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ import torch.distributed as dist
 from ..distributed.comm import P2P, nbytes, pack, spec_of, unpack
 from ..ops.kernels import BlockKernel
 from ..ops.layout import rank_chunks
-from ..ops.merge import acc_dtype, empty_accumulator, merge_
-from .blocks import chunk_blocks, rows
+from ..ops.merge import acc_dtype, empty_accumulator, grad_delta
+from .base import RingPlan, attend_blocks, grad_blocks, heads_first, seq_first
+from .blocks import chunk_blocks
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +64,7 @@ def kv_ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: KVR
     """q (B, H, S_l, D), k/v (B, H_kv, S_l, D) -> out (B, H, S_l, D) q.dtype, lse (B, H, S_l) fp32/fp64."""
     mine = ring.chunks[ring.rank]
     chunk = q.shape[2] // len(mine)
-    acc_o, acc_l = empty_accumulator(q)
+    acc = empty_accumulator(q)
     chan = P2P(ring.kv_group, "kv", ring.timeout) if ring.world > 1 else None
     nxt, prev = (ring.rank + 1) % ring.world, (ring.rank - 1) % ring.world
     specs = [spec_of(k), spec_of(v)]
@@ -70,15 +73,11 @@ def kv_ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: KVR
         pending = None
         if s < ring.world - 1:
             pending = chan.post(step=s, sends=[(nxt, pack(cur))], recvs=[(prev, nbytes(specs))], device=q.device)
-        for b in chunk_blocks(mine, ring.chunks[src], ring.causal):
-            o, l = ring.kernel.forward(
-                rows(q, b.q_rows, chunk), rows(cur[0], b.k_rows, chunk), rows(cur[1], b.k_rows, chunk),
-                causal=b.diagonal, mask=None, scale=ring.scale,
-            )
-            merge_(rows(acc_o, b.q_rows, chunk), rows(acc_l, b.q_rows, chunk), o, l)
+        attend_blocks(acc, q, cur[0], cur[1], chunk_blocks(mine, ring.chunks[src], ring.causal),
+                      kernel=ring.kernel, scale=ring.scale, chunk=chunk)
         if pending is not None:
             cur = unpack(pending.wait()[0], specs)
-    return acc_o.to(q.dtype), acc_l
+    return acc[0].to(q.dtype), acc[1]
 
 
 def kv_ring_backward(
@@ -88,7 +87,7 @@ def kv_ring_backward(
     mine = ring.chunks[ring.rank]
     chunk = q.shape[2] // len(mine)
     adt = acc_dtype(q.dtype)
-    delta = (dout.to(adt) * out.to(adt)).sum(-1)  # (B, H, S_l)
+    delta = grad_delta(dout, out, adt)  # (B, H, S_l)
     dq = torch.zeros(q.shape, dtype=adt, device=q.device)
     kv_chan = P2P(ring.kv_group, "kv", ring.timeout) if ring.world > 1 else None
     grad_chan = P2P(ring.grad_group, "dkv", ring.timeout) if ring.world > 1 else None
@@ -104,15 +103,8 @@ def kv_ring_backward(
             kv_pending = kv_chan.post(step=s, sends=[(nxt, pack(cur))], recvs=[(prev, nbytes(kv_specs))], device=q.device)
         dk = torch.zeros(k.shape, dtype=adt, device=k.device)  # this step's dK/dV of src's shard
         dv = torch.zeros(v.shape, dtype=adt, device=v.device)
-        for b in chunk_blocks(mine, ring.chunks[src], ring.causal):
-            dq_b, dk_b, dv_b = ring.kernel.backward(
-                rows(dout, b.q_rows, chunk), rows(q, b.q_rows, chunk), rows(cur[0], b.k_rows, chunk),
-                rows(cur[1], b.k_rows, chunk), rows(lse, b.q_rows, chunk), rows(delta, b.q_rows, chunk),
-                causal=b.diagonal, mask=None, scale=ring.scale,
-            )
-            rows(dq, b.q_rows, chunk).add_(dq_b)
-            rows(dk, b.k_rows, chunk).add_(dk_b)
-            rows(dv, b.k_rows, chunk).add_(dv_b)
+        grad_blocks((dq, dk, dv), dout, q, cur[0], cur[1], lse, delta, chunk_blocks(mine, ring.chunks[src], ring.causal),
+                    kernel=ring.kernel, scale=ring.scale, chunk=chunk)
         if grad_pending is not None:  # what the members before this one added for src
             got_k, got_v = unpack(grad_pending.wait()[0], grad_specs)
             dk.add_(got_k)
@@ -127,30 +119,18 @@ def kv_ring_backward(
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-class KVRingAttention(torch.autograd.Function):
-    """Autograd wrapper over (B, H, S, D) tensors."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, ring: KVRing):
-        out, lse = kv_ring_forward(q, k, v, ring)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.ring = ring
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = kv_ring_backward(dout.contiguous(), q, k, v, out, lse, ctx.ring)
-        return dq, dk, dv, None
+def kv_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: KVRing) -> torch.Tensor:
+    """Differentiable KV-ring attention over heads-first shards: q (B, H, S_l, D), k/v (B, H_kv, S_l, D) -> (B, H, S_l, D)."""
+    return heads_first(kv_ring_forward, kv_ring_backward, ring, q, k, v)
 
 
-def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> torch.Tensor:
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan) -> torch.Tensor:
     """``algorithm="ring"``: q (B, S_l, H, D), k/v (B, S_l, H_kv, D) shards in ``plan.layout`` -> (B, S_l, H, D)."""
     g = plan.groups
+    kv_group, grad_group = g.lanes
     ring = KVRing(
-        kv_group=g.q, grad_group=g.out, rank=g.rank, world=g.world,
+        kv_group=kv_group, grad_group=grad_group, rank=g.rank, world=g.world,
         chunks=tuple(tuple(rank_chunks(plan.layout, r, g.world)) for r in range(g.world)),
         causal=plan.causal, scale=plan.scale, kernel=plan.kernel, timeout=plan.timeout,
     )
-    qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # (B, H, S_l, D)
-    return KVRingAttention.apply(qh, kh, vh, ring).transpose(1, 2).contiguous()
+    return seq_first(kv_ring_forward, kv_ring_backward, ring, q, k, v)

@@ -1,8 +1,8 @@
-"""TokenRing attention: forward and backward over a process group, and its autograd Function.
+"""TokenRing attention: forward and backward over a process group (``algorithm="tokenring"``).
 
-The ring loop only composes four pieces: the schedule (``schedule.py``, pure integers), the
-communication (``comm.py``), the local block kernel (``kernels.py``) and the merge (``merge.py``).
-See Note [TokenRing] in ``schedule.py`` for the picture.
+The ring loop only composes four pieces: the plan (``tokenring_plan.py``, pure integers), the
+communication (``ringrt.distributed.comm``), the local block kernel (``ringrt.ops.kernels``) and the
+merge (``ringrt.ops.merge``). See Note [TokenRing] in ``tokenring_plan.py`` for the picture.
 
 Backward mirrors the forward. For the block (Q_o visiting rank r, K_r, V_r), with the FINAL lse_o
 and delta_o = rowsum(dO_o * O_o)::
@@ -14,42 +14,24 @@ so (q, dout, lse, delta) travel along the query path, the dq partials travel bac
 path, and dK/dV accumulate where K/V live: K, V, dK and dV never move. Shipping delta (B, H, S)
 rather than out (B, H, S, D) keeps the query-path message at 2 x q plus two scalars per row.
 
+The query path runs on the first lane of ``RingGroups`` (channel "q"), the result path on the second
+(channel "out"); in the relay topology the two head halves take one lane each.
+
 All tensors here are (B, H, S, D) (heads before sequence); lse and delta are (B, H, S).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from ..distributed.comm import P2P, Pending, nbytes, pack, unpack
-from ..distributed.groups import RingGroups
-from ..ops.kernels import BlockKernel
 from ..ops.layout import local_chunks
-from ..ops.merge import acc_dtype, empty_accumulator, merge_
-from .tokenring_plan import Block, Rows, relay_schedule, tokenring_schedule
-
-TOPOLOGIES = ("full", "ring")
-
-
-@dataclass(frozen=True, slots=True)
-class RingPlan:
-    """Everything a pass needs besides the tensors."""
-
-    causal: bool
-    layout: str
-    scale: float
-    kernel: BlockKernel
-    groups: RingGroups
-    topology: str = "full"
-    timeout: float | None = None
-
-
-def _rows(x: torch.Tensor, rows: Rows, chunk: int, base: int = 0) -> torch.Tensor:
-    """Sequence rows (chunk units, relative to ``base``) of x (B, H, S, ...)."""
-    return x[:, :, (rows[0] - base) * chunk : (rows[1] - base) * chunk]
+from ..ops.merge import acc_dtype, empty_accumulator, grad_delta, merge_
+from .base import RingPlan, attend_blocks, seq_first
+from .blocks import Block, Rows, n_rows, rows
+from .tokenring_plan import relay_schedule, tokenring_schedule
 
 
 def _specs(like: list[torch.Tensor], tokens: int) -> list:
@@ -90,20 +72,20 @@ def _direct_pass(
     g = plan.groups
     chunk = bundle[0].shape[2] // local_chunks(plan.layout)
     dev = bundle[0].device
-    qc = P2P(g.q, "q", plan.timeout) if g.world > 1 else None
-    oc = P2P(g.out, "out", plan.timeout) if g.world > 1 else None
+    qc = P2P(g.lanes[0], "q", plan.timeout) if g.world > 1 else None
+    oc = P2P(g.lanes[1], "out", plan.timeout) if g.world > 1 else None
     held, held_rows = bundle, (0, local_chunks(plan.layout))
     out_pending: tuple[Pending, Rows | None] | None = None
     for st in tokenring_schedule(g.rank, g.world, plan.causal, plan.layout):
         q_pending = None
         if st.q_send is not None or st.q_recv is not None:
-            sends = [(st.q_send.peer, pack([_rows(t, st.q_send.rows, chunk, held_rows[0]) for t in held]))] if st.q_send else []
-            recv_n = nbytes(_specs(bundle, (st.q_recv.rows[1] - st.q_recv.rows[0]) * chunk)) if st.q_recv else 0
+            sends = [(st.q_send.peer, pack([rows(t, st.q_send.rows, chunk, held_rows[0]) for t in held]))] if st.q_send else []
+            recv_n = nbytes(_specs(bundle, n_rows(st.q_recv.rows) * chunk)) if st.q_recv else 0
             recvs = [(st.q_recv.peer, recv_n)] if st.q_recv else []
             q_pending = qc.post(step=st.step, sends=sends, recvs=recvs, device=dev)
         partial = None
         if st.block is not None:
-            partial = compute(st.block, [_rows(t, st.block.q_rows, chunk, held_rows[0]) for t in held])
+            partial = compute(st.block, [rows(t, st.block.q_rows, chunk, held_rows[0]) for t in held])
             if st.step == 0:
                 absorb(st.block.q_rows, partial)
         if out_pending is not None:
@@ -113,22 +95,22 @@ def _direct_pass(
             sends = [(st.out_send.peer, pack(partial))] if st.out_send else []
             recvs = []
             if st.out_recv:
-                recvs = [(st.out_recv.peer, nbytes(_specs(partial_like, (st.out_recv.rows[1] - st.out_recv.rows[0]) * chunk)))]
+                recvs = [(st.out_recv.peer, nbytes(_specs(partial_like, n_rows(st.out_recv.rows) * chunk)))]
             out_pending = (oc.post(step=st.step, sends=sends, recvs=recvs, device=dev), st.out_recv.rows if st.out_recv else None)
         if q_pending is not None:
             bufs = q_pending.wait()
             if st.q_recv is not None:
                 held_rows = st.q_recv.rows
-                held = unpack(bufs[0], _specs(bundle, (held_rows[1] - held_rows[0]) * chunk))
+                held = unpack(bufs[0], _specs(bundle, n_rows(held_rows) * chunk))
     if out_pending is not None:
         _absorb_received(out_pending, partial_like, chunk, absorb)
 
 
 def _absorb_received(pending: tuple[Pending, Rows | None], partial_like, chunk: int, absorb: Absorb) -> None:
-    p, rows = pending
+    p, r = pending
     bufs = p.wait()
-    if rows is not None:
-        absorb(rows, unpack(bufs[0], _specs(partial_like, (rows[1] - rows[0]) * chunk)))
+    if r is not None:
+        absorb(r, unpack(bufs[0], _specs(partial_like, n_rows(r) * chunk)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,7 +152,7 @@ def _relay_pass(plan: RingPlan, bundles: list[list[torch.Tensor]], compute: Rela
     g = plan.groups
     dev = bundles[0][0].device
     dirs = (-1, 1)[: len(bundles)]
-    chans = [P2P(g.q, "q", plan.timeout), P2P(g.out, "out", plan.timeout)] if g.world > 1 else []
+    chans = [P2P(g.lanes[0], "q", plan.timeout), P2P(g.lanes[1], "out", plan.timeout)] if g.world > 1 else []
     scheds = [relay_schedule(g.rank, g.world, plan.causal, plan.layout, d) for d in dirs]
     specs = [[(tuple(t.shape), t.dtype) for t in b] for b in bundles]
     cur = list(bundles)
@@ -195,47 +177,69 @@ def _relay_pass(plan: RingPlan, bundles: list[list[torch.Tensor]], compute: Rela
 # ----------------------------------------------------------------------------------------------
 
 
+class _OwnKeys:
+    """This rank's K/V (B, H_kv, S, D) cut into blocks, and the backward's dK/dV accumulators (created
+    on first use: the gradient of a first block that covers every key row of every head becomes them)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, plan: RingPlan, chunk: int):
+        self.k, self.v, self.plan, self.chunk = k, v, plan, chunk
+        self.all_rows = (0, local_chunks(plan.layout))
+        self.adt = acc_dtype(k.dtype)
+        self.grads: list[torch.Tensor] = []  # [dK, dV], fp32/fp64
+
+    def heads(self, heads: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the kv heads ``heads`` (all when None)."""
+        if heads is None:
+            return self.k, self.v
+        return self.k[:, heads[0] : heads[1]], self.v[:, heads[0] : heads[1]]
+
+    def grad(self, block: Block, qq, do, ll, dd, heads: tuple[int, int] | None = None, out=None) -> torch.Tensor:
+        """Gradients of ``block`` for the query rows qq with their dout, lse and delta (and ``out`` when
+        at hand): dK/dV folded into the accumulators, the dq partial returned."""
+        kk, vv = (rows(x, block.k_rows, self.chunk) for x in self.heads(heads))
+        dq, dk, dv = self.plan.kernel.backward(do, qq, kk, vv, ll, dd, causal=block.diagonal, mask=None,
+                                               scale=self.plan.scale, out=out)
+
+        def fold() -> None:
+            dk_all, dv_all = self.grads
+            if heads is not None:
+                dk_all, dv_all = dk_all[:, heads[0] : heads[1]], dv_all[:, heads[0] : heads[1]]
+            rows(dk_all, block.k_rows, self.chunk).add_(dk)
+            rows(dv_all, block.k_rows, self.chunk).add_(dv)
+
+        def fresh() -> list[torch.Tensor]:
+            return [torch.zeros(x.shape, dtype=self.adt, device=x.device) for x in (self.k, self.v)]
+
+        _accumulate(self.grads, [dk, dv], self.adt, heads is None and block.k_rows == self.all_rows, fresh, fold)
+        return dq
+
+    def grad_result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """dK, dV in the dtypes of K and V."""
+        if not self.grads:
+            return torch.zeros_like(self.k), torch.zeros_like(self.v)
+        return self.grads[0].to(self.k.dtype), self.grads[1].to(self.v.dtype)
+
+
+def _relayed(plan: RingPlan) -> bool:
+    return plan.topology == "ring" and plan.groups.world > 1
+
+
 def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, H, S, D), k/v (B, H_kv, S, D) local shards -> out (B, H, S, D) q.dtype, lse (B, H, S) fp32/fp64."""
-    chunk = q.shape[2] // local_chunks(plan.layout)
-    kern, scale = plan.kernel, plan.scale
-
-    def kv(block: Block, heads: tuple[int, int] | None = None):
-        kk, vv = _rows(k, block.k_rows, chunk), _rows(v, block.k_rows, chunk)
-        if heads is not None:
-            kk, vv = kk[:, heads[0] : heads[1]], vv[:, heads[0] : heads[1]]
-        return kk, vv
-
-    if plan.topology == "ring" and plan.groups.world > 1:
-        split = head_split(q.shape[1], k.shape[1])
-        bundles = []
-        for (h0, h1), _ in split:
-            acc_o, acc_l = empty_accumulator(q[:, h0:h1])
-            bundles.append([q[:, h0:h1].contiguous(), acc_o, acc_l])
-
-        def relay_compute(block: Block, bundle: list[torch.Tensor], d: int) -> None:
-            qq, acc_o, acc_l = bundle
-            kk, vv = kv(block, split[d][1])
-            o, l = kern.forward(_rows(qq, block.q_rows, chunk), kk, vv, causal=block.diagonal, mask=None, scale=scale)
-            merge_(_rows(acc_o, block.q_rows, chunk), _rows(acc_l, block.q_rows, chunk), o, l)
-
-        done = _relay_pass(plan, bundles, relay_compute)
-        out = torch.cat([b[1] for b in done], dim=1)
-        lse = torch.cat([b[2] for b in done], dim=1)
-        return out.to(q.dtype), lse
-
-    adt = acc_dtype(q.dtype)
-    n_rows = (0, local_chunks(plan.layout))
+    own = _OwnKeys(k, v, plan, q.shape[2] // local_chunks(plan.layout))
+    if _relayed(plan):
+        return _relay_forward(plan, q, own)
+    chunk, adt = own.chunk, acc_dtype(q.dtype)
     acc: list[torch.Tensor] = []  # [out, lse], fp32/fp64
 
     def compute(block: Block, qb: list[torch.Tensor]) -> list[torch.Tensor]:
-        kk, vv = kv(block)
-        o, l = kern.forward(qb[0], kk, vv, causal=block.diagonal, mask=None, scale=scale)
-        return [o, l.to(adt)]
+        kk, vv = (rows(x, block.k_rows, chunk) for x in (k, v))
+        o, lse = plan.kernel.forward(qb[0], kk, vv, causal=block.diagonal, mask=None, scale=plan.scale)
+        return [o, lse.to(adt)]
 
-    def absorb(rows: Rows, part: list[torch.Tensor]) -> None:
-        _accumulate(acc, part, adt, rows == n_rows, lambda: list(empty_accumulator(q)),
-                    lambda: merge_(_rows(acc[0], rows, chunk), _rows(acc[1], rows, chunk), part[0], part[1]))
+    def absorb(r: Rows, part: list[torch.Tensor]) -> None:
+        _accumulate(acc, part, adt, r == own.all_rows, lambda: list(empty_accumulator(q)),
+                    lambda: merge_(rows(acc[0], r, chunk), rows(acc[1], r, chunk), part[0], part[1]))
 
     partial_like = [q, torch.empty(q.shape[:-1], dtype=adt, device="meta")]
     _direct_pass(plan, [q], partial_like, compute, absorb)
@@ -244,84 +248,69 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPl
     return acc[0].to(q.dtype), acc[1]
 
 
+def _relay_forward(plan: RingPlan, q: torch.Tensor, own: _OwnKeys) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward in the relay topology: each head half carries its (out, lse) accumulator round."""
+    split = head_split(q.shape[1], own.k.shape[1])
+    bundles = [[q[:, h0:h1].contiguous(), *empty_accumulator(q[:, h0:h1])] for (h0, h1), _ in split]
+
+    def compute(block: Block, bundle: list[torch.Tensor], d: int) -> None:
+        qq, acc_o, acc_l = bundle
+        attend_blocks((acc_o, acc_l), qq, *own.heads(split[d][1]), [block], kernel=plan.kernel, scale=plan.scale,
+                      chunk=own.chunk)
+
+    done = _relay_pass(plan, bundles, compute)
+    out = torch.cat([b[1] for b in done], dim=1)
+    lse = torch.cat([b[2] for b in done], dim=1)
+    return out.to(q.dtype), lse
+
+
 def ring_backward(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, plan: RingPlan
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of the local shards. dout/q/out (B, H, S, D), k/v (B, H_kv, S, D), lse (B, H, S)."""
-    chunk = q.shape[2] // local_chunks(plan.layout)
-    kern, scale = plan.kernel, plan.scale
-    adt = acc_dtype(q.dtype)
-    delta = (dout.to(adt) * out.to(adt)).sum(-1)  # (B, H, S)
-    n_rows = (0, local_chunks(plan.layout))
-    kv_grads: list[torch.Tensor] = []  # [dK, dV] accumulators
+    own = _OwnKeys(k, v, plan, q.shape[2] // local_chunks(plan.layout))
+    delta = grad_delta(dout, out, acc_dtype(q.dtype))  # (B, H, S)
+    if _relayed(plan):
+        dq = _relay_backward(plan, [q, dout, lse, delta], own)
+    else:
+        dq = _direct_backward(plan, [q, dout, lse, delta], out, own)
+    return (dq.to(q.dtype), *own.grad_result())
 
-    def block_grads(block: Block, qq, do, ll, dd, heads: tuple[int, int] | None = None, out_rows=None):
-        kk, vv = _rows(k, block.k_rows, chunk), _rows(v, block.k_rows, chunk)
-        if heads is not None:
-            kk, vv = kk[:, heads[0] : heads[1]], vv[:, heads[0] : heads[1]]
-        dq, dk, dv = kern.backward(do, qq, kk, vv, ll, dd, causal=block.diagonal, mask=None, scale=scale, out=out_rows)
 
-        def fold() -> None:
-            dk_t, dv_t = _rows(kv_grads[0], block.k_rows, chunk), _rows(kv_grads[1], block.k_rows, chunk)
-            if heads is not None:
-                dk_t, dv_t = dk_t[:, heads[0] : heads[1]], dv_t[:, heads[0] : heads[1]]
-            dk_t.add_(dk)
-            dv_t.add_(dv)
-
-        _accumulate(kv_grads, [dk, dv], adt, heads is None and block.k_rows == n_rows,
-                    lambda: [torch.zeros(k.shape, dtype=adt, device=k.device), torch.zeros(v.shape, dtype=adt, device=v.device)], fold)
-        return dq
-
-    def kv_result() -> tuple[torch.Tensor, torch.Tensor]:
-        if not kv_grads:
-            return torch.zeros_like(k), torch.zeros_like(v)
-        return kv_grads[0].to(k.dtype), kv_grads[1].to(v.dtype)
-
-    if plan.topology == "ring" and plan.groups.world > 1:
-        split = head_split(q.shape[1], k.shape[1])
-        bundles = []
-        for (h0, h1), _ in split:
-            sl = slice(h0, h1)
-            bundles.append([q[:, sl].contiguous(), dout[:, sl].contiguous(), lse[:, sl].contiguous(),
-                            delta[:, sl].contiguous(), torch.zeros(q[:, sl].shape, dtype=adt, device=q.device)])
-
-        def relay_compute(block: Block, bundle: list[torch.Tensor], d: int) -> None:
-            qq, do, ll, dd, dq_acc = (_rows(t, block.q_rows, chunk) for t in bundle)
-            dq_acc.add_(block_grads(block, qq, do, ll, dd, split[d][1]))
-
-        done = _relay_pass(plan, bundles, relay_compute)
-        dq = torch.cat([b[4] for b in done], dim=1)
-        return (dq.to(q.dtype), *kv_result())
-
+def _direct_backward(plan: RingPlan, bundle: list[torch.Tensor], out: torch.Tensor, own: _OwnKeys) -> torch.Tensor:
+    """dq (fp32/fp64) of the direct topology; bundle = [q, dout, lse, delta] of this rank's queries."""
+    q, chunk, adt = bundle[0], own.chunk, acc_dtype(bundle[0].dtype)
     dq_acc: list[torch.Tensor] = []
 
     def compute(block: Block, b: list[torch.Tensor]) -> list[torch.Tensor]:
         # this rank's own queries (the diagonal block): the real output is here, no surrogate needed
-        own = _rows(out, block.q_rows, chunk) if block.diagonal else None
-        return [block_grads(block, *b, out_rows=own)]
+        out_rows = rows(out, block.q_rows, chunk) if block.diagonal else None
+        return [own.grad(block, *b, out=out_rows)]
 
-    def absorb(rows: Rows, part: list[torch.Tensor]) -> None:
-        _accumulate(dq_acc, part, adt, rows == n_rows, lambda: [torch.zeros(q.shape, dtype=adt, device=q.device)],
-                    lambda: _rows(dq_acc[0], rows, chunk).add_(part[0]))
+    def absorb(r: Rows, part: list[torch.Tensor]) -> None:
+        _accumulate(dq_acc, part, adt, r == own.all_rows, lambda: [torch.zeros(q.shape, dtype=adt, device=q.device)],
+                    lambda: rows(dq_acc[0], r, chunk).add_(part[0]))
 
-    _direct_pass(plan, [q, dout, lse, delta], [q], compute, absorb)
-    dq = dq_acc[0] if dq_acc else torch.zeros(q.shape, dtype=adt, device=q.device)
-    return (dq.to(q.dtype), *kv_result())
+    _direct_pass(plan, bundle, [q], compute, absorb)
+    return dq_acc[0] if dq_acc else torch.zeros(q.shape, dtype=adt, device=q.device)
 
 
-class TokenRingAttention(torch.autograd.Function):
-    """Autograd wrapper. Takes and returns the public (B, S, H, D) layout."""
+def _relay_backward(plan: RingPlan, bundle: list[torch.Tensor], own: _OwnKeys) -> torch.Tensor:
+    """dq (fp32/fp64) of the relay topology: each head half carries (q, dout, lse, delta) and its dq
+    accumulator round; bundle = [q, dout, lse, delta] of this rank's queries."""
+    q, adt = bundle[0], acc_dtype(bundle[0].dtype)
+    split = head_split(q.shape[1], own.k.shape[1])
+    bundles = [[t[:, h0:h1].contiguous() for t in bundle] + [torch.zeros(q[:, h0:h1].shape, dtype=adt, device=q.device)]
+               for (h0, h1), _ in split]
 
-    @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan) -> torch.Tensor:
-        qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # (B, H, S, D)
-        out, lse = ring_forward(qh, kh, vh, plan)
-        ctx.save_for_backward(qh, kh, vh, out, lse)
-        ctx.plan = plan
-        return out.transpose(1, 2).contiguous()  # (B, S, H, D)
+    def compute(block: Block, b: list[torch.Tensor], d: int) -> None:
+        qq, do, ll, dd, dq_acc = (rows(t, block.q_rows, own.chunk) for t in b)
+        dq_acc.add_(own.grad(block, qq, do, ll, dd, split[d][1]))
 
-    @staticmethod
-    def backward(ctx, dout: torch.Tensor):
-        qh, kh, vh, out, lse = ctx.saved_tensors
-        dq, dk, dv = ring_backward(dout.transpose(1, 2).contiguous(), qh, kh, vh, out, lse, ctx.plan)
-        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None
+    done = _relay_pass(plan, bundles, compute)
+    return torch.cat([b[4] for b in done], dim=1)
+
+
+def tokenring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan) -> torch.Tensor:
+    """``algorithm="tokenring"``: q (B, S_l, H, D), k/v (B, S_l, H_kv, D) shards in ``plan.layout`` -> (B, S_l, H, D)."""
+    return seq_first(ring_forward, ring_backward, plan, q, k, v)

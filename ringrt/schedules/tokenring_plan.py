@@ -34,21 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..ops.layout import local_chunks, rank_chunks
-
-Rows = tuple[int, int]
-
-
-@dataclass(frozen=True, slots=True)
-class Block:
-    """The (query rows x key rows) rectangle one rank computes for one owner.
-
-    ``diagonal`` means owner == rank: the block is the local causal block, for which a top-left
-    causal mask is exact because local order follows global order.
-    """
-
-    q_rows: Rows
-    k_rows: Rows
-    diagonal: bool
+from .blocks import Block, Rows
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +60,11 @@ class Step:
 
 
 def block_for(owner: int, rank: int, world: int, causal: bool, layout: str) -> Block | None:
-    """The non-empty rectangle of (owner's queries) x (rank's keys), or None if it is empty."""
+    """The non-empty rectangle of (owner's queries) x (rank's keys), or None if it is empty.
+
+    The block is ``diagonal`` when owner == rank under a causal mask: the local causal block, for
+    which a top-left causal mask is exact because local order follows global order.
+    """
     n = local_chunks(layout)
     qc, kc = rank_chunks(layout, owner, world), rank_chunks(layout, rank, world)
     if owner == rank:

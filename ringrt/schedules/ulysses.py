@@ -24,10 +24,11 @@ Bytes a member sends (= receives), element size e, for S_l local tokens: forward
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
-from ..ops.layout import rank_chunks
 from ..distributed.collectives import AllToAll, heads_to_seq, seq_to_heads
+from ..ops.layout import rank_chunks
+from ..ops.merge import grad_delta
+from .base import RingPlan, heads_first
 
 
 def ulysses_problem(heads: int, kv_heads: int, degree: int) -> str | None:
@@ -53,25 +54,16 @@ def replicate_kv(x: torch.Tensor, degree: int) -> torch.Tensor:
     return x if kvh >= degree else x.repeat_interleave(degree // kvh, dim=2)
 
 
-class LocalAttention(torch.autograd.Function):
-    """Whole-sequence attention of one member's heads with the block kernel. (B, H, S, D) tensors."""
+def local_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole-sequence attention of one member's heads with the block kernel: q (B, H, S, D), k/v
+    (B, H_kv, S, D), tokens in ascending global order -> out (B, H, S, D), lse (B, H, S)."""
+    return plan.kernel.forward(q, k, v, causal=plan.causal, mask=None, scale=plan.scale)
 
-    @staticmethod
-    def forward(ctx, q, k, v, causal: bool, scale: float, kernel):
-        out, lse = kernel.forward(q, k, v, causal=causal, mask=None, scale=scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (causal, scale, kernel)
-        return out
 
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        causal, scale, kernel = ctx.args
-        dout = dout.contiguous()
-        adt = lse.dtype
-        delta = (dout.to(adt) * out.to(adt)).sum(-1)  # (B, H, S)
-        dq, dk, dv = kernel.backward(dout, q, k, v, lse, delta, causal=causal, mask=None, scale=scale, out=out)
-        return dq, dk, dv, None, None, None
+def local_backward(dout, q, k, v, out, lse, plan: RingPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`local_forward`'s inputs."""
+    delta = grad_delta(dout, out, lse.dtype)  # (B, H, S)
+    return plan.kernel.backward(dout, q, k, v, lse, delta, causal=plan.causal, mask=None, scale=plan.scale, out=out)
 
 
 def to_heads(xs: list[torch.Tensor], group, member_chunks: list[list[int]], timeout) -> list[torch.Tensor]:
@@ -90,7 +82,7 @@ def from_heads(y: torch.Tensor, group, member_chunks: list[list[int]], timeout) 
     return AllToAll.apply(heads_to_seq, seq_to_heads, group, member_chunks, "a2a", timeout, y)[0]
 
 
-def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> torch.Tensor:
+def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan) -> torch.Tensor:
     """``algorithm="ulysses"``: q (B, S_l, H, D), k/v (B, S_l, H_kv, D) shards -> (B, S_l, H, D).
 
     Raises ValueError (identically on every rank, before any transfer) if the heads cannot be split.
@@ -102,5 +94,5 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -
     group = g.base if g.world > 1 else None
     members = [rank_chunks(plan.layout, r, g.world) for r in range(g.world)]
     qh, kh, vh = to_heads([q, replicate_kv(k, g.world), replicate_kv(v, g.world)], group, members, plan.timeout)
-    out = LocalAttention.apply(qh, kh, vh, plan.causal, plan.scale, plan.kernel)
+    out = heads_first(local_forward, local_backward, plan, qh, kh, vh)  # (B, H/u, u*S_l, D)
     return from_heads(out, group, members, plan.timeout)

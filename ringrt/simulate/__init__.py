@@ -1,5 +1,11 @@
 """Cost model of the attention schedules, its calibration on this machine, and GPU projections.
 
-``costmodel`` is pure math (no torch.distributed); ``calibrate`` measures this machine; ``cli`` is
-the ``ringrt simulate`` command (calibrate, check the published anchors, project to large clusters).
+The cost model itself is ``ringrt.schedules.costmodel`` (pure math; ``auto`` uses it at run time);
+read ``cli.py`` (the ``ringrt simulate`` command), ``calibrate.py`` (measures this machine),
+``anchors.py`` (the published measurements it must reproduce), ``project.py`` (8 to 1024 GPUs),
+``overhead.py`` (per-call overhead of every schedule here), ``sharing.py`` (how compute slows when
+the ranks of a node compute at once).
+
+A tool: may import any ringrt package; nothing but the command line (``ringrt.cli``) and the other
+tools imports it (``tests/test_architecture.py``).
 """

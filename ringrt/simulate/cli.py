@@ -16,13 +16,14 @@ import os
 from pathlib import Path
 
 from ..schedules import costmodel as cm
+from ..schedules.auto import calibration_path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", required=True)
     c = sub.add_parser("calibrate", help="measure this machine and write the calibration JSON")
     c.add_argument("--out", type=Path, default=None,
-                   help=f"calibration JSON to write, read by algorithm='auto' (default {cm.calibration_path()})")
+                   help=f"calibration JSON to write, read by algorithm='auto' (default {calibration_path()})")
     c.add_argument("--threads", type=int, default=1, help="intra-op threads per rank while measuring (default %(default)s)")
     c.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement; the best is kept (default %(default)s)")
     c.add_argument("--worlds", type=int, nargs="+", default=[2, 4], help="world sizes whose per-call overheads are measured")
@@ -46,7 +47,7 @@ def main(args: argparse.Namespace) -> int:
         from .calibrate import calibrate, write
 
         m, measured = calibrate(args.threads, args.reps, tuple(args.worlds))
-        path = args.out or cm.calibration_path()
+        path = args.out or calibration_path()
         write(path, m, measured)
         loc, link = measured["local"], measured["link"]
         print(f"kernel fwd {loc['rate_large'] / 1e9:.1f} GFLOP/s at 1024 rows ({loc['rate_small'] / 1e9:.1f} at 128), "
@@ -83,7 +84,7 @@ def main(args: argparse.Namespace) -> int:
     plot(res, args.out / "projection.png")
     for case, by_seq in res["cases"].items():
         for seq, d in by_seq.items():
-            best = ", ".join(f"{w}:{b}" for w, b in zip(res["worlds"], d["best"]))
+            best = ", ".join(f"{w}:{b}" for w, b in zip(res["worlds"], d["best"], strict=True))
             cross = "; ".join(f"{c['from']}→{c['to']} at {c['world']}" for c in d["crossovers"]) or "none"
             pair = "; ".join(f"{c['from']}→{c['to']} at {c['world']}" for c in d["tokenring_vs_ring_crossovers"]) or "none"
             print(f"{case} {int(seq) // 1024}K: best by GPUs {best} | crossovers: {cross} | "

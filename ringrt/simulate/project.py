@@ -32,7 +32,7 @@ def project(machine: str = "h100", backward: bool = True) -> dict:
                         row[s] = t
                 best.append(min(row, key=row.get))
             cross = [{"world": WORLDS[i], "from": best[i - 1], "to": best[i]} for i in range(1, len(WORLDS)) if best[i] != best[i - 1]]
-            tr_vs_ring = ["tokenring" if a <= b else "ring" for a, b in zip(times["tokenring"], times["ring"])]
+            tr_vs_ring = ["tokenring" if a <= b else "ring" for a, b in zip(times["tokenring"], times["ring"], strict=True)]
             pair = [{"world": WORLDS[i], "from": tr_vs_ring[i - 1], "to": tr_vs_ring[i]}
                     for i in range(1, len(WORLDS)) if tr_vs_ring[i] != tr_vs_ring[i - 1]]
             out["cases"][case][str(seq)] = {"times": times, "best": best, "crossovers": cross,
@@ -54,7 +54,7 @@ def plot(result: dict, path) -> None:
             ax = axes[i][j]
             d = by_seq[str(seq)]
             for s, ts in d["times"].items():
-                xs = [w for w, t in zip(result["worlds"], ts) if t is not None]
+                xs = [w for w, t in zip(result["worlds"], ts, strict=True) if t is not None]
                 ys = [t * 1e3 for t in ts if t is not None]
                 if xs:
                     ax.plot(xs, ys, marker="o", label=s)

@@ -1,5 +1,7 @@
 """Top-level configs of the entry points in ``launch/``: a job's own config plus logging and launcher.
 
+This module sits on top of every package (it gathers their configs); nothing in ``ringrt`` imports it.
+
 The Hydra config tree ``conf/`` mirrors these dataclasses key for key; ``launch/`` turns the composed
 config into one of them with :func:`ringrt.run.schema.from_dict` (unknown keys and wrong types are
 rejected there) and everything below sees plain dataclasses.
@@ -10,33 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
-from ..compression.config import CompressionConfig
-from ..data.config import DataConfig
-from ..engines.deepspeed import DeepSpeedConfig
-from ..jobs.config import EvalConfig, EvalJobConfig, GenerateConfig, GenerateJobConfig, TrainConfig, TrainJobConfig
-from ..distributed.launcher import LaunchConfig
-from ..model.config import AttentionConfig, ModelConfig
-from ..jobs.probe import ProbeConfig
-
-
-@dataclass(kw_only=True, slots=True)
-class LoggingConfig:
-    """Where metrics go (written by global rank 0 only)."""
-
-    wandb: Literal["offline", "online", "disabled"] = "offline"
-    """``offline``: a local run under ``<out_dir>/wandb`` (upload later with ``wandb sync``);
-    ``online``: stream to the W&B server (needs ``WANDB_API_KEY`` or ``wandb login``); ``disabled``: none."""
-    project: str = "ringrt"
-    entity: str | None = None
-    name: str | None = None
-    """Run name; None = the output directory's name."""
-    group: str | None = None
-    """Groups the runs of one sweep in the W&B UI."""
-    tags: list[str] = field(default_factory=list)
-    jsonl: bool = True
-    """Append every logged step to ``<out_dir>/metrics.jsonl``."""
-    console: bool = True
-    """Print one ``step N | key value | ...`` line per logged step."""
+from .distributed.launcher import LaunchConfig
+from .engines.deepspeed import DeepSpeedConfig
+from .jobs.config import EvalJobConfig, GenerateJobConfig, TrainJobConfig
+from .jobs.probe import ProbeConfig
+from .run.metrics import LoggingConfig
 
 
 def _job_of(run, job_cls):
