@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..run.rundir import atomic_write_text
+
 OURS = ("tokenring", "ring", "allgather", "ulysses", "hybrid", "auto")
 
 
@@ -273,9 +275,7 @@ def main(args: argparse.Namespace) -> int:
         _price(r, machine)
     result = {"machine": cm.machine_to_dict(machine), "calibration": measured, "roofline": roof, "rows": rows,
               "targets": _targets(rows), "model_agreement": _agreement(rows)}
-    tmp = args.out / f"compare.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(result, indent=1, default=str))
-    os.replace(tmp, args.out / "compare.json")
+    atomic_write_text(args.out / "compare.json", json.dumps(result, indent=1, default=str))
     _print(result)
     _plot(result, args.out / "compare.png")
     print(f"wrote {args.out / 'compare.json'} and {args.out / 'compare.png'}")

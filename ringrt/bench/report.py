@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 
-from ..run.rundir import as_if_opened
+from ..run.rundir import atomic_save_figure, atomic_write_json
 
 
 def write_json(path: str | os.PathLike, data) -> None:
-    """Write ``data`` as JSON to ``path`` atomically (temp file in the same folder + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        as_if_opened(tmp)  # mkstemp creates 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write ``data`` as JSON to ``path`` atomically, keys in the order measured."""
+    atomic_write_json(path, data, sort_keys=False)
 
 
 def maybe_plot(json_path, rows: list[dict], *, x: str, ys: list[str], group: str | None, title: str, ylabel: str) -> str | None:
@@ -45,9 +33,6 @@ def maybe_plot(json_path, rows: list[dict], *, x: str, ys: list[str], group: str
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend()
-    png = str(Path(json_path).with_suffix(".png"))
-    tmp = png + ".tmp.png"
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    png = atomic_save_figure(fig, Path(json_path).with_suffix(".png"), bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, png)
     return png

@@ -70,11 +70,12 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, sort_keys: bool = Tr
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
 
 
-def atomic_save_figure(fig, path: str | os.PathLike, *, dpi: int = 120) -> str:
-    """Save a matplotlib figure as ``path`` (PNG) through a temporary file + ``os.replace``; returns ``path``."""
+def atomic_save_figure(fig, path: str | os.PathLike, *, dpi: int = 120, **savefig) -> str:
+    """Save a matplotlib figure as ``path`` (PNG) through a temporary file + ``os.replace``; returns
+    ``path``. ``savefig``: further ``Figure.savefig`` options (``bbox_inches="tight"``, ...)."""
     path = str(path)
     tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=dpi)
+    fig.savefig(tmp, dpi=dpi, **savefig)
     os.replace(tmp, path)
     return path
 

@@ -20,7 +20,6 @@ Measurements (fp32, ``threads`` intra-op threads, best of ``reps``):
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 from ..ops.kernels import get_kernel
 from ..ops.merge import empty_accumulator, merge_
 from ..distributed.spawn import run_local
+from ..run.rundir import atomic_write_json
 from ..schedules import costmodel
 from .overhead import measure_call_overheads, measure_linear_costs
 from .sharing import measure_slowdowns
@@ -165,8 +165,5 @@ def calibrate(threads: int = 1, reps: int = 5, worlds: tuple[int, ...] = (2, 4))
 
 
 def write(path: Path, machine: costmodel.Machine, measured: dict) -> None:
-    """Write the calibration atomically (temp file + os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"machine": costmodel.machine_to_dict(machine), "measured": measured}, indent=2))
-    os.replace(tmp, path)
+    """Write the calibration atomically (:func:`ringrt.run.rundir.atomic_write_json`)."""
+    atomic_write_json(path, {"machine": costmodel.machine_to_dict(machine), "measured": measured}, sort_keys=False)

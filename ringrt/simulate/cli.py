@@ -11,10 +11,9 @@ GPU numbers are SIMULATION from the presets in ``costmodel.PRESETS``, not measur
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from pathlib import Path
 
+from ..run.rundir import atomic_write_json
 from ..schedules import costmodel as cm
 from ..schedules.auto import calibration_path
 
@@ -33,13 +32,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     help="GPU preset the projection prices (simulation; default %(default)s)")
     pr.add_argument("--out", type=Path, default=Path("bench_results"),
                     help="folder for projection.json and projection.png (default %(default)s)")
-
-
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -80,7 +72,7 @@ def main(args: argparse.Namespace) -> int:
     from .project import plot, project
 
     res = project(args.machine)
-    _write_json(args.out / "projection.json", res)
+    atomic_write_json(args.out / "projection.json", res, sort_keys=False)
     plot(res, args.out / "projection.png")
     for case, by_seq in res["cases"].items():
         for seq, d in by_seq.items():
