@@ -6,7 +6,10 @@ who sends what at each step), ``schedules/tokenring.py`` (the ring pass, forward
 the README ("Read these files first") and ``tests/test_architecture.py``.
 
 ``import ringrt`` loads the attention runtime only (torch, no Hugging Face, Hydra or plotting
-libraries): :func:`load_pretrained` / :func:`save_pretrained` (safetensors) load on first use.
+libraries): :func:`load_pretrained` / :func:`save_pretrained` (safetensors) and the loss and
+gradient helpers over a sharded sequence (:func:`sequence_loss`, :func:`sum_gradients`) load on
+first use. ``import ringrt.hf`` makes ringrt a transformers attention backend (any HF decoder,
+sequence-parallel).
 """
 
 from .api import ALGORITHMS, attention, shard, unshard
@@ -14,15 +17,15 @@ from .distributed.comm import CommError, CommTimeout
 from .lm_infinite import LambdaKVCache, LambdaMask, lambda_attention, sliding_window, sliding_window_attention
 from .ops.layout import pad_to_multiple, positions
 
-_LAZY = ("load_pretrained", "save_pretrained")
-"""Public names of ``ringrt.model.hf``, imported on first use (``ringrt.load_pretrained``)."""
+_LAZY = {"load_pretrained": "model.hf", "save_pretrained": "model.hf", "sequence_loss": "model.parallel", "sum_gradients": "model.parallel"}
+"""Public names imported on first use (``ringrt.load_pretrained``), and their modules."""
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        from .model import hf
+        import importlib
 
-        value = getattr(hf, name)
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
         globals()[name] = value  # the next lookup is a plain attribute
         return value
     raise AttributeError(f"module 'ringrt' has no attribute {name!r}")
@@ -32,5 +35,5 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 
-__all__ = ["ALGORITHMS", "CommError", "CommTimeout", "LambdaKVCache", "LambdaMask", "attention", "lambda_attention", "load_pretrained", "pad_to_multiple", "positions", "save_pretrained", "shard", "sliding_window", "sliding_window_attention", "unshard"]
+__all__ = ["ALGORITHMS", "CommError", "CommTimeout", "LambdaKVCache", "LambdaMask", "attention", "lambda_attention", "load_pretrained", "pad_to_multiple", "positions", "save_pretrained", "sequence_loss", "shard", "sliding_window", "sliding_window_attention", "sum_gradients", "unshard"]
 __version__ = "0.1.0"

@@ -10,6 +10,8 @@ import torch.distributed as dist
 from .distributed import comm
 from .distributed.agree import agree, local_problem, needs_backward
 from .distributed.groups import base_group, nccl_problem, ring_groups
+from .lm_infinite import LambdaMask, sliding_window
+from .lm_infinite.attention import rotated_lambda_attention
 from .ops import layout as _layout
 from .ops.kernels import get_kernel
 from .schedules import ALGORITHMS
@@ -30,6 +32,8 @@ def attention(
     kernel: str = "auto",
     timeout: float | None = None,
     group: dist.ProcessGroup | None = None,
+    window: int | LambdaMask | None = None,
+    inv_freq: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact softmax attention over a sequence sharded across the ranks of ``group``.
 
@@ -55,6 +59,17 @@ def attention(
             no process group initialised, or a group of one rank, this is plain attention. A
             subgroup on NCCL needs its dedicated lanes (``ringrt.distributed.groups.new_subgroups`` or
             ``ringrt.model.parallel.mesh``; see ``ringrt/distributed/groups.py``).
+        window: restrict each query to a window of keys, on q and k as given (already rotated, as a
+            Hugging Face model has them). An int w: causal sliding window, query i sees keys
+            i - w + 1 .. i (Mistral's and Qwen2's ``sliding_window = w``). A :class:`ringrt.LambdaMask`:
+            LM-Infinite's Λ-mask (the first n_global tokens plus the window; see
+            :func:`ringrt.lambda_attention`). Runs on contiguous shards (``layout`` must be
+            ``"contiguous"``, its default here) with ``causal=True``, skipping every block the window
+            empties and moving only a halo; ``algorithm`` ``"ring"`` (halo K/V travel; ``"auto"``
+            picks it) or ``"tokenring"`` (queries travel, K/V stay), the others are refused.
+        inv_freq: (head_dim/2,) the RoPE frequencies q and k were rotated with, token i of the full
+            sequence at position i; needed only by a LambdaMask with n_global > 0 (its global branch
+            re-rotates q to min(limit_distance, i) and k to 0), ignored otherwise.
 
     Returns:
         (batch, local_seq, heads, head_dim): this rank's output shard, dtype of q, differentiable
@@ -67,6 +82,9 @@ def attention(
         ``ringrt.CommTimeout`` / ``ringrt.CommError`` if a peer does not answer in time or its
         connection closes (naming this rank, the peer or collective, the channel and the step).
     """
+    if window is not None:
+        return _windowed(q, k, v, causal=causal, algorithm=algorithm, layout=layout, softmax_scale=softmax_scale, topology=topology,
+                         kernel=kernel, timeout=timeout, group=group, window=window, inv_freq=inv_freq)
     if layout is None:
         layout = "zigzag" if causal else "contiguous"
     base, rank, world = base_group(group)
@@ -95,6 +113,34 @@ def attention(
     plan = RingPlan(causal=causal, layout=layout, scale=float(scale), kernel=kern, groups=groups,
                     topology=topology, timeout=to)
     return ALGORITHMS[algorithm](q, k, v, plan)
+
+
+WINDOW_ALGORITHMS = {"ring": "ring", "tokenring": "tokenring", "auto": "ring"}
+"""``algorithm`` with ``window=``: the Λ ring's way of crossing shard boundaries."""
+
+
+def _windowed(q, k, v, *, causal, algorithm, layout, softmax_scale, topology, kernel, timeout, group, window, inv_freq):
+    """``attention(..., window=...)``: the Λ ring on rotated q/k (``ringrt.lm_infinite``)."""
+    problem, mask = None, sliding_window(1)  # the placeholder mask is never run: a problem stops every rank first
+    if isinstance(window, LambdaMask):
+        mask = window
+    elif isinstance(window, int) and not isinstance(window, bool) and window >= 1:
+        mask = sliding_window(window)
+    else:
+        problem = f"window={window!r} must be a positive int (a causal sliding window of that many keys) or a ringrt.LambdaMask"
+    if problem is None and causal is not True:
+        problem = f"causal={causal!r} cannot be used with window=: windowed attention is causal; valid: True"
+    if problem is None and layout not in (None, "contiguous"):
+        problem = (f"layout={layout!r} cannot be used with window=: windowed attention runs on contiguous shards; valid: 'contiguous' "
+                   "(ringrt.shard(x, layout='contiguous'))")
+    if problem is None and topology != "full":
+        problem = f"topology={topology!r} cannot be used with window=: the halo goes straight to its neighbours; valid: 'full'"
+    if problem is None and algorithm not in WINDOW_ALGORITHMS:
+        problem = (f"algorithm={algorithm!r} cannot be used with window=: windowed attention runs on the Λ ring; "
+                   f"valid: {', '.join(map(repr, WINDOW_ALGORITHMS))}")
+    return rotated_lambda_attention(q, k, v, mask=mask, inv_freq=inv_freq, softmax_scale=softmax_scale,
+                                    algorithm=WINDOW_ALGORITHMS.get(algorithm, "ring"), kernel=kernel, timeout=timeout,
+                                    group=group, problem=problem, what="ringrt.attention")
 
 
 def _groups_problem(group, q, k, algorithm: str) -> str | None:

@@ -93,7 +93,10 @@ def test_lazy_names_are_the_real_functions():
     import ringrt
     from ringrt.model import hf
 
+    from ringrt.model import parallel
+
     assert ringrt.load_pretrained is hf.load_pretrained and ringrt.save_pretrained is hf.save_pretrained
-    assert {"load_pretrained", "save_pretrained"} <= set(dir(ringrt))
+    assert ringrt.sequence_loss is parallel.sequence_loss and ringrt.sum_gradients is parallel.sum_gradients
+    assert {"load_pretrained", "save_pretrained", "sequence_loss", "sum_gradients"} <= set(dir(ringrt))
     with pytest.raises(AttributeError, match="no_such_name"):
         ringrt.no_such_name  # noqa: B018

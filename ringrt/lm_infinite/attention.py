@@ -26,9 +26,15 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: to
     Angles are computed in fp32 as Hugging Face does, or in fp64 for fp64 inputs (so that an fp64
     reference check is not limited by fp32 angles at large positions).
     """
+    return freq_cos_sin(positions, inv_freq(head_dim, theta, positions.device), dtype)
+
+
+def freq_cos_sin(positions: torch.Tensor, freqs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (*positions.shape, head_dim) for rotations by ``positions`` (any sign) at the
+    frequencies ``freqs`` (head_dim/2,), in fp32 as Hugging Face computes them (fp64 for fp64)."""
     adt = torch.float64 if dtype == torch.float64 else torch.float32
-    freqs = positions.to(adt).unsqueeze(-1) * inv_freq(head_dim, theta, positions.device).to(adt)  # (..., D/2)
-    emb = torch.cat([freqs, freqs], dim=-1)
+    angles = positions.to(adt).unsqueeze(-1) * freqs.to(adt)  # (..., D/2)
+    emb = torch.cat([angles, angles], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -106,14 +112,77 @@ def lambda_attention(
         ``ringrt.CommTimeout`` / ``ringrt.CommError`` if a peer does not answer in time or its
         connection closes.
     """
+    check = lambda: _settings_problem(q, mask, rope_theta, algorithm, position_offset, block_size)  # noqa: E731
+    extra = [("rope_theta", rope_theta), ("position_offset", position_offset)]
+
+    def rotate(index: torch.Tensor):
+        d = q.shape[-1]
+        cos, sin = rope_cos_sin(index + position_offset, d, rope_theta, q.dtype)  # (S, D)
+        cos_s, sin_s = rope_cos_sin(stationary_positions(index, mask), d, rope_theta, q.dtype)
+        return apply_rope(q, cos, sin), apply_rope(q, cos_s, sin_s), apply_rope(k, cos, sin), k
+
+    return _run(q, k, v, mask=mask, rotate=rotate, checks=(check,), extra=extra, softmax_scale=softmax_scale, algorithm=algorithm,
+                block_size=block_size, kernel=kernel, timeout=timeout, group=group, what="ringrt.lambda_attention")
+
+
+def rotated_lambda_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: LambdaMask,
+    inv_freq: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    algorithm: str = "ring",
+    block_size: int | None = None,
+    kernel: str = "auto",
+    timeout: float | None = None,
+    group: dist.ProcessGroup | None = None,
+    problem: str | None = None,
+    what: str = "ringrt.attention",
+) -> torch.Tensor:
+    """:func:`lambda_attention` on q and k already rotated (post-RoPE), as a Hugging Face model has them.
+
+    Token i of the full sequence must have been rotated at position i (contiguous shards: rank r's
+    row j is token r * local_seq + j). The local branch and a sliding window (``n_global = 0``) use q
+    and k as given, whatever rotation they carry. The global branch needs q at min(limit_distance, i)
+    and k unrotated: it rotates q and k back by i with ``inv_freq`` (head_dim/2,), the RoPE
+    frequencies they were rotated with (Hugging Face: ``model.model.rotary_emb.inv_freq``, rope
+    scaling such as ``llama3`` included), then q forward to min(limit_distance, i). ``inv_freq`` is
+    required when ``mask.n_global > 0`` and ignored otherwise. ``problem``: a problem the caller found
+    in its own settings, agreed on with the ranks like any other (``what`` names the caller).
+    Shapes, other arguments, returns and raises as in :func:`lambda_attention`.
+    """
+    checks = (lambda: problem, lambda: _settings_problem(q, mask, 10000.0, algorithm, 0, block_size), lambda: _inv_freq_problem(q, mask, inv_freq))
+    needs_freq = isinstance(mask, LambdaMask) and mask.n_global > 0
+    extra = [("inv_freq", 1 if needs_freq else 0)]
+
+    def rotate(index: torch.Tensor):
+        if not needs_freq:
+            return q, q, k, k  # the global branch is empty: qs and the raw k are never read
+        back = freq_cos_sin(-index, inv_freq, q.dtype)  # rotate by -i: undo the caller's rotation
+        q_raw, k_raw = apply_rope(q, *back), apply_rope(k, *back)
+        qs = apply_rope(q_raw, *freq_cos_sin(stationary_positions(index, mask), inv_freq, q.dtype))
+        return q, qs, k, k_raw
+
+    return _run(q, k, v, mask=mask, rotate=rotate, checks=checks, extra=extra, softmax_scale=softmax_scale, algorithm=algorithm,
+                block_size=block_size, kernel=kernel, timeout=timeout, group=group, what=what)
+
+
+def _run(q, k, v, *, mask, rotate, checks, extra, softmax_scale, algorithm, block_size, kernel, timeout, group, what):
+    """Validate and agree (every rank raises the same ValueError), then run the Λ ring on the
+    tensors ``rotate(token indices of this shard)`` returns: (q local, q global, k local, k global).
+    ``checks``: the caller's own checks (each returns a problem or None), run in order once the
+    common input checks pass."""
     base, rank, world = base_group(group)
-    problem = comm.timeout_problem(timeout)  # agreed on like any problem; the agreement then waits the default
-    to = comm.resolve_timeout(None if problem else timeout)
-    problem = problem or local_problem(
+    t_problem = comm.timeout_problem(timeout)  # agreed on like any problem; the agreement then waits the default
+    to = comm.resolve_timeout(None if t_problem else timeout)
+    problem = t_problem or local_problem(
         q, k, v, causal=True, algorithm="ring", algorithms=ALGORITHMS, layout="contiguous",
         topology="full", topologies=("full",), softmax_scale=softmax_scale, world=world,
     )
-    problem = problem or _settings_problem(q, mask, rope_theta, algorithm, position_offset, block_size)
+    for check in checks:
+        problem = problem or check()
     kern = None
     if problem is None:
         try:
@@ -127,28 +196,25 @@ def lambda_attention(
         ("kv_heads", k.shape[2] if ok else -1), ("head_dim", q.shape[3] if ok else -1),
         ("dtype", DTYPES.index(q.dtype) if ok else -1),
         ("n_global", mask.n_global if ok else -1), ("n_local", mask.n_local if ok else -1), ("limit_distance", mask.limit if ok else -1),
-        ("rope_theta", rope_theta if ok else -1), ("softmax_scale", softmax_scale if ok and softmax_scale is not None else -1),
-        ("algorithm", ALGORITHMS.index(algorithm) if ok else -1), ("position_offset", position_offset if ok else -1),
+        *((name, val if ok else -1) for name, val in extra),
+        ("softmax_scale", softmax_scale if ok and softmax_scale is not None else -1),
+        ("algorithm", ALGORITHMS.index(algorithm) if ok else -1),
         ("block_size", block_size if ok and block_size is not None else -1),
         ("requires_grad", needs_backward(q, k, v) if ok else -1),
     ]
-    agree_fields(base, rank, world, problem, fields, "ringrt.lambda_attention", to,
-                 q.device if isinstance(q, torch.Tensor) else None, show=show_field)
+    agree_fields(base, rank, world, problem, fields, what, to, q.device if isinstance(q, torch.Tensor) else None, show=show_field)
     # after the agreement: creating groups needs every rank present (a bounded rendezvous first)
     groups = ring_groups(group, timeout_s=to, device=q.device)
 
-    b, s, h, d = q.shape
+    s, d = q.shape[1], q.shape[3]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     index = torch.arange(groups.rank * s, (groups.rank + 1) * s, device=q.device)  # token indices of this shard
-    cos, sin = rope_cos_sin(index + position_offset, d, rope_theta, q.dtype)  # (S, D)
-    qr, kr = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    cos_s, sin_s = rope_cos_sin(stationary_positions(index, mask), d, rope_theta, q.dtype)
-    qs = apply_rope(q, cos_s, sin_s)
+    qr, qs, kr, kraw = rotate(index)
     plan = LambdaPlan(
         mask=mask, scale=float(scale), kernel=kern, groups=groups, halo=halo_plan(groups.rank, groups.world, s, mask),
         block=min(s, block_size or DEFAULT_BLOCK), algorithm=algorithm, timeout=to,
     )
-    return lambda_ring(qr, qs, kr, k, v, plan)
+    return lambda_ring(qr, qs, kr, kraw, v, plan)
 
 
 def sliding_window_attention(
@@ -160,6 +226,19 @@ def sliding_window_attention(
     keyword arguments (``rope_theta``, ``softmax_scale``, ...).
     """
     return lambda_attention(q, k, v, mask=sliding_window(window), group=group, **kwargs)
+
+
+def _inv_freq_problem(q, mask: LambdaMask, inv_freq) -> str | None:
+    if mask.n_global == 0:
+        return None
+    if not isinstance(inv_freq, torch.Tensor):
+        return (f"inv_freq={inv_freq!r}: a LambdaMask with n_global={mask.n_global} on rotated q/k needs the RoPE frequencies "
+                f"(a tensor of head_dim/2 = {q.shape[3] // 2} values, e.g. model.model.rotary_emb.inv_freq) to re-rotate the global branch")
+    if inv_freq.shape != (q.shape[3] // 2,) or not inv_freq.is_floating_point():
+        return f"inv_freq must be a float tensor of shape ({q.shape[3] // 2},) (head_dim/2), got {inv_freq.dtype} {tuple(inv_freq.shape)}"
+    if inv_freq.device != q.device:
+        return f"inv_freq is on {inv_freq.device} but q is on {q.device}; move it to q's device"
+    return None
 
 
 def _settings_problem(q, mask, rope_theta, algorithm, position_offset, block_size) -> str | None:
