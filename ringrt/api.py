@@ -38,7 +38,8 @@ def attention(
     """Exact softmax attention over a sequence sharded across the ranks of ``group``.
 
     Args:
-        q: (batch, local_seq, heads, head_dim), this rank's shard of the queries.
+        q: (batch, local_seq, heads, head_dim), this rank's shard of the queries. q, k, v are plain
+            tensors: a ``DTensor`` is refused on every rank (pass its ``to_local()`` shard).
         k, v: (batch, local_seq, kv_heads, head_dim); ``heads`` a multiple of ``kv_heads``
             (GQA; 1 kv head is MQA). K/V heads are never replicated.
         causal: token i attends to tokens j <= i of the full sequence.
@@ -55,10 +56,12 @@ def attention(
             raising ``CommTimeout``; None: ``RINGRT_P2P_TIMEOUT`` or 300. There is no "no limit"
             value (0 is an error). Applies on gloo; on NCCL waits are stream-ordered and the
             process group's own timeout and watchdog catch a hang.
-        group: process group over which the sequence is sharded; default the default group. With
-            no process group initialised, or a group of one rank, this is plain attention. A
-            subgroup on NCCL needs its dedicated lanes (``ringrt.distributed.groups.new_subgroups`` or
-            ``ringrt.model.parallel.mesh``; see ``ringrt/distributed/groups.py``).
+        group: process group over which the sequence is sharded; default the default group. A 1-D
+            ``DeviceMesh`` (or a slice ``mesh["sp"]`` of a larger one) means its process group; a mesh
+            of more dimensions, or anything but None, a ``ProcessGroup`` or a 1-D mesh, is a
+            ``ValueError``. With no process group initialised, or a group of one rank, this is plain
+            attention. A subgroup on NCCL needs its dedicated lanes (``ringrt.distributed.groups.new_subgroups``,
+            ``ringrt.model.parallel.mesh``, or ``register`` for a mesh's group; see ``ringrt/distributed/groups.py``).
         window: restrict each query to a window of keys, on q and k as given (already rotated, as a
             Hugging Face model has them). An int w: causal sliding window, query i sees keys
             i - w + 1 .. i (Mistral's and Qwen2's ``sliding_window = w``). A :class:`ringrt.LambdaMask`:

@@ -17,6 +17,7 @@ front of group creation, :func:`ringrt.distributed.comm.rendezvous`), so it rais
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.distributed as dist
@@ -56,11 +57,37 @@ def _tensor_problem(q, k, v) -> str | None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             return f"{name} must be a torch.Tensor, got {type(t).__name__}"
+        if (problem := _dtensor_problem(name, t)) is not None:
+            return problem
         if t.dim() != 4:
             return f"{name} must be 4-D (batch, local_seq, heads, head_dim), got shape {tuple(t.shape)}"
         if t.dtype not in DTYPES:
             return f"{name}.dtype={t.dtype} is not supported; valid: float16, bfloat16, float32, float64"
     return None
+
+
+def _dtensor_problem(name: str, t: torch.Tensor) -> str | None:
+    """Why a ``DTensor`` input is refused, or None for a plain tensor.
+
+    A DTensor's operations communicate by themselves where its placements call for it; mixed with
+    ringrt's plain tensors inside the schedules, some ranks fail and others are left waiting on them.
+    Only its metadata is read here (placements, mesh shape and names), which every rank holds
+    alike: every rank writes the same message, and no DTensor operation runs.
+    """
+    # Only a program that imported torch.distributed.tensor can hold a DTensor; importing it here
+    # would cost every process seconds on its first call.
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    if dtensor is None or not isinstance(t, dtensor):
+        return None
+    mesh = t.device_mesh
+    dims = f"dims {', '.join(map(repr, mesh.mesh_dim_names))}" if mesh.mesh_dim_names else "unnamed dims"
+    return (
+        f"{name} is a DTensor (placements {tuple(t.placements)!r} over a DeviceMesh with {dims}, "
+        f"shape {tuple(mesh.shape)}); ringrt takes each rank's shard as a plain tensor and does its own communication. "
+        f"Pass {name}.to_local() of a tensor sharded over the sequence dim only (Shard(1) on the mesh dimension you pass as "
+        f"group=, e.g. group=mesh[\"sp\"]): its local pieces are layout='contiguous', so pass layout='contiguous' (the "
+        f"causal default is 'zigzag'); or cut the full tensor with ringrt.shard(x, layout=..., group=...)"
+    )
 
 
 def _settings_problem(causal, algorithm: str, algorithms, layout: str, topology: str, topologies, softmax_scale) -> str | None:

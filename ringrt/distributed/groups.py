@@ -39,11 +39,14 @@ pair one group's connections with another's.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch.distributed as dist
 
 from . import comm
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 Grid = tuple  # (Ulysses row group, K/V column group, dK/dV column group) of one rank
 Lanes = tuple  # (lane 0, lane 1): two groups over the base group's ranks, or (None, None) on one process
@@ -69,14 +72,59 @@ _CACHE: dict[tuple, RingGroups] = {}
 _GRID_CACHE: dict[tuple, Grid] = {}
 
 
-def base_group(group: dist.ProcessGroup | None) -> tuple[dist.ProcessGroup | None, int, int]:
-    """(group, rank, world) with None meaning the default group; (None, 0, 1) without distributed."""
+def base_group(group: dist.ProcessGroup | DeviceMesh | None) -> tuple[dist.ProcessGroup | None, int, int]:
+    """(group, rank, world) with None meaning the default group; (None, 0, 1) without distributed.
+
+    ``group`` is what every public entry point's ``group=`` accepts: None, a ``ProcessGroup``, or a
+    1-D ``torch.distributed.device_mesh.DeviceMesh`` (a 1-D mesh, or a slice ``mesh["sp"]`` of a
+    larger one), which means its process group. ``ValueError`` for a mesh of more dimensions (naming
+    them) or anything else (naming its type).
+    """
+    group = process_group(group)
     if not (dist.is_available() and dist.is_initialized()):
         if group is not None:
             raise ValueError("group was given but torch.distributed is not initialised")
         return None, 0, 1
     g = group if group is not None else dist.group.WORLD
     return g, dist.get_rank(g), dist.get_world_size(g)
+
+
+def process_group(group) -> dist.ProcessGroup | None:
+    """The process group that ``group=`` names: itself for None or a ``ProcessGroup``, ``get_group()``
+    of a 1-D ``DeviceMesh``.
+
+    ``mesh["sp"]`` builds a new ``DeviceMesh`` object on every call, but its ``get_group()`` looks the
+    group up by name in torch's registry and returns the same ``ProcessGroup`` each time, so the
+    per-group caches here (:func:`ring_groups`, keyed by the group's identity) hit on every call.
+    """
+    if group is None or (dist.is_available() and isinstance(group, dist.ProcessGroup)):
+        return group
+    mesh_type = _device_mesh_type()
+    if mesh_type is not None and isinstance(group, mesh_type):
+        if group.ndim != 1:
+            names = group.mesh_dim_names
+            pick = (f"one of {', '.join(map(repr, names))}" if names else
+                    "name the dims with init_device_mesh(..., mesh_dim_names=...) first, or pass mesh.get_group(<i>)")
+            raise ValueError(
+                f"group is a {group.ndim}-D DeviceMesh (dims {names}, shape {tuple(group.shape)}); the sequence is sharded "
+                f"over one dimension of it: pass group=mesh[\"<dim>\"] for that dimension ({pick})"
+            )
+        return group.get_group()
+    kind = type(group)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    raise ValueError(
+        f"group must be None (the default group), a torch.distributed.ProcessGroup or a 1-D DeviceMesh "
+        f"(e.g. mesh[\"sp\"]); got a value of type {name}"
+    )
+
+
+def _device_mesh_type():
+    """``DeviceMesh``, or None on a torch built without distributed."""
+    if not dist.is_available():
+        return None
+    from torch.distributed.device_mesh import DeviceMesh
+
+    return DeviceMesh
 
 
 def _key(g: dist.ProcessGroup) -> tuple:
@@ -193,14 +241,16 @@ def new_subgroups(rank_lists: Sequence[Sequence[int]], *, hybrid_degrees: Sequen
     return mine
 
 
-def register(group: dist.ProcessGroup, *, lanes: Lanes, grids: Mapping[int, Grid] | None = None) -> None:
+def register(group: dist.ProcessGroup | DeviceMesh, *, lanes: Lanes, grids: Mapping[int, Grid] | None = None) -> None:
     """Use ``lanes`` (two groups over the same ranks as ``group``, same order) as the lanes of
     ``group``, and ``grids`` (Ulysses degree -> this rank's (row, kv, dkv) groups, see
     :func:`new_grids`) for ``algorithm="hybrid"``. :func:`new_subgroups` does all of this; call it
     directly for a subgroup made some other way.
 
     Create the lanes with ``dist.new_group`` on every rank of the world, then call this on the members.
+    ``group`` may be a 1-D ``DeviceMesh`` (``mesh["sp"]``): its process group is registered.
     """
+    group = process_group(group)
     ranks = tuple(dist.get_process_group_ranks(group))
     if len(lanes) != 2:
         raise ValueError(f"register: lanes must be two groups, got {len(lanes)}")

@@ -99,8 +99,9 @@ def lambda_attention(
             ``CommTimeout``; None: ``RINGRT_P2P_TIMEOUT`` or 300; 0 is an error, not "no limit"
             (gloo; on NCCL waits are stream-ordered and the process group's timeout and watchdog apply).
         group: process group the sequence is sharded over (default: the default group; none
-            initialised or one rank: single-process attention). A subgroup on NCCL needs
-            its dedicated lanes (``ringrt.distributed.groups.new_subgroups``).
+            initialised or one rank: single-process attention), or a 1-D ``DeviceMesh`` (a slice
+            ``mesh["sp"]``) meaning its process group, as in :func:`ringrt.attention`. A subgroup on
+            NCCL needs its dedicated lanes (``ringrt.distributed.groups.new_subgroups``).
 
     Returns:
         (batch, local_seq, heads, head_dim): this rank's output shard, dtype of q, differentiable

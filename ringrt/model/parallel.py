@@ -5,13 +5,18 @@ the loss over the whole sequence, and the gradient all-reduce. The model file it
 Shapes: a batch of token sequences is (B, S + 1); the model reads tokens [0, S) and predicts
 [1, S + 1). Both are sharded in the same layout, so every rank scores exactly its own tokens and
 no label crosses a shard boundary.
+
+``group`` everywhere here is what ``ringrt.attention`` takes: None (the default group), a
+``ProcessGroup``, or a 1-D ``DeviceMesh`` (``mesh["sp"]`` of a larger one) meaning its process group.
+Under FSDP2 (``fully_shard``) the sequence shards' gradients must be summed, not averaged: see
+:func:`sequence_loss` for the divide factor.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.distributed as dist
@@ -23,13 +28,16 @@ from ..distributed.groups import base_group, new_subgroups
 from ..ops.layout import num_chunks, positions as layout_positions, shard_of
 from .config import AttentionConfig, ModelConfig
 
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
 
 class RingAttend:
     """Exact causal attention over the sharded sequence with one of ``ringrt.ALGORITHMS``."""
 
     rotates = False
 
-    def __init__(self, *, algorithm: str, layout: str, group: dist.ProcessGroup | None = None):
+    def __init__(self, *, algorithm: str, layout: str, group: dist.ProcessGroup | DeviceMesh | None = None):
         self.algorithm, self.layout, self.group = algorithm, layout, group
 
     def __call__(self, q, k, v, *, layer, positions):
@@ -41,7 +49,7 @@ class LambdaAttend:
 
     rotates = True
 
-    def __init__(self, *, mask, rope_theta: float, group: dist.ProcessGroup | None = None):
+    def __init__(self, *, mask, rope_theta: float, group: dist.ProcessGroup | DeviceMesh | None = None):
         self.mask, self.rope_theta, self.group = mask, rope_theta, group
 
     def __call__(self, q, k, v, *, layer, positions):
@@ -58,7 +66,7 @@ def lambda_mask(attn: AttentionConfig, train_len: int):
     return LambdaMask(n_global=attn.n_global, n_local=n_local, limit_distance=attn.limit_distance or n_local)
 
 
-def make_attend(attn: AttentionConfig, model: ModelConfig, *, train_len: int, group: dist.ProcessGroup | None = None):
+def make_attend(attn: AttentionConfig, model: ModelConfig, *, train_len: int, group: dist.ProcessGroup | DeviceMesh | None = None):
     """The attention the model runs with under ``attn`` (plain ring or Λ-mask) over ``group``."""
     layout = attn.resolved_layout()
     if attn.lambda_mask:
@@ -83,7 +91,7 @@ class Shard:
         return Shard(*(t.to(device) for t in (self.input_ids, self.labels, self.positions)))
 
 
-def shard_batch(tokens: torch.Tensor, *, layout: str, group: dist.ProcessGroup | None = None,
+def shard_batch(tokens: torch.Tensor, *, layout: str, group: dist.ProcessGroup | DeviceMesh | None = None,
                 device: torch.device | str | None = None) -> Shard:
     """This rank's shard of a batch ``tokens`` (B, S + 1) held in full by every rank of ``group``.
 
@@ -128,18 +136,24 @@ class _GroupSum(torch.autograd.Function):
         return g, None, None, None
 
 
-def group_sum(x: torch.Tensor, group: dist.ProcessGroup | None = None, *, channel: str = "group_sum", step=None) -> torch.Tensor:
+def group_sum(x: torch.Tensor, group: dist.ProcessGroup | DeviceMesh | None = None, *, channel: str = "group_sum", step=None) -> torch.Tensor:
     """The sum of ``x`` over the ranks of ``group`` (differentiable; see :class:`_GroupSum`)."""
     g, _, world = base_group(group)
     return x if world == 1 else _GroupSum.apply(x, g, channel, step)
 
 
-def sequence_loss(logits: torch.Tensor, labels: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+def sequence_loss(logits: torch.Tensor, labels: torch.Tensor, group: dist.ProcessGroup | DeviceMesh | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy over every scored token of the whole sharded sequence.
 
     logits (B, S_local, V), labels (B, S_local) with -100 = not scored. Every rank returns the same
     value, equal to the one-process loss; backward leaves on each rank the gradient of its own
-    tokens' share, so summing parameter gradients over the group gives the full gradient.
+    tokens' share, so summing parameter gradients over the group gives the full gradient
+    (:func:`sum_gradients`). Under FSDP2 (``fully_shard``) FSDP's reduce-scatter does that sum, but
+    divided by the number of ranks it reduces over (right for data parallelism, where each rank's loss
+    is a mean over its own batch). Sequence shards of one batch must be summed, so call
+    ``set_gradient_divide_factor(d)`` with d the number of data-parallel replicas (1.0 when FSDP
+    shards over the sequence group alone) on every module ``fully_shard`` wrapped: the setting is per
+    module, the root's does not reach its children.
     """
     logits = logits if logits.dtype == torch.float64 else logits.float()  # (B, S_local, V), at least fp32
     total = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
@@ -148,7 +162,7 @@ def sequence_loss(logits: torch.Tensor, labels: torch.Tensor, group: dist.Proces
         count, group, channel="loss", step="count of the scored tokens").clamp_min(1)
 
 
-def sum_gradients(params, group: dist.ProcessGroup | None = None, *, divide_by: int = 1) -> None:
+def sum_gradients(params, group: dist.ProcessGroup | DeviceMesh | None = None, *, divide_by: int = 1) -> None:
     """All-reduce (sum) the gradients of ``params`` over ``group`` in one flat buffer, then divide."""
     g, _, world = base_group(group)
     grads = [p.grad for p in params if p.grad is not None]
