@@ -229,3 +229,28 @@ def test_shard_inputs_single_process():
         ringrt.hf.shard_inputs({"input_ids": ids, "labels": ids[:, :3]})
     with pytest.raises(ValueError, match="layout='zig' is not a known layout"):
         ringrt.hf.shard_inputs({"input_ids": ids}, layout="zig")
+
+
+@pytest.mark.timeout(200)
+def test_worked_example_finetunes_on_two_ranks(tmp_path):
+    """launch/hf_finetune.py as the README runs it: the first step matches one process, the loss
+    falls, the model is saved into a new directory, and an existing --out is refused."""
+    import re
+    import shutil
+
+    from tests.launch_util import REPO, run as launch
+
+    out = tmp_path / "finetuned"
+    cmd = [shutil.which("torchrun"), "--standalone", "--nproc-per-node=2", str(REPO / "launch" / "hf_finetune.py"),
+           "--steps", "8", "--seq-len", "256", "--check", "--out", str(out)]
+    p = launch(cmd, timeout=180)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = re.search(r"sequence-parallel loss ([\d.]+); one-process loss ([\d.]+); worst relative gradient difference ([\d.e+-]+)", p.stdout)
+    assert m, p.stdout
+    assert abs(float(m[1]) - float(m[2])) <= 1e-5 and float(m[3]) <= 1e-4, m.group(0)  # fp32, measured ~2e-6
+    losses = [float(x) for x in re.findall(r"step +\d+  loss ([\d.]+)", p.stdout)]
+    assert len(losses) == 8 and losses[-1] < losses[0] - 0.5, losses
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    assert not list(tmp_path.glob("finetuned.tmp-*"))
+    again = launch([*cmd[:3], str(REPO / "launch" / "hf_finetune.py"), "--out", str(out)], timeout=120)
+    assert again.returncode != 0 and f"--out={out} exists" in again.stderr
