@@ -61,7 +61,7 @@ def test_bad_checkpoints_raise_value_errors_naming_the_problem(tmp_path):
         "wrong_dim": (lambda d: _edit_json(d, hidden_size=64, head_dim=16), "has shape"),
         "more_layers": (lambda d: _edit_json(d, num_hidden_layers=3), "missing"),
         "scaling": (lambda d: _edit_json(d, rope_parameters={"rope_type": "llama3", "rope_theta": 1.0}), "rope_type"),
-        "not_llama": (lambda d: _edit_json(d, model_type="mistral"), "model_type"),
+        "not_llama": (lambda d: _edit_json(d, model_type="mistral"), r"model_type=.mistral. is not supported by ringrt.s Llama.*ringrt\.hf"),
     }
     for name, (edit, msg) in cases.items():
         with pytest.raises(ValueError, match=msg):

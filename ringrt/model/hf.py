@@ -23,6 +23,8 @@ from ..run.rundir import as_if_opened
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+_ELSEWHERE = ("; any transformers model runs sequence-parallel through ringrt.hf "
+              "(import ringrt.hf; AutoModelForCausalLM.from_pretrained(path, attn_implementation='ringrt'))")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -30,17 +32,17 @@ def _rope_theta(hf: dict) -> float:
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     kind = params.get("rope_type", params.get("type", "default"))
     if kind != "default":
-        raise ValueError(f"rope_type={kind!r} (rope scaling) is not supported; valid: 'default'")
+        raise ValueError(f"rope_type={kind!r} (rope scaling) is not supported by ringrt's Llama; valid: 'default'{_ELSEWHERE}")
     return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
     """ModelConfig from a Hugging Face ``config.json`` dict; ValueError for what ringrt cannot run."""
     if hf.get("model_type") != "llama":
-        raise ValueError(f"model_type={hf.get('model_type')!r} is not supported; valid: 'llama'")
+        raise ValueError(f"model_type={hf.get('model_type')!r} is not supported by ringrt's Llama; valid: 'llama'{_ELSEWHERE}")
     for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
         if hf.get(key, ok) != ok:
-            raise ValueError(f"{key}={hf[key]!r} is not supported; valid: {ok!r}")
+            raise ValueError(f"{key}={hf[key]!r} is not supported by ringrt's Llama; valid: {ok!r}{_ELSEWHERE}")
     try:
         cfg = ModelConfig(
             vocab_size=int(hf["vocab_size"]), dim=int(hf["hidden_size"]), n_layers=int(hf["num_hidden_layers"]),
