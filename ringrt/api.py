@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 
 from .distributed import comm
-from .distributed.agree import agree, local_problem, needs_backward
-from .distributed.groups import base_group, nccl_problem, ring_groups
+from .distributed.agree import local_problem, needs_backward
+from .distributed.groups import base_group, by_name, group_name
 from .lm_infinite import LambdaMask, sliding_window
 from .lm_infinite.attention import rotated_lambda_attention
 from .ops import layout as _layout
 from .ops.kernels import get_kernel
 from .schedules import ALGORITHMS
-from .schedules.base import TOPOLOGIES, RingPlan
-from .schedules.hybrid import runtime_degree
+from .schedules import op as _op
+from .schedules.base import TOPOLOGIES
+from .schedules.call import Call
 
 
 def attention(
@@ -31,15 +30,15 @@ def attention(
     topology: str = "full",
     kernel: str = "auto",
     timeout: float | None = None,
+    return_lse: bool = False,
     group: dist.ProcessGroup | None = None,
     window: int | LambdaMask | None = None,
     inv_freq: torch.Tensor | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact softmax attention over a sequence sharded across the ranks of ``group``.
 
     Args:
-        q: (batch, local_seq, heads, head_dim), this rank's shard of the queries. q, k, v are plain
-            tensors: a ``DTensor`` is refused on every rank (pass its ``to_local()`` shard).
+        q: (batch, local_seq, heads, head_dim), this rank's shard of the queries.
         k, v: (batch, local_seq, kv_heads, head_dim); ``heads`` a multiple of ``kv_heads``
             (GQA; 1 kv head is MQA). K/V heads are never replicated.
         causal: token i attends to tokens j <= i of the full sequence.
@@ -56,6 +55,8 @@ def attention(
             raising ``CommTimeout``; None: ``RINGRT_P2P_TIMEOUT`` or 300. There is no "no limit"
             value (0 is an error). Applies on gloo; on NCCL waits are stream-ordered and the
             process group's own timeout and watchdog catch a hang.
+        return_lse: also return the log-sum-exp of each query row (flash-attn's ``softmax_lse``).
+            Ulysses and the hybrid then send it back with the output (4 bytes per head and token).
         group: process group over which the sequence is sharded; default the default group. A 1-D
             ``DeviceMesh`` (or a slice ``mesh["sp"]`` of a larger one) means its process group; a mesh
             of more dimensions, or anything but None, a ``ProcessGroup`` or a 1-D mesh, is a
@@ -69,14 +70,27 @@ def attention(
             :func:`ringrt.lambda_attention`). Runs on contiguous shards (``layout`` must be
             ``"contiguous"``, its default here) with ``causal=True``, skipping every block the window
             empties and moving only a halo; ``algorithm`` ``"ring"`` (halo K/V travel; ``"auto"``
-            picks it) or ``"tokenring"`` (queries travel, K/V stay), the others are refused.
+            picks it) or ``"tokenring"`` (queries travel, K/V stay), the others are refused; not with
+            ``return_lse``. Runs eagerly (under ``torch.compile``, a graph break).
         inv_freq: (head_dim/2,) the RoPE frequencies q and k were rotated with, token i of the full
             sequence at position i; needed only by a LambdaMask with n_global > 0 (its global branch
             re-rotates q to min(limit_distance, i) and k to 0), ignored otherwise.
+=======
+        return_lse: also return the log-sum-exp of each query row (flash-attn's ``softmax_lse``).
+            Ulysses and the hybrid then send it back with the output (4 bytes per head and token).
+        group: process group over which the sequence is sharded; default the default group. With
+            no process group initialised, or a group of one rank, this is plain attention. A
+            subgroup on NCCL needs its dedicated lanes (``ringrt.distributed.groups.new_subgroups`` or
+            ``ringrt.model.parallel.mesh``; see ``ringrt/distributed/groups.py``).
+>>>>>>> c15
+
 
     Returns:
-        (batch, local_seq, heads, head_dim): this rank's output shard, dtype of q, differentiable
-        w.r.t. q, k, v. Accumulation is in fp32 (fp64 for fp64 inputs).
+        out (batch, local_seq, heads, head_dim): this rank's output shard, dtype of q, differentiable
+        w.r.t. q, k, v. Accumulation is in fp32 (fp64 for fp64 inputs). With ``return_lse``,
+        (out, lse): lse (batch, heads, local_seq) in fp32 (fp64 for fp64 inputs), the natural-log
+        sum-exp of the query row's scaled scores over every key it attended (-inf for a row that
+        attended none), differentiable too.
 
     Raises:
         ValueError on every rank, before any transfer, if any rank's inputs or ``timeout`` are
@@ -84,45 +98,37 @@ def attention(
         (grad mode and ``requires_grad``), or an NCCL subgroup lacks its dedicated groups.
         ``ringrt.CommTimeout`` / ``ringrt.CommError`` if a peer does not answer in time or its
         connection closes (naming this rank, the peer or collective, the channel and the step).
+
+    The ranks agree on all of that once per signature (shapes, dtypes, settings, backward,
+    ``return_lse``), not on every call (Note [agreement cache] in ``ringrt/distributed/agree.py``): a
+    rank that alone calls with a new signature or a bad input then waits for the others in vain
+    and raises ``CommTimeout``, as they do, instead of a ``ValueError``. ``RINGRT_AGREE_CACHE=0``
+    restores an agreement per call.
+
+    Under ``torch.compile`` the work is one custom op (``ringrt/schedules/op.py``), so
+    ``fullgraph=True`` traces this function without a graph break; eager calls run the same passes
+    without the op's dispatch.
     """
     if window is not None:
         return _windowed(q, k, v, causal=causal, algorithm=algorithm, layout=layout, softmax_scale=softmax_scale, topology=topology,
-                         kernel=kernel, timeout=timeout, group=group, window=window, inv_freq=inv_freq)
+                         kernel=kernel, timeout=timeout, group=group, window=window, inv_freq=inv_freq, return_lse=return_lse)
     if layout is None:
         layout = "zigzag" if causal else "contiguous"
-    base, rank, world = base_group(group)
-    # A bad timeout is this rank's problem, agreed on like any other; the agreement itself then
-    # waits the default so that the other ranks hear about it.
-    problem = comm.timeout_problem(timeout)
-    to = comm.resolve_timeout(None if problem else timeout)
-    problem = problem or local_problem(
-        q, k, v, causal=causal, algorithm=algorithm, algorithms=ALGORITHMS, layout=layout,
-        topology=topology, topologies=TOPOLOGIES, softmax_scale=softmax_scale, world=world,
-    )
-    if problem is None:
-        try:
-            kern = get_kernel(q.device, kernel)
-            problem = _groups_problem(group, q, k, algorithm)
-        except ValueError as e:
-            problem = str(e)
-    agree(
-        base, rank, world, problem,
-        (q, k, causal, algorithm, ALGORITHMS, layout, topology, TOPOLOGIES, softmax_scale, needs_backward(q, k, v)),
-        "ringrt.attention", to, q.device if isinstance(q, torch.Tensor) else None,
-    )
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    # after the agreement: creating groups needs every rank present (a bounded rendezvous first)
-    groups = ring_groups(group, timeout_s=to, device=q.device)
-    plan = RingPlan(causal=causal, layout=layout, scale=float(scale), kernel=kern, groups=groups,
-                    topology=topology, timeout=to)
-    return ALGORITHMS[algorithm](q, k, v, plan)
+    bad_timeout = comm.timeout_problem(timeout)  # agreed on like any problem; the agreement then waits the default
+    call = Call(algorithm=algorithm, causal=causal, layout=layout, softmax_scale=_as_float(softmax_scale), topology=topology,
+                kernel=kernel, timeout=None if bad_timeout else _as_float(timeout), group=group_name(group),
+                backward=needs_backward(q, k, v), return_lse=return_lse, problem=bad_timeout or "")
+    if not _encodable(q, k, v, call):
+        q, k, v, call = _placeholders(q, k, v, call)
+    out, lse = _op.attention(q, k, v, call)
+    return (out, lse) if return_lse else out
 
 
 WINDOW_ALGORITHMS = {"ring": "ring", "tokenring": "tokenring", "auto": "ring"}
 """``algorithm`` with ``window=``: the Λ ring's way of crossing shard boundaries."""
 
 
-def _windowed(q, k, v, *, causal, algorithm, layout, softmax_scale, topology, kernel, timeout, group, window, inv_freq):
+def _windowed(q, k, v, *, causal, algorithm, layout, softmax_scale, topology, kernel, timeout, group, window, inv_freq, return_lse):
     """``attention(..., window=...)``: the Λ ring on rotated q/k (``ringrt.lm_infinite``)."""
     problem, mask = None, sliding_window(1)  # the placeholder mask is never run: a problem stops every rank first
     if isinstance(window, LambdaMask):
@@ -138,6 +144,8 @@ def _windowed(q, k, v, *, causal, algorithm, layout, softmax_scale, topology, ke
                    "(ringrt.shard(x, layout='contiguous'))")
     if problem is None and topology != "full":
         problem = f"topology={topology!r} cannot be used with window=: the halo goes straight to its neighbours; valid: 'full'"
+    if problem is None and return_lse is not False:
+        problem = f"return_lse={return_lse!r} cannot be used with window=; valid: False"
     if problem is None and algorithm not in WINDOW_ALGORITHMS:
         problem = (f"algorithm={algorithm!r} cannot be used with window=: windowed attention runs on the Λ ring; "
                    f"valid: {', '.join(map(repr, WINDOW_ALGORITHMS))}")
@@ -146,14 +154,41 @@ def _windowed(q, k, v, *, causal, algorithm, layout, softmax_scale, topology, ke
                                     group=group, problem=problem, what="ringrt.attention")
 
 
-def _groups_problem(group, q, k, algorithm: str) -> str | None:
-    """What the process groups lack for ``algorithm`` over NCCL (see ``ringrt.distributed.groups.nccl_problem``):
-    the collectives-only schedules need nothing beyond the base group."""
-    if algorithm in ("allgather", "ulysses"):
+def _as_float(x):
+    """A number as a float (as the op's schema wants it); anything else as it is, for the checks."""
+    return float(x) if isinstance(x, (int, float)) else x
+
+
+def _encodable(q, k, v, call: Call) -> bool:
+    """Whether every argument has the type the op's schema needs (values are checked in the op)."""
+    return (
+        all(isinstance(t, torch.Tensor) for t in (q, k, v))
+        and all(isinstance(x, str) for x in (call.algorithm, call.layout, call.topology, call.kernel))
+        and isinstance(call.causal, bool) and isinstance(call.return_lse, bool)
+        and (call.softmax_scale is None or isinstance(call.softmax_scale, float))
+    )
+
+
+def _placeholders(q, k, v, call: Call):
+    """Arguments the op's schema accepts, carrying the problem found with the real ones: the op agrees
+    on it with the other ranks, so that every rank raises it."""
+    problem = call.problem or local_problem(
+        q, k, v, causal=call.causal, algorithm=call.algorithm, algorithms=ALGORITHMS, layout=call.layout,
+        topology=call.topology, topologies=TOPOLOGIES, softmax_scale=call.softmax_scale, world=by_name(call.group)[2],
+    ) or _kernel_problem(call.kernel) or f"return_lse={call.return_lse!r} must be True or False"
+    dev = next((t.device for t in (q, k, v) if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    q, k, v = (t if isinstance(t, torch.Tensor) else torch.empty(0, device=dev) for t in (q, k, v))
+    return q, k, v, Call("", False, "", None, "", "", None, call.group, call.backward, False, (), problem)
+
+
+def _kernel_problem(kernel) -> str | None:
+    if isinstance(kernel, str):
         return None
-    base, _, world = base_group(group)
-    u = runtime_degree(world, q.shape[2], k.shape[2]) if algorithm == "hybrid" else None
-    return nccl_problem(base, q.device, hybrid_degree=u)
+    try:
+        get_kernel(torch.device("cpu"), kernel)
+    except (ValueError, TypeError) as e:
+        return str(e)
+    return f"kernel={kernel!r} must be a str"
 
 
 def shard(x: torch.Tensor, *, layout: str, dim: int = 1, group: dist.ProcessGroup | None = None) -> torch.Tensor:

@@ -22,9 +22,9 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from ringrt import api
 from ringrt.distributed import comm, groups
 from ringrt.lm_infinite import attention as lambda_api
+from ringrt.schedules import call as attention_call
 
 
 @contextlib.contextmanager
@@ -178,7 +178,7 @@ class Recorder:
                 return _RecordingKernel(get(*a, **kw), rec)
             return make
 
-        monkeypatch.setattr(api, "get_kernel", kernels(api.get_kernel))
+        monkeypatch.setattr(attention_call, "get_kernel", kernels(attention_call.get_kernel))
         monkeypatch.setattr(lambda_api, "get_kernel", kernels(lambda_api.get_kernel))
 
     def take(self) -> "Recorder":

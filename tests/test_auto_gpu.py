@@ -12,6 +12,7 @@ import torch.distributed as dist
 from ringrt.ops import timing as devtime
 from ringrt.schedules import auto
 from ringrt.schedules import costmodel
+from ringrt.schedules.base import Pass
 
 
 @pytest.mark.parametrize("name,preset", [
@@ -52,7 +53,8 @@ def test_tuning_times_each_run_with_the_device_queue_drained(monkeypatch):
 
     events = []
     monkeypatch.setattr(devtime, "sync", lambda device: events.append(("sync", device.type)))
-    monkeypatch.setattr(auto, "SCHEDULES", {n: (lambda q, k, v, plan, n=n: events.append(("run", n)) or q) for n in ("ring", "ulysses")})
+    runs = {n: Pass(lambda q, k, v, plan, n=n: events.append(("run", n)) or (q, None, []), None) for n in ("ring", "ulysses")}
+    monkeypatch.setattr(auto, "SCHEDULES", runs)
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
     try:
         plan = types.SimpleNamespace(groups=types.SimpleNamespace(base=None, rank=0, world=2), timeout=5.0)

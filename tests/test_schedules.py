@@ -231,6 +231,7 @@ def test_auto_runs_the_schedule_the_model_ranks_first():
 def _tuning_worker(rank, world, machine_dict, slow: str | None, tune_env: str):
     """auto on a machine where the model ties every schedule: the first call measures the shortlist;
     ``slow`` (if set) is made 60 ms slower on every rank, so the measurement must not pick it."""
+    import dataclasses
     import os
     import time
 
@@ -245,9 +246,9 @@ def _tuning_worker(rank, world, machine_dict, slow: str | None, tune_env: str):
 
         def slowed(*a):
             time.sleep(0.06)
-            return fast(*a)
+            return fast.forward(*a)
 
-        auto.SCHEDULES[slow] = slowed
+        auto.SCHEDULES[slow] = dataclasses.replace(fast, forward=slowed)
     q, k, v, do = _problem(5, world, 8, 8)
     first = _run_one(q, k, v, do, algo="auto", causal=True, kernel="math")
     (key, (name, ests, measured)), = auto._CHOICES.items()

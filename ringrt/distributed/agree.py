@@ -12,12 +12,37 @@ and a rank that never arrives, or gave up, is a :class:`~ringrt.distributed.comm
 same story, though: the rank that gave up raises, and a late rank may still receive its summary and
 pass. Whatever a passing rank does next is bounded too (a P2P wait, or the bounded rendezvous in
 front of group creation, :func:`ringrt.distributed.comm.rendezvous`), so it raises within one more timeout.
+
+Note [agreement cache]
+----------------------
+``ringrt.attention`` agrees once per signature, not once per call: an agreement that passed is
+remembered per group under its :func:`signature` (the compared fields: shapes, dtype, device type,
+settings, whether a backward follows, ``return_lse``), and a later call with the same signature
+skips the all_gather; the local checks still run on every call (pure Python). A call with a local
+problem always agrees, so that every rank raises the same ``ValueError``.
+
+The cost is in what a rank can no longer learn. Every rank must call with the same signature, as
+before, but a rank that alone changes it (or alone has a local problem) now runs the agreement while
+the others, whose signature is remembered, go straight to the schedule: the rank in the agreement
+and the others in their transfers each wait their timeout and raise ``CommTimeout`` (a
+``ValueError`` naming the difference needs the others in the agreement too). It is never a wrong
+result: a remembered signature is only used where the group has an agreement lane
+(``ringrt.distributed.groups``), a group no schedule uses, so a lone rank's agreement is never
+matched with another rank's schedule traffic; without one (a subgroup made without
+``new_subgroups``), every call agrees.
+
+``RINGRT_AGREE_CACHE=0`` (set on every rank) turns the cache off: every call agrees, as before.
+:func:`clear_cache` forgets every signature (``ringrt.distributed.groups.clear_cache`` calls it). At
+most ``CACHE_SIZE`` signatures are kept per group, the least recently used dropped first: the same
+on every rank of the group, since they all call with the same signatures.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import sys
+from collections import OrderedDict
 
 import torch
 import torch.distributed as dist
@@ -28,7 +53,7 @@ from ..ops.layout import LAYOUTS, local_chunks
 _DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "meta")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FIELDS = ("batch", "local_seq", "heads", "kv_heads", "head_dim", "dtype", "device type", "causal",
-           "algorithm", "layout", "topology", "softmax_scale", "requires_grad")
+           "algorithm", "layout", "topology", "softmax_scale", "requires_grad", "return_lse")
 _HINTS = {
     "requires_grad": " (torch.is_grad_enabled() and any of q, k, v requiring grad: the backward exchanges data "
                      "too, so every rank or none must run it)",
@@ -140,7 +165,8 @@ def _layout_problem(q, layout: str, world: int) -> str | None:
     return None
 
 
-def _meta(q, k, causal, algorithm, algorithms, layout, topology, topologies, softmax_scale, backward: bool, ok: bool) -> list[float]:
+def _meta(q, k, causal, algorithm, algorithms, layout, topology, topologies, softmax_scale, backward: bool, return_lse: bool,
+          ok: bool) -> list[float]:
     dims = list(q.shape[:2]) + [q.shape[2], k.shape[2], q.shape[3]] if ok else [-1] * 5
     return [
         1.0 if ok else 0.0, *map(float, dims),
@@ -152,6 +178,7 @@ def _meta(q, k, causal, algorithm, algorithms, layout, topology, topologies, sof
         float(list(topologies).index(topology)) if ok else -1.0,
         float(softmax_scale) if (ok and softmax_scale is not None) else -1.0,
         float(backward) if ok else -1.0,
+        float(return_lse) if ok else -1.0,
     ]
 
 
@@ -161,10 +188,51 @@ def agree(group: dist.ProcessGroup | None, rank: int, world: int, problem: str |
     Uses one all_gather of a few numbers on ``group`` (None on a single process), on the CPU when
     the group carries CPU tensors (see :func:`ringrt.distributed.comm.metadata_device`). A rank that never
     arrives makes the others raise ``CommTimeout`` after ``timeout_s`` on gloo; on a plain NCCL
-    group the wait is the process group's own (its timeout and watchdog).
+    group the wait is the process group's own (its timeout and watchdog). ``meta_args``: (q, k,
+    causal, algorithm, algorithms, layout, topology, topologies, softmax_scale, backward, return_lse).
     """
     fields = [] if world == 1 else list(zip(_FIELDS, _meta(*meta_args, ok=problem is None)[1:], strict=True))
     agree_fields(group, rank, world, problem, fields, what, timeout_s, device, show=show_field)
+
+
+CACHE_SIZE = 1024
+_AGREED: dict[dist.ProcessGroup, OrderedDict[tuple, None]] = {}  # agreement lane -> its signatures, oldest first
+
+
+def signature(meta_args: tuple) -> tuple:
+    """What :func:`agree` compares for ``meta_args`` of valid inputs, as a hashable key."""
+    return tuple(_meta(*meta_args, ok=True))
+
+
+def cache_enabled() -> bool:
+    """Whether agreements are remembered (``RINGRT_AGREE_CACHE``, default on; see Note [agreement cache])."""
+    return os.environ.get("RINGRT_AGREE_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def agreed(lane: dist.ProcessGroup | None, sig: tuple) -> bool:
+    """Whether the ranks of ``lane``'s group already agreed on ``sig`` (no communication)."""
+    seen = _AGREED.get(lane) if lane is not None and cache_enabled() else None
+    if seen is None or sig not in seen:
+        return False
+    seen.move_to_end(sig)
+    return True
+
+
+def remember(lane: dist.ProcessGroup | None, sig: tuple) -> None:
+    """Record that the ranks of ``lane``'s group agreed on ``sig`` (nothing without a lane)."""
+    if lane is None or not cache_enabled():
+        return
+    seen = _AGREED.setdefault(lane, OrderedDict())
+    seen[sig] = None
+    seen.move_to_end(sig)
+    while len(seen) > CACHE_SIZE:
+        seen.popitem(last=False)
+
+
+def clear_cache() -> None:
+    """Forget every agreed signature: the next call of each signature agrees again (on every rank: call
+    it on all of them, or on none)."""
+    _AGREED.clear()
 
 
 def agree_fields(
@@ -237,6 +305,6 @@ def show_field(name: str, val: float):
         return str(DTYPES[int(val)]) if 0 <= val < len(DTYPES) else val
     if name in ("softmax_scale", "block_size") and val < 0:
         return "None"
-    if name in ("causal", "requires_grad"):
+    if name in ("causal", "requires_grad", "return_lse"):
         return bool(val)
     return int(val) if float(val).is_integer() else val

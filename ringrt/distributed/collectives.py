@@ -4,8 +4,8 @@ Each function issues one torch.distributed collective over ``group`` and records
 channel name, what this rank sends and receives: a collective over W ranks moves W - 1 pieces each
 way (the piece for itself stays local).
 
-``seq_to_heads`` / ``heads_to_seq`` are the two all-to-alls of Ulysses (``AllToAll`` makes either
-an autograd Function with the other as its backward). Each moves several tensors (q, k, v; or their
+``seq_to_heads`` / ``heads_to_seq`` are the two all-to-alls of Ulysses (each is the other's backward,
+``ringrt/schedules/ulysses.py``). Each moves several tensors (q, k, v; or their
 gradients) in ONE all-to-all of packed messages, and puts the tokens in global order while copying
 them out::
 
@@ -120,19 +120,3 @@ def heads_to_seq(ys: list[torch.Tensor], group, member_chunks: list[list[int]], 
                 out[:, c * ln : (c + 1) * ln, i * hu : (i + 1) * hu].copy_(got[i][t * n + c])
         outs.append(out)
     return outs
-
-
-class AllToAll(torch.autograd.Function):
-    """One of the two all-to-alls of Ulysses, the other as its backward:
-    ``AllToAll.apply(there, back, group, member_chunks, channel, timeout, *xs)`` -> tuple of
-    ``there(xs, ...)``, whose gradients are ``back(grads, ...)``; (there, back) is
-    (:func:`seq_to_heads`, :func:`heads_to_seq`) or the reverse."""
-
-    @staticmethod
-    def forward(ctx, there, back, group, member_chunks, channel: str, timeout, *xs):
-        ctx.back, ctx.args = back, (group, member_chunks, channel, timeout)
-        return tuple(there(list(xs), *ctx.args, step=f"forward ({there.__name__})"))
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return (None,) * 6 + tuple(ctx.back(list(grads), *ctx.args, step=f"backward ({ctx.back.__name__})"))

@@ -11,7 +11,10 @@ neither stream queues behind the other. Who uses them for what:
 * hybrid: Ulysses rows and two column rings (a "grid"; u = 1 is the KV-ring on the two lanes).
 
 The lanes are named for being two, not for a direction or a payload: the KV-ring sends both its
-streams the same way. NCCL ignores P2P tags and runs a communicator's operations in order, so
+streams the same way. A third group over the same ranks, the *agreement lane*, carries only the
+input agreements of ``ringrt.attention`` after the first call (``agree.py``): a rank that alone
+starts an agreement then waits there until its timeout, and can never be matched with another
+rank's schedule traffic. NCCL ignores P2P tags and runs a communicator's operations in order, so
 channels in flight at the same time must never share a communicator there (see Note [NCCL and gloo]
 in ``comm.py``).
 
@@ -42,7 +45,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
+from . import agree as agreements
 from . import comm
 
 if TYPE_CHECKING:
@@ -57,7 +62,9 @@ class RingGroups:
     """The base group, its two lanes and the hybrid grids. Groups None on a single process.
 
     ``dedicated``: the lanes are groups of their own (False: both are the base group, channels kept
-    apart by tags, gloo only). ``grids``: Ulysses degree u -> this rank's :data:`Grid`.
+    apart by tags, gloo only). ``grids``: Ulysses degree u -> this rank's :data:`Grid`. ``agree``:
+    the agreement lane (see the module note), None where there is none (agreements then run on the
+    base group, every call).
     """
 
     base: dist.ProcessGroup | None
@@ -66,6 +73,7 @@ class RingGroups:
     world: int
     dedicated: bool = True
     grids: Mapping[int, Grid] = field(default_factory=dict)
+    agree: dist.ProcessGroup | None = None
 
 
 _CACHE: dict[tuple, RingGroups] = {}
@@ -127,8 +135,33 @@ def _device_mesh_type():
     return DeviceMesh
 
 
+def group_name(group: dist.ProcessGroup | None) -> str:
+    """The name of ``group`` (None: the default group) that :func:`by_name` resolves in this process;
+    "" without distributed. A string, so that it can be an argument of a custom op."""
+    if not (dist.is_available() and dist.is_initialized()):
+        if group is not None:
+            raise ValueError("group was given but torch.distributed is not initialised")
+        return ""
+    group = process_group(group)
+    return (group if group is not None else dist.group.WORLD).group_name
+
+
+def by_name(name: str) -> tuple[dist.ProcessGroup | None, int, int]:
+    """(group, rank, world) of the group called ``name`` here (see :func:`group_name`); (None, 0, 1) for ""."""
+    if not name:
+        return None, 0, 1
+    g = c10d._resolve_process_group(name)
+    return g, dist.get_rank(g), dist.get_world_size(g)
+
+
 def _key(g: dist.ProcessGroup) -> tuple:
     return id(g), tuple(dist.get_process_group_ranks(g))
+
+
+def cached(group: dist.ProcessGroup | None) -> RingGroups | None:
+    """The :class:`RingGroups` of ``group`` if they exist already (no communication), else None."""
+    g, _, world = base_group(group)
+    return None if world == 1 else _CACHE.get(_key(g))
 
 
 def ring_groups(group: dist.ProcessGroup | None, *, timeout_s: float | None = None, device=None) -> RingGroups:
@@ -145,7 +178,7 @@ def ring_groups(group: dist.ProcessGroup | None, *, timeout_s: float | None = No
         if g is dist.group.WORLD:  # every rank is here: a collective creation names them alike everywhere
             comm.rendezvous(g, device=device, timeout_s=timeout_s, channel="groups", step="setup of the ring groups")
             lanes = tuple(dist.new_group(list(key[1]), group_desc=f"ringrt_lane{i}") for i in range(2))
-            rg = RingGroups(g, lanes, rank, world)
+            rg = RingGroups(g, lanes, rank, world, agree=dist.new_group(list(key[1]), group_desc="ringrt_agree"))
         else:  # an unregistered subgroup: its channels share it, kept apart by tags (gloo only)
             rg = RingGroups(g, (g, g), rank, world, dedicated=False)
         _CACHE[key] = rg
@@ -234,18 +267,21 @@ def new_subgroups(rank_lists: Sequence[Sequence[int]], *, hybrid_degrees: Sequen
             mine = base if me in ranks else mine
             continue
         lanes = tuple(dist.new_group(ranks, group_desc=f"ringrt_lane{i}") for i in range(2))
+        agree = dist.new_group(ranks, group_desc="ringrt_agree")
         grids = new_grids(ranks, hybrid_degrees)
         if me in ranks:
             mine = base
-            register(base, lanes=lanes, grids=grids)
+            register(base, lanes=lanes, grids=grids, agree=agree)
     return mine
 
 
-def register(group: dist.ProcessGroup | DeviceMesh, *, lanes: Lanes, grids: Mapping[int, Grid] | None = None) -> None:
+def register(group: dist.ProcessGroup | DeviceMesh, *, lanes: Lanes, grids: Mapping[int, Grid] | None = None,
+             agree: dist.ProcessGroup | None = None) -> None:
     """Use ``lanes`` (two groups over the same ranks as ``group``, same order) as the lanes of
-    ``group``, and ``grids`` (Ulysses degree -> this rank's (row, kv, dkv) groups, see
-    :func:`new_grids`) for ``algorithm="hybrid"``. :func:`new_subgroups` does all of this; call it
-    directly for a subgroup made some other way.
+    ``group``, ``grids`` (Ulysses degree -> this rank's (row, kv, dkv) groups, see
+    :func:`new_grids`) for ``algorithm="hybrid"``, and ``agree`` (a third such group, or None) as its
+    agreement lane. :func:`new_subgroups` does all of this; call it directly for a subgroup made
+    some other way.
 
     Create the lanes with ``dist.new_group`` on every rank of the world, then call this on the members.
     ``group`` may be a 1-D ``DeviceMesh`` (``mesh["sp"]``): its process group is registered.
@@ -254,15 +290,17 @@ def register(group: dist.ProcessGroup | DeviceMesh, *, lanes: Lanes, grids: Mapp
     ranks = tuple(dist.get_process_group_ranks(group))
     if len(lanes) != 2:
         raise ValueError(f"register: lanes must be two groups, got {len(lanes)}")
-    for i, sub in enumerate(lanes):
+    named = [(f"lane {i}", sub) for i, sub in enumerate(lanes)] + ([("agree", agree)] if agree is not None else [])
+    for name, sub in named:
         if tuple(dist.get_process_group_ranks(sub)) != ranks:
-            raise ValueError(f"register: lane {i} has ranks {dist.get_process_group_ranks(sub)}, "
+            raise ValueError(f"register: {name} has ranks {dist.get_process_group_ranks(sub)}, "
                              f"the base group {list(ranks)}; they must be the same ranks in the same order")
-    if lanes[0] is lanes[1] or group in lanes:
-        raise ValueError("register: the two lanes and the base group must be three different groups (NCCL ignores tags: "
-                         "channels sharing a group would match each other's messages)")
+    subs = [sub for _, sub in named]
+    if len({id(sub) for sub in subs}) < len(subs) or group in subs:
+        raise ValueError("register: the two lanes and the base group must be three different groups, the agreement lane a "
+                         "fourth (NCCL ignores tags: channels sharing a group would match each other's messages)")
     _CACHE[(id(group), ranks)] = RingGroups(group, tuple(lanes), dist.get_rank(group), dist.get_world_size(group),
-                                            grids=dict(grids or {}))
+                                            grids=dict(grids or {}), agree=agree)
 
 
 def nccl_problem(group: dist.ProcessGroup | None, device, *, hybrid_degree: int | None = None) -> str | None:
@@ -301,3 +339,4 @@ def clear_cache() -> None:
     ``destroy_process_group``, before initialising again in the same process)."""
     _CACHE.clear()
     _GRID_CACHE.clear()
+    agreements.clear_cache()

@@ -3,7 +3,8 @@
 Read first: ``kernels.py`` (the block-kernel protocol, the CPU and math kernels; ``kernels_cuda.py``
 and ``flash.py`` load only on CUDA), ``merge.py`` (folding partial (out, lse) results in fp32),
 ``layout.py`` (how a sequence is cut into contiguous / zigzag shards). Then ``kernel_layout.py``
-(the aligned tensors CUDA kernels want), ``rope.py`` (rotary embeddings), ``timing.py``
+(the aligned tensors CUDA kernels want), ``lse_grad.py`` (a kernel adapter for backward passes
+whose delta carries a gradient of the lse), ``rope.py`` (rotary embeddings), ``timing.py``
 (device-synchronised wall clocks).
 
 May import: torch and the standard library only; never ``torch.distributed`` and no other ringrt

@@ -17,7 +17,8 @@ operand), so a query row that saw a NaN in any block ends NaN, and every other r
 
 The backward of every schedule needs one more row statistic of the merged result,
 delta = rowsum(dout * out) (:func:`grad_delta`): with the final lse it makes each block's gradient
-exact on its own (``kernels.py``).
+exact on its own (``kernels.py``). When the lse itself is an output with a gradient dlse, that enters
+here too: d lse_i / d s_ij = p_ij, so dS = P * (dP - delta + dlse), i.e. delta - dlse in place of delta.
 """
 
 from __future__ import annotations
@@ -51,8 +52,12 @@ def empty_accumulator(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return out, lse
 
 
-def grad_delta(dout: torch.Tensor, out: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """delta = rowsum(dout * out): dout, out (B, H, S, D) -> (B, H, S) in ``dtype`` (default the
-    accumulation dtype of ``out``), both factors cast to it before the product."""
+def grad_delta(dout: torch.Tensor, out: torch.Tensor, dtype: torch.dtype | None = None,
+               dlse: torch.Tensor | None = None) -> torch.Tensor:
+    """delta = rowsum(dout * out) - dlse: dout, out (B, H, S, D), dlse (B, H, S) or None (the lse gets
+    no gradient) -> (B, H, S) in ``dtype`` (default the accumulation dtype of ``out``), every factor
+    cast to it first. With a dlse no output need reproduce this delta: the kernels then take it as
+    given (:class:`ringrt.ops.lse_grad.LseGradKernel`)."""
     dt = dtype if dtype is not None else acc_dtype(out.dtype)
-    return (dout.to(dt) * out.to(dt)).sum(-1)
+    delta = (dout.to(dt) * out.to(dt)).sum(-1)
+    return delta if dlse is None else delta - dlse.to(dt)

@@ -1,13 +1,14 @@
 """Sequence-parallel attention schedules: everything behind ``ringrt.attention(..., algorithm=...)``.
 
 Each schedule takes this rank's (B, S_l, H, D) shards and a :class:`base.RingPlan` and returns its
-output shard, differentiably, in three layers: raw ``*_forward/_backward`` passes on heads-first
-tensors -> the shared autograd Function (``base.ShardAttention``) -> the registered function.
+output shard and lse, in three layers: raw ``*_forward/_backward`` passes on heads-first tensors ->
+a :class:`base.Pass` on the public layout (registered by name) -> one custom op with its autograd
+(``op.py``), which ``ringrt.attention`` calls.
 
 Read in this order:
 
 * ``blocks.py``          the :class:`~blocks.Block` rectangle and the row slicer every pass uses (pure integers).
-* ``base.py``            the plan, the autograd Function, and the block loops (kernel + merge).
+* ``base.py``            the plan, the pass protocol, and the block loops (kernel + merge).
 * ``tokenring_plan.py``  Note [TokenRing]: which block each rank computes at each step (pure integers).
 * ``tokenring.py``       TokenRing: queries travel one way, partial results straight back.
 * ``ring.py``            KV-ring: K/V rotate round the ring (zigzag-balanced); dK/dV travel with them.
@@ -16,15 +17,17 @@ Read in this order:
 * ``hybrid.py``          Ulysses inside groups of u ranks x KV-ring across the groups.
 * ``registry.py``        the one table name -> schedule.
 * ``auto.py``            picks a schedule per call from ``costmodel.py`` (and ``tiling.py``), pure math.
+* ``call.py``            one call's settings, checked and agreed on by every rank, and its plan.
+* ``op.py``              the custom ops ``ringrt::attention_fwd`` / ``_bwd`` (torch.compile sees one opaque op).
 
 May import: ``ringrt.ops`` (kernels, merge, layout) and ``ringrt.distributed`` (traffic, groups).
 Never ``ringrt.simulate``, ``ringrt.bench``, ``ringrt.jobs`` or ``ringrt.model``.
 """
 
-from .auto import auto_attention
+from .auto import auto_pass
 from .registry import SCHEDULES
 
 # Every ``algorithm=`` name: the schedules, then ``auto`` (which picks among them).
-ALGORITHMS = {**SCHEDULES, "auto": auto_attention}
+ALGORITHMS = {**SCHEDULES, "auto": auto_pass}
 
 __all__ = ["ALGORITHMS", "SCHEDULES"]

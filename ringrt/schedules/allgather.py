@@ -26,7 +26,7 @@ import torch
 from ..distributed.collectives import all_gather, reduce_scatter
 from ..ops.layout import assemble, num_chunks, rank_chunks, shard_of
 from ..ops.merge import acc_dtype, empty_accumulator, grad_delta
-from .base import RingPlan, attend_blocks, grad_blocks, seq_first
+from .base import RingPlan, attend_blocks, grad_blocks, seq_first_pass
 from .blocks import Block, chunk_blocks
 
 
@@ -57,7 +57,7 @@ def allgather_backward(dout, q, k, v, out, lse, plan: RingPlan):
     g = plan.groups
     chunk = q.shape[2] // len(rank_chunks(plan.layout, 0, g.world))
     adt = acc_dtype(q.dtype)
-    delta = grad_delta(dout, out, adt)  # (B, H, S_l)
+    delta = grad_delta(dout, out, adt, plan.dlse)  # (B, H, S_l)
     kf, vf = _gather_kv(k, v, plan, "backward")
     dq = torch.zeros(q.shape, dtype=adt, device=q.device)
     dkf = torch.zeros(kf.shape, dtype=adt, device=q.device)
@@ -72,6 +72,5 @@ def allgather_backward(dout, q, k, v, out, lse, plan: RingPlan):
     return dq.to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype)
 
 
-def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan) -> torch.Tensor:
-    """``algorithm="allgather"``: q (B, S_l, H, D), k/v (B, S_l, H_kv, D) shards -> (B, S_l, H, D)."""
-    return seq_first(allgather_forward, allgather_backward, plan, q, k, v)
+allgather_pass = seq_first_pass(allgather_forward, allgather_backward)
+"""``algorithm="allgather"``: q (B, S_l, H, D), k/v (B, S_l, H_kv, D) shards -> (B, S_l, H, D)."""

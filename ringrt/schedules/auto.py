@@ -20,8 +20,14 @@ and the fastest best round wins on every rank alike. The traffic this costs is c
 
 Every rank must run the same schedule, yet calibration files could differ between nodes, so without
 tuning the first call with a new problem broadcasts rank 0's choice (one small collective). Later
-calls with the same problem reuse the choice without communication. The choice, every estimate and
-any measured times go to ``logging.getLogger("ringrt.auto")`` at DEBUG.
+calls with the same problem reuse the choice without communication (the backward finds the forward's
+choice there too). The choice, every estimate and any measured times go to
+``logging.getLogger("ringrt.auto")`` at DEBUG.
+
+The chosen schedule's kept tensors travel from forward to backward packed into one byte buffer:
+their number and shapes depend on the choice, which a trace cannot know, so its size is a run-time
+size for ``torch.compile`` (captured with ``fullgraph=True``; without it, dynamo runs the call
+outside the graph unless ``torch._dynamo.config.capture_dynamic_output_shape_ops`` is set).
 
 The candidates are the schedules of ``registry.SCHEDULES``. This module reads the settings
 (``RINGRT_CALIBRATION``, ``RINGRT_MACHINE``, ``RINGRT_AUTO_TUNE``, and the hybrid's
@@ -41,10 +47,10 @@ import torch
 import torch.distributed as dist
 
 from ..distributed import comm
-from ..distributed.comm import count
+from ..distributed.comm import count, nbytes, pack, unpack
 from ..ops import timing as devtime
 from . import costmodel
-from .base import RingPlan
+from .base import Pass, RingPlan, Spec
 from .hybrid import degree_setting
 from .registry import SCHEDULES
 
@@ -153,14 +159,13 @@ def _tune(names: list[str], q, k, v, plan, backward: bool) -> dict[str, float]:
     rounds: dict[str, list[float]] = {n: [] for n in names}
 
     def run(n: str, qq, kk, vv) -> None:
-        with torch.enable_grad() if backward else torch.no_grad():
-            out = SCHEDULES[n](qq, kk, vv, plan)
-            if backward:
-                out.backward(torch.ones_like(out))
+        out, lse, kept = SCHEDULES[n].forward(qq, kk, vv, plan)
+        if backward:
+            SCHEDULES[n].backward(torch.ones_like(out), qq, kk, vv, out, lse, kept, plan)
 
     for i in range(TUNE_ROUNDS):
         for n in names:
-            copies = [x.detach().clone().requires_grad_(backward) for x in (q, k, v)]
+            copies = [x.detach().clone() for x in (q, k, v)]
             comm.collective("barrier", lambda: dist.barrier(group=g.base, async_op=True), group=g.base, device=q.device,
                             timeout_s=plan.timeout, channel="auto", step=f"tuning round {i}, before {n}")
             rounds[n].append(devtime.elapsed(functools.partial(run, n, *copies), q.device))
@@ -218,11 +223,10 @@ def _decide(q, k, v, plan: RingPlan, p: costmodel.Problem, m: costmodel.Machine)
     return min(measured, key=measured.get), ests, measured
 
 
-def auto_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan) -> torch.Tensor:
-    """``algorithm="auto"``: q (B, S_l, H, D), k/v (B, S_l, H_kv, D) shards -> (B, S_l, H, D)."""
+def _choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan) -> str:
+    """The schedule for this problem: decided on its first call (see the module note), then reused."""
     g = plan.groups
-    backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    p = problem_of(q, k, plan, g.world, backward)
+    p = problem_of(q, k, plan, g.world, plan.backward)
     m = machine_for(q.device)
     key = (g.rank, g.world, id(g.base), q.device.type, plan.topology,
            *(getattr(p, f) for f in ("batch", "seq", "heads", "kv_heads", "head_dim", "dtype_bytes", "causal", "backward", "layout")))
@@ -236,6 +240,31 @@ def auto_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Ring
         log.debug(
             "auto: %s for B=%d S=%d H=%d H_kv=%d D=%d %s causal=%s %s W=%d layout=%s on %s; estimates: %s%s",
             name, p.batch, p.seq, p.heads, p.kv_heads, p.head_dim, q.dtype, p.causal,
-            "fwd+bwd" if backward else "fwd", g.world, plan.layout, m.name, shown, timed,
+            "fwd+bwd" if plan.backward else "fwd", g.world, plan.layout, m.name, shown, timed,
         )
-    return SCHEDULES[name](q, k, v, plan)
+    return name
+
+
+def auto_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan) -> tuple:
+    """``algorithm="auto"``: q (B, S_l, H, D), k/v (B, S_l, H_kv, D) shards -> (out (B, S_l, H, D),
+    lse, [the chosen schedule's kept tensors packed, (n,) uint8])."""
+    name = _choose(q, k, v, plan)
+    out, lse, kept = SCHEDULES[name].forward(q, k, v, plan)
+    return out, lse, [pack(kept) if kept else torch.empty(0, dtype=torch.uint8, device=q.device)]
+
+
+def auto_backward(dout, q, k, v, out, lse, kept, plan: RingPlan):
+    """Gradients through the schedule :func:`auto_forward` ran (the problem's cached choice)."""
+    name = _choose(q, k, v, plan)
+    specs = SCHEDULES[name].kept(q, k, plan.groups.rank, plan.groups.world, ())
+    if nbytes(specs) != kept[0].numel():
+        raise RuntimeError(f"auto: the forward kept {kept[0].numel()} bytes, {name!r} needs {nbytes(specs)}: was the "
+                           f"choice forgotten (auto._CHOICES cleared) between forward and backward?")
+    return SCHEDULES[name].backward(dout, q, k, v, out, lse, unpack(kept[0], specs) if specs else [], plan)
+
+
+def _auto_kept(q: torch.Tensor, k: torch.Tensor, rank: int, world: int, options: tuple[int, ...]) -> list[Spec]:
+    return [((None,), torch.uint8)]
+
+
+auto_pass = Pass(auto_forward, auto_backward, _auto_kept)

@@ -1,15 +1,27 @@
-"""What every schedule shares: the plan of a call, the autograd Function, and the block loops.
+"""What every schedule shares: the plan of a call, the pass protocol, and the block loops.
 
-A schedule is a pair of raw passes over heads-first tensors (B, H, S, D); lse and delta (B, H, S)::
+A schedule is a :class:`Pass`: a raw forward and backward over this rank's shards in the public
+(B, S_l, H, D) layout, without autograd (``ringrt.schedules.op`` makes them one custom op)::
 
-    forward(*inputs, plan)                          -> (out, lse, *kept)
-    backward(dout, *inputs, out, lse, *kept, plan)  -> (gradient of each input)
+    forward(q, k, v, plan)                                -> (out, lse, kept)
+    backward(dout, q, k, v, out, lse, kept, plan)         -> (dq, dk, dv)
 
-``kept`` are any further tensors the forward hands to the backward (the Λ-mask pass keeps the halo
-and global K/V it received); the plain schedules keep none. :class:`ShardAttention` saves the
-inputs, out, lse and ``kept`` and nothing else, so a schedule's memory between forward and backward
-is exactly those tensors. :func:`seq_first` runs a pair on the public (B, S, H, D) layout: it
-transposes the inputs into contiguous heads-first copies and the output back, in autograd.
+out (B, S_l, H, D) in q's dtype, lse (B, H, S_l) in fp32 (fp64 for fp64 inputs), the natural-log
+sum-exp of each query row's scaled scores over every key it attended; None when the pass would have
+to move it and ``plan.return_lse`` is False (Ulysses computes it head-sharded). ``kept`` is a list of
+further tensors the forward hands to the backward (Ulysses keeps its head-sharded copies, the Λ-mask
+pass the halo and global K/V it received); the plain schedules keep none. Between forward and
+backward a call holds exactly q, k, v, out, lse and ``kept``. ``Pass.kept`` gives the (shape, dtype)
+of each kept tensor from the input shapes, the rank and the settings alone (a None size: known only
+at run time), for tracing.
+In the backward, ``plan.dlse`` is the gradient of lse (or None): every schedule folds it into delta
+(``ops.merge.grad_delta``).
+
+Most schedules are written heads-first, on (B, H, S, D) tensors: :func:`seq_first_pass` turns a
+heads-first pair into a :class:`Pass` (contiguous heads-first copies in the forward, views of the
+saved tensors in the backward; the results back in (B, S_l, H, D)).
+:class:`ShardAttention` is the autograd Function over a heads-first pair, for callers outside the op
+(the Λ-mask pass of ``ringrt.lambda_attention``); it saves the inputs, out, lse and ``kept``.
 
 Inside a pass, :func:`attend_blocks` and :func:`grad_blocks` are the block loops: one kernel call
 per :class:`~.blocks.Block` on row slices, merged into fp32 (out, lse) accumulators (forward) or
@@ -42,10 +54,51 @@ class RingPlan:
     groups: RingGroups
     topology: str = "full"  # one of TOPOLOGIES: "ring" keeps every transfer between neighbours
     timeout: float | None = None
+    backward: bool = False  # a backward will follow (``auto`` prices and measures with it)
+    return_lse: bool = False  # the caller wants lse: passes that would have to move it do
+    dlse: torch.Tensor | None = None  # backward only: the gradient of lse (B, H, S_l), or None
 
 
 Forward = Callable[..., Sequence[torch.Tensor]]
 Backward = Callable[..., Sequence[torch.Tensor]]
+Spec = tuple[tuple[int | None, ...], torch.dtype]  # (shape, dtype); a None size is known at run time only
+
+
+def no_kept(q: torch.Tensor, k: torch.Tensor, rank: int, world: int, options: tuple[int, ...]) -> list[Spec]:
+    """The kept tensors of a pass that keeps none."""
+    return []
+
+
+@dataclass(frozen=True, slots=True)
+class Pass:
+    """One schedule: raw passes over (B, S_l, H, D) shards (see the module note)."""
+
+    forward: Callable[..., tuple]  # (q, k, v, plan) -> (out, lse or None, kept)
+    backward: Callable[..., tuple]  # (dout, q, k, v, out, lse, kept, plan) -> (dq, dk, dv)
+    # (q, k, rank, world, options) -> specs of kept; ``options``: the call's integer settings (``call.Call``)
+    kept: Callable[[torch.Tensor, torch.Tensor, int, int, tuple[int, ...]], list[Spec]] = no_kept
+
+
+def swapped(x: torch.Tensor) -> torch.Tensor:
+    """x with dims 1 and 2 swapped, (B, S, H, D) <-> (B, H, S, D), contiguous (a copy unless x already
+    is that, a size-1 dim for instance)."""
+    return x.transpose(1, 2).contiguous()
+
+
+def seq_first_pass(forward: Forward, backward: Backward, inner: Callable = lambda plan: plan) -> Pass:
+    """A :class:`Pass` from a heads-first pair ``forward(q, k, v, p) -> (out, lse, *kept)``,
+    ``backward(dout, q, k, v, out, lse, *kept, p) -> grads`` with p = ``inner(plan)``. Nothing of its
+    own is kept: the backward reads q, k, v, dout and out as heads-first views of the saved tensors."""
+
+    def seq_forward(q, k, v, plan):
+        out, lse, *kept = forward(swapped(q), swapped(k), swapped(v), inner(plan))
+        return swapped(out), lse, list(kept)
+
+    def seq_backward(dout, q, k, v, out, lse, kept, plan):
+        dout, q, k, v, out = (x.transpose(1, 2) for x in (dout, q, k, v, out))  # (B, H, S, D) views: no copies
+        return tuple(swapped(g) for g in backward(dout, q, k, v, out, lse, *kept, inner(plan)))
+
+    return Pass(seq_forward, seq_backward)
 
 
 class ShardAttention(torch.autograd.Function):
@@ -62,11 +115,6 @@ class ShardAttention(torch.autograd.Function):
     def backward(ctx, dout: torch.Tensor):
         grads = ctx.backward_pass(dout.contiguous(), *ctx.saved_tensors, ctx.plan)
         return (None, None, None, *grads)
-
-
-def heads_first(forward: Forward, backward: Backward, plan, *inputs: torch.Tensor) -> torch.Tensor:
-    """Differentiable ``forward`` on (B, H, S, D) inputs -> out (B, H, S, D)."""
-    return ShardAttention.apply(forward, backward, plan, *inputs)
 
 
 def seq_first(forward: Forward, backward: Backward, plan, *inputs: torch.Tensor) -> torch.Tensor:

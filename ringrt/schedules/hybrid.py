@@ -29,8 +29,8 @@ import torch
 from ..distributed.groups import RingGroups, grid_groups
 from ..ops.layout import rank_chunks
 from .base import RingPlan
-from .ring import KVRing, kv_ring_attention
-from .ulysses import from_heads, replicate_kv, to_heads, ulysses_problem
+from .ring import KVRing, kv_ring_backward, kv_ring_forward
+from .ulysses import HeadShards, head_sharded_pass, ulysses_problem
 
 
 def hybrid_degree(world: int, heads: int, kv_heads: int, ranks_per_node: int, degree: int | None = None) -> int:
@@ -80,8 +80,8 @@ def hybrid_groups(g: RingGroups, u: int, device, timeout: float | None = None) -
     return grid_groups(g.base, g.world, g.rank, u, device, timeout)
 
 
-def hybrid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan) -> torch.Tensor:
-    """``algorithm="hybrid"``: q (B, S_l, H, D), k/v (B, S_l, H_kv, D) shards -> (B, S_l, H, D)."""
+def _shards(q: torch.Tensor, k: torch.Tensor, plan: RingPlan) -> HeadShards:
+    """The Ulysses row of this rank and the KV-ring across the rows (see the module note)."""
     g = plan.groups
     u = runtime_degree(g.world, q.shape[2], k.shape[2])
     problem = ulysses_problem(q.shape[2], k.shape[2], u)
@@ -91,12 +91,14 @@ def hybrid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Ri
     ug, kv_group, grad_group = hybrid_groups(g, u, q.device, plan.timeout)
     members = [[list(rank_chunks(plan.layout, r * u + b, g.world)) for b in range(u)] for r in range(n)]
     row_ids = [sorted(c for cs in m for c in cs) for m in members]  # each row's chunks, ascending
-    mine = members[g.rank // u]
-    qh, kh, vh = to_heads([q, replicate_kv(k, u), replicate_kv(v, u)], ug, mine, plan.timeout)  # (B, H/u, u*S_l, D)
     ring = KVRing(
         kv_group=kv_group, grad_group=grad_group, rank=g.rank // u, world=n,
         chunks=tuple(tuple(ids) for ids in row_ids), causal=plan.causal, scale=plan.scale,
         kernel=plan.kernel, timeout=plan.timeout,
     )
-    out = kv_ring_attention(qh, kh, vh, ring)  # (B, H/u, u*S_l, D)
-    return from_heads(out, ug, mine, plan.timeout)
+    return HeadShards(ug, members[g.rank // u], u, ring, plan.timeout)
+
+
+hybrid_pass = head_sharded_pass(_shards, kv_ring_forward, kv_ring_backward,
+                                lambda q, k, world: runtime_degree(world, q.shape[2], k.shape[2]))
+"""``algorithm="hybrid"``: q (B, S_l, H, D), k/v (B, S_l, H_kv, D) shards -> (B, S_l, H, D)."""

@@ -1,4 +1,4 @@
-"""The one table of schedules: name -> ``fn(q, k, v, plan)`` on (B, S_l, H, D) shards.
+"""The one table of schedules: name -> :class:`base.Pass` over (B, S_l, H, D) shards.
 
 ``ringrt.attention(algorithm=name)`` runs ``SCHEDULES[name]`` (or ``auto``, which picks one of
 them per call); ``auto`` prices each with the cost model (``costmodel.SCHEDULES`` names the same
@@ -8,22 +8,17 @@ contract: ``auto`` tells the ranks its choice by index into it.
 
 from __future__ import annotations
 
-from typing import Callable
+from .allgather import allgather_pass
+from .base import Pass
+from .hybrid import hybrid_pass
+from .ring import ring_pass
+from .tokenring import tokenring_pass
+from .ulysses import ulysses_pass
 
-import torch
-
-from .allgather import allgather_attention
-from .hybrid import hybrid_attention
-from .ring import ring_attention
-from .tokenring import tokenring_attention
-from .ulysses import ulysses_attention
-
-Schedule = Callable[..., torch.Tensor]
-
-SCHEDULES: dict[str, Schedule] = {
-    "tokenring": tokenring_attention,
-    "ring": ring_attention,
-    "allgather": allgather_attention,
-    "ulysses": ulysses_attention,
-    "hybrid": hybrid_attention,
+SCHEDULES: dict[str, Pass] = {
+    "tokenring": tokenring_pass,
+    "ring": ring_pass,
+    "allgather": allgather_pass,
+    "ulysses": ulysses_pass,
+    "hybrid": hybrid_pass,
 }

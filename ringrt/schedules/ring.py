@@ -34,7 +34,7 @@ from ..distributed.comm import P2P, nbytes, pack, spec_of, unpack
 from ..ops.kernels import BlockKernel
 from ..ops.layout import rank_chunks
 from ..ops.merge import acc_dtype, empty_accumulator, grad_delta
-from .base import RingPlan, attend_blocks, grad_blocks, heads_first, seq_first
+from .base import RingPlan, attend_blocks, grad_blocks, seq_first_pass
 from .blocks import chunk_blocks
 
 
@@ -53,6 +53,7 @@ class KVRing:
     scale: float
     kernel: BlockKernel
     timeout: float | None = None
+    dlse: torch.Tensor | None = None  # backward only: the gradient of lse (B, H, S_l), or None
 
 
 def kv_ring_sources(rank: int, world: int) -> list[int]:
@@ -87,7 +88,7 @@ def kv_ring_backward(
     mine = ring.chunks[ring.rank]
     chunk = q.shape[2] // len(mine)
     adt = acc_dtype(q.dtype)
-    delta = grad_delta(dout, out, adt)  # (B, H, S_l)
+    delta = grad_delta(dout, out, adt, ring.dlse)  # (B, H, S_l)
     dq = torch.zeros(q.shape, dtype=adt, device=q.device)
     kv_chan = P2P(ring.kv_group, "kv", ring.timeout) if ring.world > 1 else None
     grad_chan = P2P(ring.grad_group, "dkv", ring.timeout) if ring.world > 1 else None
@@ -119,18 +120,15 @@ def kv_ring_backward(
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def kv_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: KVRing) -> torch.Tensor:
-    """Differentiable KV-ring attention over heads-first shards: q (B, H, S_l, D), k/v (B, H_kv, S_l, D) -> (B, H, S_l, D)."""
-    return heads_first(kv_ring_forward, kv_ring_backward, ring, q, k, v)
-
-
-def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan) -> torch.Tensor:
-    """``algorithm="ring"``: q (B, S_l, H, D), k/v (B, S_l, H_kv, D) shards in ``plan.layout`` -> (B, S_l, H, D)."""
+def _ring_of(plan: RingPlan) -> KVRing:
     g = plan.groups
     kv_group, grad_group = g.lanes
-    ring = KVRing(
+    return KVRing(
         kv_group=kv_group, grad_group=grad_group, rank=g.rank, world=g.world,
         chunks=tuple(tuple(rank_chunks(plan.layout, r, g.world)) for r in range(g.world)),
-        causal=plan.causal, scale=plan.scale, kernel=plan.kernel, timeout=plan.timeout,
+        causal=plan.causal, scale=plan.scale, kernel=plan.kernel, timeout=plan.timeout, dlse=plan.dlse,
     )
-    return seq_first(kv_ring_forward, kv_ring_backward, ring, q, k, v)
+
+
+ring_pass = seq_first_pass(kv_ring_forward, kv_ring_backward, _ring_of)
+"""``algorithm="ring"``: q (B, S_l, H, D), k/v (B, S_l, H_kv, D) shards in ``plan.layout`` -> (B, S_l, H, D)."""

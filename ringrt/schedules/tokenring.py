@@ -29,7 +29,7 @@ import torch
 from ..distributed.comm import P2P, Pending, nbytes, pack, unpack
 from ..ops.layout import local_chunks
 from ..ops.merge import acc_dtype, empty_accumulator, grad_delta, merge_
-from .base import RingPlan, attend_blocks, seq_first
+from .base import RingPlan, attend_blocks, seq_first_pass
 from .blocks import Block, Rows, n_rows, rows
 from .tokenring_plan import relay_schedule, tokenring_schedule
 
@@ -269,7 +269,7 @@ def ring_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of the local shards. dout/q/out (B, H, S, D), k/v (B, H_kv, S, D), lse (B, H, S)."""
     own = _OwnKeys(k, v, plan, q.shape[2] // local_chunks(plan.layout))
-    delta = grad_delta(dout, out, acc_dtype(q.dtype))  # (B, H, S)
+    delta = grad_delta(dout, out, acc_dtype(q.dtype), plan.dlse)  # (B, H, S)
     if _relayed(plan):
         dq = _relay_backward(plan, [q, dout, lse, delta], own)
     else:
@@ -311,6 +311,5 @@ def _relay_backward(plan: RingPlan, bundle: list[torch.Tensor], own: _OwnKeys) -
     return torch.cat([b[4] for b in done], dim=1)
 
 
-def tokenring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan) -> torch.Tensor:
-    """``algorithm="tokenring"``: q (B, S_l, H, D), k/v (B, S_l, H_kv, D) shards in ``plan.layout`` -> (B, S_l, H, D)."""
-    return seq_first(ring_forward, ring_backward, plan, q, k, v)
+tokenring_pass = seq_first_pass(ring_forward, ring_backward)
+"""``algorithm="tokenring"``: q (B, S_l, H, D), k/v (B, S_l, H_kv, D) shards in ``plan.layout`` -> (B, S_l, H, D)."""

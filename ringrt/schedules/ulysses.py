@@ -17,18 +17,28 @@ Heads: H and H_kv must both divide by u. With fewer K/V heads than members (H_kv
 is replicated u / H_kv times before the all-to-all (u must then be a multiple of H_kv), so every
 member receives the one K/V head its H/u query heads share; the replicas' gradients are summed.
 
+The head-sharded copies of q, k, v and of the output and lse are what the forward keeps for the
+backward, which sends dout the same way and the three gradients back in one all-to-all.
+:func:`head_sharded_pass` is this frame around any heads-first pair: the hybrid runs its KV-ring in it.
+
+The lse is computed head-sharded: with ``return_lse`` it rides back with the output (4 bytes per head
+and token more, 8 for fp64), and its gradient goes out with dout.
+
 Bytes a member sends (= receives), element size e, for S_l local tokens: forward
 (u-1)/u * S_l * D * e * (2 H + 2 H_kv'), backward the same, where H_kv' = max(H_kv, u).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+from typing import Callable
+
 import torch
 
-from ..distributed.collectives import AllToAll, heads_to_seq, seq_to_heads
+from ..distributed.collectives import heads_to_seq, seq_to_heads
 from ..ops.layout import rank_chunks
-from ..ops.merge import grad_delta
-from .base import RingPlan, heads_first
+from ..ops.merge import acc_dtype, grad_delta
+from .base import Backward, Forward, Pass, RingPlan, Spec, swapped
 
 
 def ulysses_problem(heads: int, kv_heads: int, degree: int) -> str | None:
@@ -54,6 +64,12 @@ def replicate_kv(x: torch.Tensor, degree: int) -> torch.Tensor:
     return x if kvh >= degree else x.repeat_interleave(degree // kvh, dim=2)
 
 
+def fold_kv(dx: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Inverse of :func:`replicate_kv` for gradients: (B, S, H', D) -> (B, S, kv_heads, D), replicas summed."""
+    b, s, h, d = dx.shape
+    return dx if h == kv_heads else dx.view(b, s, kv_heads, h // kv_heads, d).sum(3)
+
+
 def local_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan) -> tuple[torch.Tensor, torch.Tensor]:
     """Whole-sequence attention of one member's heads with the block kernel: q (B, H, S, D), k/v
     (B, H_kv, S, D), tokens in ascending global order -> out (B, H, S, D), lse (B, H, S)."""
@@ -61,38 +77,83 @@ def local_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingP
 
 
 def local_backward(dout, q, k, v, out, lse, plan: RingPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`local_forward`'s inputs."""
-    delta = grad_delta(dout, out, lse.dtype)  # (B, H, S)
+    """Gradients of :func:`local_forward`'s inputs (``plan.dlse``: the gradient of lse, or None)."""
+    delta = grad_delta(dout, out, lse.dtype, plan.dlse)  # (B, H, S)
     return plan.kernel.backward(dout, q, k, v, lse, delta, causal=plan.causal, mask=None, scale=plan.scale, out=out)
 
 
-def to_heads(xs: list[torch.Tensor], group, member_chunks: list[list[int]], timeout) -> list[torch.Tensor]:
-    """(B, S_l, H_t, D) shards -> (B, H_t/u, u*S_l, D) contiguous, the group's tokens in ascending global
-    order; all tensors in one all-to-all. ``member_chunks[i]``: member i's global chunk ids. Without a
-    group (u = 1) a rank's own chunks are already in ascending order."""
-    if group is None:
-        return [x.transpose(1, 2).contiguous() for x in xs]
-    return list(AllToAll.apply(seq_to_heads, heads_to_seq, group, member_chunks, "a2a", timeout, *xs))
+@dataclass(frozen=True, slots=True)
+class HeadShards:
+    """How a head-sharded pass spreads a call: ``u`` members of ``group`` (None when u = 1) swap
+    sequence shards for head shards; ``members[i]``: member i's global chunk ids; ``inner``: the plan
+    of the heads-first pair run in between."""
+
+    group: object
+    members: list
+    u: int
+    inner: object
+    timeout: float | None = None
 
 
-def from_heads(y: torch.Tensor, group, member_chunks: list[list[int]], timeout) -> torch.Tensor:
-    """Inverse of :func:`to_heads` for one tensor: (B, H/u, u*S_l, D) -> (B, S_l, H, D) contiguous."""
-    if group is None:
-        return y.transpose(1, 2).contiguous()
-    return AllToAll.apply(heads_to_seq, seq_to_heads, group, member_chunks, "a2a", timeout, y)[0]
+def to_heads(xs: list[torch.Tensor], sh: HeadShards, step: str) -> list[torch.Tensor]:
+    """(B, S_l, H_t, D) shards -> (B, H_t/u, u*S_l, D) contiguous, the group's tokens in ascending
+    global order; all tensors in one all-to-all. Without a group (u = 1) a rank's own chunks are
+    already in ascending order."""
+    if sh.group is None:
+        return [swapped(x) for x in xs]
+    return seq_to_heads(xs, sh.group, sh.members, "a2a", sh.timeout, step=step)
 
 
-def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan) -> torch.Tensor:
-    """``algorithm="ulysses"``: q (B, S_l, H, D), k/v (B, S_l, H_kv, D) shards -> (B, S_l, H, D).
+def from_heads(ys: list[torch.Tensor], sh: HeadShards, step: str) -> list[torch.Tensor]:
+    """Inverse of :func:`to_heads`: (B, H_t/u, u*S_l, D) -> (B, S_l, H_t, D) contiguous."""
+    if sh.group is None:
+        return [swapped(y) for y in ys]
+    return heads_to_seq(ys, sh.group, sh.members, "a2a", sh.timeout, step=step)
 
-    Raises ValueError (identically on every rank, before any transfer) if the heads cannot be split.
-    """
+
+def head_sharded_pass(shards: Callable[[torch.Tensor, torch.Tensor, RingPlan], HeadShards], forward: Forward,
+                      backward: Backward, degree: Callable[[torch.Tensor, torch.Tensor, int], int]) -> Pass:
+    """A :class:`Pass` that runs the heads-first pair (``forward``, ``backward``) between the two
+    all-to-alls of Note [Ulysses]. ``shards(q, k, plan)`` says how; ``degree(q, k, world)`` is its u.
+    Kept: the head-sharded q, k, v, out and lse."""
+
+    def sharded_forward(q, k, v, plan):
+        sh = shards(q, k, plan)
+        qh, kh, vh = to_heads([q, replicate_kv(k, sh.u), replicate_kv(v, sh.u)], sh, "forward (seq_to_heads)")
+        out_h, lse_h = forward(qh, kh, vh, sh.inner)  # (B, H/u, u*S_l, D), (B, H/u, u*S_l)
+        if not plan.return_lse:
+            return from_heads([out_h], sh, "forward (heads_to_seq)")[0], None, [qh, kh, vh, out_h, lse_h]
+        out, lse = from_heads([out_h, lse_h.unsqueeze(-1)], sh, "forward (heads_to_seq)")  # lse (B, S_l, H, 1)
+        return out, lse.squeeze(-1).transpose(1, 2).contiguous(), [qh, kh, vh, out_h, lse_h]
+
+    def sharded_backward(dout, q, k, v, out, lse, kept, plan):
+        sh = shards(q, k, plan)
+        qh, kh, vh, out_h, lse_h = kept
+        sends = [dout] if plan.dlse is None else [dout, plan.dlse.transpose(1, 2).unsqueeze(-1)]  # dlse (B, S_l, H, 1)
+        got = to_heads(sends, sh, "backward (seq_to_heads)")
+        inner = sh.inner if plan.dlse is None else replace(sh.inner, dlse=got[1].squeeze(-1))
+        grads = backward(got[0], qh, kh, vh, out_h, lse_h, inner)
+        dq, dk, dv = from_heads(list(grads), sh, "backward (heads_to_seq)")
+        return dq, fold_kv(dk, k.shape[2]), fold_kv(dv, v.shape[2])
+
+    def kept(q, k, rank, world, options) -> list[Spec]:
+        (b, s, h, d), kvh, u = q.shape, k.shape[2], degree(q, k, world)
+        qs, kvs = (b, h // u, u * s, d), (b, max(kvh, u) // u, u * s, d)
+        return [(qs, q.dtype), (kvs, k.dtype), (kvs, k.dtype), (qs, q.dtype), (qs[:3], acc_dtype(q.dtype))]
+
+    return Pass(sharded_forward, sharded_backward, kept)
+
+
+def _shards(q: torch.Tensor, k: torch.Tensor, plan: RingPlan) -> HeadShards:
+    """Ulysses over the whole group. Raises ValueError (identically on every rank, before any
+    transfer) if the heads cannot be split."""
     g = plan.groups
     problem = ulysses_problem(q.shape[2], k.shape[2], g.world)
     if problem:
         raise ValueError(f"ringrt.attention(algorithm='ulysses'): {problem}")
-    group = g.base if g.world > 1 else None
     members = [rank_chunks(plan.layout, r, g.world) for r in range(g.world)]
-    qh, kh, vh = to_heads([q, replicate_kv(k, g.world), replicate_kv(v, g.world)], group, members, plan.timeout)
-    out = heads_first(local_forward, local_backward, plan, qh, kh, vh)  # (B, H/u, u*S_l, D)
-    return from_heads(out, group, members, plan.timeout)
+    return HeadShards(g.base if g.world > 1 else None, members, g.world, plan, plan.timeout)
+
+
+ulysses_pass = head_sharded_pass(_shards, local_forward, local_backward, lambda q, k, world: world)
+"""``algorithm="ulysses"``: q (B, S_l, H, D), k/v (B, S_l, H_kv, D) shards -> (B, S_l, H, D)."""
