@@ -96,6 +96,8 @@ def _meshes(rank, world):
 
 def _dtensors(rank, world):
     """DTensor inputs: the same error on every rank, only the agreement's gathers, then a valid call."""
+    from ringrt.distributed.agree import clear_cache
+
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
     from torch.distributed.tensor.debug import CommDebugMode
@@ -111,7 +113,10 @@ def _dtensors(rank, world):
         out["all_dtensor"] = _error(lambda: ringrt.attention(dq, dk, dv, group=mesh))
     out["comm_counts"] = {str(op): n for op, n in counter.get_comm_counts().items()}
     local = [t.to_local() for t in (dq, dk, dv)]
-    # only rank 1 hands over a DTensor k: every rank still raises, naming rank 1
+    # only rank 1 hands over a DTensor k: every rank still raises, naming rank 1. Rank 0's plain
+    # inputs may have a signature agreed on earlier in this process, and then it would skip the
+    # agreement (Note [agreement cache]: both ranks would time out instead); every rank forgets them first.
+    clear_cache()
     k1 = DTensor.from_local(local[1], mesh, [Shard(1)], run_check=False) if rank == 1 else local[1]
     out["rank1_k"] = _error(lambda: ringrt.attention(local[0], k1, local[2]))
     out["lambda"] = _error(lambda: lambda_attention(dq, dk, dv, mask=LambdaMask(n_global=1, n_local=3)))

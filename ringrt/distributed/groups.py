@@ -135,14 +135,15 @@ def _device_mesh_type():
     return DeviceMesh
 
 
-def group_name(group: dist.ProcessGroup | None) -> str:
+def group_name(group: dist.ProcessGroup | DeviceMesh | None) -> str:
     """The name of ``group`` (None: the default group) that :func:`by_name` resolves in this process;
-    "" without distributed. A string, so that it can be an argument of a custom op."""
+    "" without distributed. A string, so that it can be an argument of a custom op. ``group`` may
+    be a 1-D DeviceMesh (see :func:`process_group`)."""
+    group = process_group(group)
     if not (dist.is_available() and dist.is_initialized()):
         if group is not None:
             raise ValueError("group was given but torch.distributed is not initialised")
         return ""
-    group = process_group(group)
     return (group if group is not None else dist.group.WORLD).group_name
 
 
