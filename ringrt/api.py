@@ -9,6 +9,7 @@ from .distributed import comm
 from .distributed.agree import local_problem, needs_backward
 from .distributed.groups import base_group, by_name, group_name
 from .lm_infinite import LambdaMask, sliding_window
+from .lm_infinite import route as _window_route
 from .lm_infinite.attention import rotated_lambda_attention
 from .ops import layout as _layout
 from .ops.kernels import get_kernel
@@ -71,19 +72,13 @@ def attention(
             ``"contiguous"``, its default here) with ``causal=True``, skipping every block the window
             empties and moving only a halo; ``algorithm`` ``"ring"`` (halo K/V travel; ``"auto"``
             picks it) or ``"tokenring"`` (queries travel, K/V stay), the others are refused; not with
-            ``return_lse``. Runs eagerly (under ``torch.compile``, a graph break).
+            ``return_lse``. Under ``torch.compile`` one custom op, like the other algorithms (no graph
+            break; a call with a setting refused before the op, such as those above or a bad
+            ``timeout``, runs eagerly and raises). The ranks agree on its inputs on every call (the
+            Λ ring's own agreement, without the cache below).
         inv_freq: (head_dim/2,) the RoPE frequencies q and k were rotated with, token i of the full
             sequence at position i; needed only by a LambdaMask with n_global > 0 (its global branch
             re-rotates q to min(limit_distance, i) and k to 0), ignored otherwise.
-=======
-        return_lse: also return the log-sum-exp of each query row (flash-attn's ``softmax_lse``).
-            Ulysses and the hybrid then send it back with the output (4 bytes per head and token).
-        group: process group over which the sequence is sharded; default the default group. With
-            no process group initialised, or a group of one rank, this is plain attention. A
-            subgroup on NCCL needs its dedicated lanes (``ringrt.distributed.groups.new_subgroups`` or
-            ``ringrt.model.parallel.mesh``; see ``ringrt/distributed/groups.py``).
->>>>>>> c15
-
 
     Returns:
         out (batch, local_seq, heads, head_dim): this rank's output shard, dtype of q, differentiable
@@ -149,9 +144,32 @@ def _windowed(q, k, v, *, causal, algorithm, layout, softmax_scale, topology, ke
     if problem is None and algorithm not in WINDOW_ALGORITHMS:
         problem = (f"algorithm={algorithm!r} cannot be used with window=: windowed attention runs on the Λ ring; "
                    f"valid: {', '.join(map(repr, WINDOW_ALGORITHMS))}")
+    if problem is None and _window_encodable(q, k, v, mask, inv_freq, softmax_scale, kernel, timeout):
+        # the Λ ring as the custom ops' route (ringrt/lm_infinite/route.py): its own checks and agreement inside
+        call = Call(algorithm=_window_route.ROUTE, causal=True, layout="contiguous", softmax_scale=_as_float(softmax_scale),
+                    topology="full", kernel=kernel, timeout=_as_float(timeout), group=group_name(group),
+                    backward=needs_backward(q, k, v), return_lse=False,
+                    options=_window_route.options(mask, WINDOW_ALGORITHMS[algorithm]))
+        out, _ = _op.attention(q, k, v, call, [inv_freq] if mask.n_global > 0 else [])
+        return out
+    # a problem found here, or an argument the op's schema cannot carry: the same checks and agreement, eagerly
     return rotated_lambda_attention(q, k, v, mask=mask, inv_freq=inv_freq, softmax_scale=softmax_scale,
                                     algorithm=WINDOW_ALGORITHMS.get(algorithm, "ring"), kernel=kernel, timeout=timeout,
                                     group=group, problem=problem, what="ringrt.attention")
+
+
+def _window_encodable(q, k, v, mask: LambdaMask, inv_freq, softmax_scale, kernel, timeout) -> bool:
+    """Whether a windowed call can go through the op: every argument of a type its schema carries,
+    a valid mask (its fields are the op's ints) and timeout. Everything else is checked in the op."""
+    return (
+        all(isinstance(t, torch.Tensor) for t in (q, k, v))
+        and isinstance(kernel, str)
+        and (softmax_scale is None or (isinstance(softmax_scale, (int, float)) and not isinstance(softmax_scale, bool)))
+        and comm.timeout_problem(timeout) is None
+        and mask.problem() is None
+        and all(abs(x) < 2**62 for x in (mask.n_global, mask.n_local, mask.limit))
+        and (mask.n_global == 0 or isinstance(inv_freq, torch.Tensor))
+    )
 
 
 def _as_float(x):

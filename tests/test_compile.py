@@ -1,7 +1,8 @@
 """``ringrt.attention`` as one custom op: ``torch.compile(fullgraph=True)`` traces it without a graph
 break and gives eager's outputs and gradients (one process and two gloo ranks); the ranks agree on
 a call's inputs once per signature; ``return_lse`` gives the lse and its gradient, against an fp64
-single-process reference at W = 1, 2 and 4 for every algorithm, causal and not."""
+single-process reference at W = 1, 2 and 4 for every algorithm, causal and not; ``window=`` (a sliding
+window, a Λ-mask with ``inv_freq``) is the same op, without a graph break either."""
 
 from __future__ import annotations
 
@@ -110,6 +111,93 @@ def test_the_op_passes_torch_library_opcheck():
         q, k, v = (x.requires_grad_() for x in (q, k, v))
         call = attention_call.Call(algo, True, "zigzag", None, "full", "auto", None, "", True, True)
         opcheck(attention_op.attention_fwd, (q, k, v, [], *call.args()))
+
+
+# ----------------------------------------------------------------------------------------------
+# window=: the Λ ring as a route of the same op
+# ----------------------------------------------------------------------------------------------
+
+WINDOW_CASES = [  # (window: int w or (n_global, n_local, limit_distance), algorithm); shards of 8 tokens
+    (3, "ring"),
+    (10, "tokenring"),  # wider than a shard: two predecessors' keys at W > 2
+    ((2, 5, None), "ring"),  # Λ: the global branch re-rotated with inv_freq inside the op
+    ((3, 6, 4), "tokenring"),  # limit_distance below the window
+]
+
+
+def _window_cases(world: int, backend: str = "aot_eager") -> dict:
+    """Per window case: (graphs, breaks) under explain, graphs under fullgraph=True, the largest
+    difference between a fullgraph-compiled step and the eager one, and whether the kept tensors the
+    op's fake announces have the real ones' shapes and dtypes."""
+    from ringrt.lm_infinite import LambdaMask
+    from ringrt.ops.rope import inv_freq
+
+    freqs = inv_freq(8, 10000.0, torch.device("cpu"))
+    res = {}
+    for window, algo in WINDOW_CASES:
+        w = window if isinstance(window, int) else LambdaMask(n_global=window[0], n_local=window[1], limit_distance=window[2])
+        q, k, v, do = (ringrt.shard(x, layout="contiguous") for x in _qkv(2, s=8 * world))
+
+        def f(q, k, v, w=w, algo=algo):
+            return ringrt.attention(q, k, v, window=w, inv_freq=freqs, algorithm=algo, timeout=60)
+
+        explained = _graphs(f, q, k, v)
+        full = _fullgraph_graphs(f, q, k, v)
+        torch._dynamo.reset()
+        eager = _step(f, q, k, v, do, None)
+        compiled = _step(torch.compile(f, fullgraph=True, backend=backend), q, k, v, do, None)
+        res[(window, algo)] = (explained, full, max((a - b).abs().max().item() for a, b in zip(eager, compiled, strict=True)),
+                               _kept_matches_fake(q, k, v, w, algo, freqs))
+    return res
+
+
+def _kept_matches_fake(q, k, v, mask, algo, freqs) -> bool:
+    from ringrt.distributed.groups import by_name, group_name
+    from ringrt.lm_infinite import route, sliding_window
+
+    mask = sliding_window(mask) if isinstance(mask, int) else mask
+    call = attention_call.Call(route.ROUTE, True, "contiguous", None, "full", "auto", 60.0, group_name(None), False, False,
+                               route.options(mask, algo))
+    extra = [freqs] if mask.n_global else []
+    _, _, kept = attention_op.run_forward(q, k, v, extra, call)
+    _, rank, world = by_name(call.group)
+    return [(tuple(t.shape), t.dtype) for t in kept] == route._kept(q, k, rank, world, call.options)
+
+
+def _check_window(res: dict) -> None:
+    assert len(res) == len(WINDOW_CASES)
+    for case, (explained, full, diff, kept_ok) in res.items():
+        assert explained == (1, 0), (case, explained)
+        assert full == 1, (case, full)
+        assert diff == 0.0, (case, diff)  # eager and compiled run the same route on the same inputs
+        assert kept_ok, case
+
+
+def test_window_compiles_without_graph_breaks_on_one_process():
+    _check_window(_window_cases(1))
+
+
+def _window_worker(rank, world):
+    return _window_cases(world)
+
+
+@pytest.mark.timeout(240)
+def test_window_compiles_without_graph_breaks_on_two_ranks():
+    for res in run(_window_worker, 2, timeout=200):
+        _check_window(res)
+
+
+def test_the_window_route_passes_torch_library_opcheck():
+    from torch.library import opcheck
+
+    from ringrt.lm_infinite import LambdaMask, route
+    from ringrt.ops.rope import inv_freq
+
+    q, k, v, _ = _qkv(0)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    mask = LambdaMask(n_global=2, n_local=3)
+    call = attention_call.Call(route.ROUTE, True, "contiguous", None, "full", "auto", None, "", True, False, route.options(mask, "ring"))
+    opcheck(attention_op.attention_fwd, (q, k, v, [inv_freq(8, 10000.0, q.device)], *call.args()))
 
 
 # ----------------------------------------------------------------------------------------------

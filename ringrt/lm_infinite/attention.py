@@ -161,13 +161,34 @@ def rotated_lambda_attention(
     def rotate(index: torch.Tensor):
         if not needs_freq:
             return q, q, k, k  # the global branch is empty: qs and the raw k are never read
-        back = freq_cos_sin(-index, inv_freq, q.dtype)  # rotate by -i: undo the caller's rotation
-        q_raw, k_raw = apply_rope(q, *back), apply_rope(k, *back)
-        qs = apply_rope(q_raw, *freq_cos_sin(stationary_positions(index, mask), inv_freq, q.dtype))
+        qs, k_raw = global_inputs(q, k, rotation_tables(index, mask, inv_freq, q.dtype))
         return q, qs, k, k_raw
 
     return _run(q, k, v, mask=mask, rotate=rotate, checks=checks, extra=extra, softmax_scale=softmax_scale, algorithm=algorithm,
                 block_size=block_size, kernel=kernel, timeout=timeout, group=group, what=what)
+
+
+def rotation_tables(index: torch.Tensor, mask: LambdaMask, freqs: torch.Tensor, dtype: torch.dtype):
+    """((cos, sin) by -i, (cos, sin) by min(limit_distance, i)) for the token indices ``index``: the
+    rotations that take q and k rotated at i to the global branch's (see :func:`global_inputs`)."""
+    back = freq_cos_sin(-index, freqs, dtype)  # rotate by -i: undo the caller's rotation
+    return back, freq_cos_sin(stationary_positions(index, mask), freqs, dtype)
+
+
+def global_inputs(q: torch.Tensor, k: torch.Tensor, tables) -> tuple[torch.Tensor, torch.Tensor]:
+    """(qs, k raw) of the global branch from q and k rotated at their positions (``tables``: of
+    :func:`rotation_tables`): q rotated back to 0 then to min(limit_distance, i), k back to 0."""
+    back, stat = tables
+    q_raw, k_raw = apply_rope(q, *back), apply_rope(k, *back)
+    return apply_rope(q_raw, *stat), k_raw
+
+
+def global_grads(dqs: torch.Tensor, dkraw: torch.Tensor, tables) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients w.r.t. q and k of :func:`global_inputs` given those of qs and k raw: each
+    rotation transposed, which is the rotation by the opposite angle (the same cos, -sin)."""
+    back, stat = tables
+    dq_raw = apply_rope(dqs, stat[0], -stat[1])
+    return apply_rope(dq_raw, back[0], -back[1]), apply_rope(dkraw, back[0], -back[1])
 
 
 def _run(q, k, v, *, mask, rotate, checks, extra, softmax_scale, algorithm, block_size, kernel, timeout, group, what):
@@ -178,7 +199,23 @@ def _run(q, k, v, *, mask, rotate, checks, extra, softmax_scale, algorithm, bloc
     base, rank, world = base_group(group)
     t_problem = comm.timeout_problem(timeout)  # agreed on like any problem; the agreement then waits the default
     to = comm.resolve_timeout(None if t_problem else timeout)
-    problem = t_problem or local_problem(
+    plan = checked_plan(q, k, v, base=base, rank=rank, world=world, problem=t_problem, timeout=to, mask=mask, checks=checks,
+                        extra=extra, softmax_scale=softmax_scale, algorithm=algorithm, block_size=block_size, kernel=kernel,
+                        requires_grad=needs_backward(q, k, v), what=what)
+    s = q.shape[1]
+    index = torch.arange(plan.groups.rank * s, (plan.groups.rank + 1) * s, device=q.device)  # token indices of this shard
+    qr, qs, kr, kraw = rotate(index)
+    return lambda_ring(qr, qs, kr, kraw, v, plan)
+
+
+def checked_plan(q, k, v, *, base, rank: int, world: int, problem: str | None, timeout: float, mask, checks, extra, softmax_scale,
+                 algorithm, block_size, kernel, requires_grad: bool, what: str) -> LambdaPlan:
+    """The plan of a Λ-ring call on ``base`` (rank of world), after every rank agreed that every
+    rank's inputs are valid and alike (else the same ValueError on every rank). ``problem``: found
+    by the caller first (its timeout), ``checks`` as in :func:`_run`; ``requires_grad``: whether a
+    backward follows."""
+    to = timeout
+    problem = problem or local_problem(
         q, k, v, causal=True, algorithm="ring", algorithms=ALGORITHMS, layout="contiguous",
         topology="full", topologies=("full",), softmax_scale=softmax_scale, world=world,
     )
@@ -201,21 +238,22 @@ def _run(q, k, v, *, mask, rotate, checks, extra, softmax_scale, algorithm, bloc
         ("softmax_scale", softmax_scale if ok and softmax_scale is not None else -1),
         ("algorithm", ALGORITHMS.index(algorithm) if ok else -1),
         ("block_size", block_size if ok and block_size is not None else -1),
-        ("requires_grad", needs_backward(q, k, v) if ok else -1),
+        ("requires_grad", requires_grad if ok else -1),
     ]
     agree_fields(base, rank, world, problem, fields, what, to, q.device if isinstance(q, torch.Tensor) else None, show=show_field)
     # after the agreement: creating groups needs every rank present (a bounded rendezvous first)
-    groups = ring_groups(group, timeout_s=to, device=q.device)
+    groups = ring_groups(base, timeout_s=to, device=q.device)
+    return lambda_plan(q, groups, mask, kern, softmax_scale, algorithm, block_size, to)
 
+
+def lambda_plan(q, groups, mask: LambdaMask, kern, softmax_scale, algorithm: str, block_size, timeout: float) -> LambdaPlan:
+    """The :class:`LambdaPlan` of valid inputs (no checks, no communication)."""
     s, d = q.shape[1], q.shape[3]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
-    index = torch.arange(groups.rank * s, (groups.rank + 1) * s, device=q.device)  # token indices of this shard
-    qr, qs, kr, kraw = rotate(index)
-    plan = LambdaPlan(
+    return LambdaPlan(
         mask=mask, scale=float(scale), kernel=kern, groups=groups, halo=halo_plan(groups.rank, groups.world, s, mask),
-        block=min(s, block_size or DEFAULT_BLOCK), algorithm=algorithm, timeout=to,
+        block=min(s, block_size or DEFAULT_BLOCK), algorithm=algorithm, timeout=timeout,
     )
-    return lambda_ring(qr, qs, kr, kraw, v, plan)
 
 
 def sliding_window_attention(

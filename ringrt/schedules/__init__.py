@@ -18,6 +18,7 @@ Read in this order:
 * ``registry.py``        the one table name -> schedule.
 * ``auto.py``            picks a schedule per call from ``costmodel.py`` (and ``tiling.py``), pure math.
 * ``call.py``            one call's settings, checked and agreed on by every rank, and its plan.
+* ``routes.py``          the table of routes: whole calls a package above registers into the ops (``window=``).
 * ``op.py``              the custom ops ``ringrt::attention_fwd`` / ``_bwd`` (torch.compile sees one opaque op).
 
 May import: ``ringrt.ops`` (kernels, merge, layout) and ``ringrt.distributed`` (traffic, groups).

@@ -19,7 +19,8 @@ outside a trace.
 
 The settings are the ops' arguments after the tensors, as :class:`call.Call` lists them: str, float,
 int, bool, and two lists for settings a route may add without a new schema: ``extra`` (further
-input tensors, no gradient) and ``options`` (ints). The schedules here take neither.
+input tensors, no gradient) and ``options`` (ints). The schedules here take neither; a route
+(``routes.py``: a whole call registered by a package above this one, the Λ-mask of ``window=``) may.
 
 Outputs are contiguous and never alias an input or each other (a custom op must not return views).
 """
@@ -33,6 +34,7 @@ from ..distributed.groups import by_name
 from ..ops.merge import acc_dtype
 from . import ALGORITHMS
 from .call import Call, backward_plan, setup
+from .routes import ROUTES
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, call: Call, extra: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
@@ -48,8 +50,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, call: Call, extra: list[Tensor] |
 
 def run_forward(q: Tensor, k: Tensor, v: Tensor, extra: list[Tensor], call: Call) -> tuple[Tensor, Tensor, list[Tensor]]:
     """(out, lse, kept) of one call, after the checks and the agreement."""
-    plan = setup(q, k, v, call)
-    out, lse, kept = ALGORITHMS[call.algorithm].forward(q, k, v, plan)
+    route = ROUTES.get(call.algorithm)
+    if route is not None:  # a whole call of its own: checks, agreement and pass
+        out, lse, kept = route.forward(q, k, v, list(extra), call)
+    else:
+        plan = setup(q, k, v, call)
+        out, lse, kept = ALGORITHMS[call.algorithm].forward(q, k, v, plan)
     if lse is None:
         lse = torch.full(_lse_shape(q), float("nan"), dtype=acc_dtype(q.dtype), device=q.device)
     out, lse, *kept = _owned([out, lse, *kept], [q, k, v, *extra])
@@ -62,8 +68,11 @@ def run_backward(dout: Tensor | None, dlse: Tensor | None, q: Tensor, k: Tensor,
     dlse None: lse got none (ignored unless ``call.return_lse``)."""
     dout = torch.zeros_like(out) if dout is None else dout.contiguous()
     dlse = dlse.contiguous() if dlse is not None and call.return_lse else None
-    plan = backward_plan(q, call, dlse)
-    grads = ALGORITHMS[call.algorithm].backward(dout, q, k, v, out, lse, list(kept), plan)
+    route = ROUTES.get(call.algorithm)
+    if route is not None:
+        grads = route.backward(dout, dlse, q, k, v, list(extra), out, lse, list(kept), call)
+    else:
+        grads = ALGORITHMS[call.algorithm].backward(dout, q, k, v, out, lse, list(kept), backward_plan(q, call, dlse))
     dq, dk, dv = _owned(list(grads), [dout, q, k, v, out, lse, *extra, *kept, *([dlse] if dlse is not None else [])])
     return dq, dk, dv
 
@@ -102,10 +111,10 @@ def _fake_forward(q, k, v, extra, algorithm, causal, layout, softmax_scale, topo
                   return_lse, options, problem):
     """Outputs of the real op's shapes and dtypes (nothing kept where the real op will raise)."""
     kept = []
-    if not problem and q.dim() == 4 and k.dim() == 4 and algorithm in ALGORITHMS:
+    if not problem and q.dim() == 4 and k.dim() == 4 and (algorithm in ALGORITHMS or algorithm in ROUTES):
         try:
             _, rank, world = by_name(group)
-            specs = ALGORITHMS[algorithm].kept(q, k, rank, world, tuple(options))
+            specs = (ROUTES[algorithm] if algorithm in ROUTES else ALGORITHMS[algorithm]).kept(q, k, rank, world, tuple(options))
         except ValueError:  # a setting the real op rejects on every rank
             specs = []
         ctx = torch.library.get_ctx()
@@ -141,8 +150,9 @@ def _backward(ctx, dout, dlse, dkept):
     extra, kept = rest[: ctx.n_extra], rest[ctx.n_extra :]
     dout = torch.zeros_like(out) if dout is None else dout  # None: only lse was used
     dq, dk, dv = attention_bwd(dout, dlse, q, k, v, extra, out, lse, kept, *ctx.settings)
-    # one None per input that gets no gradient, in the inputs' structure (a list for a list)
-    return dq, dk, dv, [None] * ctx.n_extra, *([None] * len(x) if isinstance(x, list) else None for x in ctx.settings)
+    # one None per input that gets no gradient, in the inputs' structure as torch flattens it: a list of
+    # tensors (an empty list included) is a list, any other list (options' ints) is one leaf
+    return dq, dk, dv, [None] * ctx.n_extra, *([] if isinstance(x, list) and not x else None for x in ctx.settings)
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -154,12 +164,15 @@ def _lse_shape(q: Tensor) -> tuple[int, ...]:
 
 
 def _owned(outs: list[Tensor], ins: list[Tensor]) -> list[Tensor]:
-    """``outs`` made contiguous, each cloned where it shares memory with an input or an earlier output."""
+    """``outs`` made contiguous, each cloned where it shares memory with an input or an earlier output
+    (an empty one replaced by a fresh empty tensor: a view of no elements still shares a storage)."""
     seen = {t.untyped_storage().data_ptr() for t in ins if t.numel()}
     owned = []
     for t in outs:
         t = t.contiguous()
-        if t.numel():
+        if not t.numel():
+            t = t.new_empty(t.shape)
+        else:
             ptr = t.untyped_storage().data_ptr()
             if ptr in seen:
                 t = t.clone()
