@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 from .distributed import comm
-from .distributed.agree import local_problem, needs_backward
+from .distributed.agree import is_dtensor, local_problem, needs_backward
 from .distributed.groups import base_group, by_name, group_name
 from .lm_infinite import LambdaMask, sliding_window
 from .lm_infinite import route as _window_route
@@ -213,15 +213,22 @@ def shard(x: torch.Tensor, *, layout: str, dim: int = 1, group: dist.ProcessGrou
     """This rank's shard of the full tensor ``x`` (every rank passes the same full tensor).
 
     The length of ``dim`` must be a multiple of W (contiguous) or 2W (zigzag); see
-    :func:`ringrt.pad_to_multiple`.
+    :func:`ringrt.pad_to_multiple`. A DTensor is refused (pass the full tensor, ``x.full_tensor()``).
     """
+    if is_dtensor(x):
+        raise ValueError(f"ringrt.shard: x is a DTensor (placements {tuple(x.placements)!r}); pass the full tensor every rank "
+                         f"holds (x.full_tensor()), or use x.to_local() of a Shard(1) DTensor directly with layout='contiguous'")
     _, rank, world = base_group(group)
     return _layout.shard_of(x, layout, rank, world, dim)
 
 
 def unshard(x_local: torch.Tensor, *, layout: str, dim: int = 1, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """The full tensor from every rank's shard (an all_gather; not differentiable). Waits at most
-    ``RINGRT_P2P_TIMEOUT`` (or 300) seconds on gloo; failures raise ``ringrt.CommError``."""
+    ``RINGRT_P2P_TIMEOUT`` (or 300) seconds on gloo; failures raise ``ringrt.CommError``. A DTensor
+    is refused (its ``full_tensor()`` is the whole tensor already)."""
+    if is_dtensor(x_local):
+        raise ValueError(f"ringrt.unshard: x_local is a DTensor (placements {tuple(x_local.placements)!r}); pass this rank's "
+                         f"plain shard, or take x_local.full_tensor()")
     _layout.check_layout(layout)
     g, _, world = base_group(group)
     if world == 1:

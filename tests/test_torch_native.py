@@ -120,6 +120,8 @@ def _dtensors(rank, world):
     k1 = DTensor.from_local(local[1], mesh, [Shard(1)], run_check=False) if rank == 1 else local[1]
     out["rank1_k"] = _error(lambda: ringrt.attention(local[0], k1, local[2]))
     out["lambda"] = _error(lambda: lambda_attention(dq, dk, dv, mask=LambdaMask(n_global=1, n_local=3)))
+    out["shard"] = _error(lambda: ringrt.shard(dq, layout="contiguous", group=mesh))
+    out["unshard"] = _error(lambda: ringrt.unshard(dq, layout="contiguous", group=mesh))
     # what the message says to do: to_local() of Shard(1) is the contiguous layout
     got = ringrt.attention(*local, layout="contiguous", group=mesh)
     want = ringrt.shard(reference_attention(*full, causal=True), layout="contiguous", group=mesh)
@@ -280,6 +282,8 @@ def test_dtensor_inputs_are_refused_on_every_rank(results):
         assert sum(d["comm_counts"].values()) == 2 and all("allgather" in op for op in d["comm_counts"]), d["comm_counts"]
         assert d["rank1_k"] is not None and "invalid input on rank 1: k is a DTensor" in d["rank1_k"], d["rank1_k"]
         assert d["lambda"] is not None and d["lambda"].startswith("ringrt.lambda_attention: invalid input on ranks 0, 1: q is a DTensor"), d["lambda"]
+        assert d["shard"].startswith("ringrt.shard: x is a DTensor (placements (Shard(dim=1),)); pass the full tensor"), d["shard"]
+        assert d["unshard"].startswith("ringrt.unshard: x_local is a DTensor"), d["unshard"]
         assert d["after"] <= TOL, (rank, d["after"])
     assert len(messages) == 1
 

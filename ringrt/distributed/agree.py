@@ -91,6 +91,13 @@ def _tensor_problem(q, k, v) -> str | None:
     return None
 
 
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (without importing that module: only a
+    program that imported it can hold one, and importing it costs seconds)."""
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return dtensor is not None and isinstance(t, dtensor)
+
+
 def _dtensor_problem(name: str, t: torch.Tensor) -> str | None:
     """Why a ``DTensor`` input is refused, or None for a plain tensor.
 
@@ -99,10 +106,7 @@ def _dtensor_problem(name: str, t: torch.Tensor) -> str | None:
     Only its metadata is read here (placements, mesh shape and names), which every rank holds
     alike: every rank writes the same message, and no DTensor operation runs.
     """
-    # Only a program that imported torch.distributed.tensor can hold a DTensor; importing it here
-    # would cost every process seconds on its first call.
-    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
-    if dtensor is None or not isinstance(t, dtensor):
+    if not is_dtensor(t):
         return None
     mesh = t.device_mesh
     dims = f"dims {', '.join(map(repr, mesh.mesh_dim_names))}" if mesh.mesh_dim_names else "unnamed dims"
