@@ -94,13 +94,15 @@ def test_inductor_compiles_the_op_with_its_backward():
 
 
 def _compile_worker(rank, world):
-    return _compile_cases(world)
+    return _compile_cases(world), _window_cases(world)
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 def test_fullgraph_compile_without_graph_breaks_on_two_ranks():
-    for res in run(_compile_worker, 2, timeout=200):
-        _check_compiled(res)
+    """Every schedule, and window= (the Λ route), in one spawn."""
+    for schedules, windows in run(_compile_worker, 2, timeout=280):
+        _check_compiled(schedules)
+        _check_window(windows)
 
 
 def test_the_op_passes_torch_library_opcheck():
@@ -175,16 +177,6 @@ def _check_window(res: dict) -> None:
 
 def test_window_compiles_without_graph_breaks_on_one_process():
     _check_window(_window_cases(1))
-
-
-def _window_worker(rank, world):
-    return _window_cases(world)
-
-
-@pytest.mark.timeout(240)
-def test_window_compiles_without_graph_breaks_on_two_ranks():
-    for res in run(_window_worker, 2, timeout=200):
-        _check_window(res)
 
 
 def test_the_window_route_passes_torch_library_opcheck():
