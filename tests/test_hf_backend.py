@@ -78,12 +78,15 @@ def _errors(got, ref):
     return rel(logits, r_logits), rel(loss, r_loss), max(rel(grads[n], r_grads[n]) for n in r_grads)
 
 
-def _sp_step(kind, algorithm, dtype):
+def _sp_step(kind, algorithm, dtype, checkpointing=False):
     import ringrt
     import ringrt.hf
 
     ids, labels = _batch()
     model = make_model(kind, dtype)
+    if checkpointing:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+        model.train()
     sp = ringrt.hf.patch(model, algorithm=algorithm)
     inputs = ringrt.hf.shard_inputs({"input_ids": ids, "labels": labels}, layout=sp.layout)
     logits = model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False).logits
@@ -191,7 +194,42 @@ def _failure_worker(rank, world, tmp):
     ringrt.hf.patch(single, lambda_mask=lam, group=dist.new_group([rank]))  # one-rank groups: the whole sequence here
     res["lambda"] = (full - single(input_ids=ids, use_cache=False).logits.detach()).abs().max().item()
     res["lambda_vs_dense"] = (full - ref[0]).abs().max().item()  # the mask changes the result (it is applied)
+    res["fsdp2"] = _fsdp2_qwen2(world)
+    res["checkpointing"] = _checkpointed_qwen2()
     return res
+
+
+def _fsdp2_qwen2(world):
+    """Qwen2 under FSDP2 (fully_shard per decoder layer and the root, over a 1-D mesh that is also
+    the sequence group): loss and full gradients against the one-process fp64 reference. FSDP's
+    reduce-scatter would divide by the world size; the sequence shards' gradients must be summed."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    import ringrt.hf
+
+    mesh = init_device_mesh("cpu", (world,))
+    ids, labels = _batch()
+    model = make_model("qwen2")
+    sp = ringrt.hf.patch(model, group=mesh)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+    inputs = ringrt.hf.shard_inputs({"input_ids": ids, "labels": labels}, layout=sp.layout, group=mesh)
+    logits = model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False).logits
+    loss = ringrt.hf.sequence_loss(logits, inputs["shift_labels"], group=mesh)
+    loss.backward()
+    grads = {n: p.grad.full_tensor().double() for n, p in model.named_parameters()}
+    full = ringrt.unshard(logits.detach().contiguous(), layout=sp.layout, group=mesh)
+    return _errors((full.double(), loss.detach().double(), grads), _reference("qwen2", torch.float64))
+
+
+def _checkpointed_qwen2():
+    """The same step with activation checkpointing: each layer's attention runs again in the backward."""
+    return _errors(_sp_step("qwen2", "tokenring", torch.float64, checkpointing=True), _reference("qwen2", torch.float64))
 
 
 @pytest.mark.timeout(200)
@@ -208,6 +246,7 @@ def test_refusals_and_entry_points(tmp_path):
         assert r["after"] <= 1e-12 and r["from_pretrained"] <= 1e-12, r
         assert r["loss_shares"] <= 1e-6, r  # transformers' own loss runs in fp32
         assert r["lambda"] <= 1e-12 and r["lambda_vs_dense"] > 1e-3, r
+        assert max(r["fsdp2"]) <= 1e-10 and max(r["checkpointing"]) <= 1e-10, (r["fsdp2"], r["checkpointing"])
 
 
 def test_shard_inputs_single_process():
