@@ -135,6 +135,7 @@ def save(model, out: str) -> None:
 def main(argv=None) -> int:
     args = parse(argv)
     import ringrt.hf
+    from ringrt.ops.layout import num_chunks
 
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
     world = dist.get_world_size() if dist.is_initialized() else 1
     model, tok = load(args)
     sp = ringrt.hf.patch(model, algorithm=args.algorithm)
-    n = 2 * world if sp.layout == "zigzag" else world
+    n = num_chunks(sp.layout, world)
     if args.seq_len % n:
         raise SystemExit(f"--seq-len={args.seq_len} must be a multiple of {n} (layout {sp.layout!r} over {world} ranks)")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)

@@ -7,7 +7,7 @@ from typing import Mapping
 import torch
 
 from ..distributed.groups import base_group
-from ..ops.layout import check_layout, num_chunks, positions as layout_positions, shard_of
+from ..ops.layout import check_layout, num_chunks, pad_to_multiple, positions as layout_positions, shard_of
 
 IGNORE = -100
 
@@ -55,10 +55,7 @@ def shard_inputs(batch: Mapping[str, torch.Tensor], *, layout: str = "zigzag", g
         shift = _mask_right_padding(mask, ids, shift)
     _, rank, world = base_group(group)
     n = num_chunks(layout, world)
-    extra = (-ids.shape[1]) % n
-    if extra:
-        ids = torch.cat([ids, ids.new_full((ids.shape[0], extra), pad_token_id)], 1)
-        shift = torch.cat([shift, shift.new_full((shift.shape[0], extra), IGNORE)], 1)
+    ids, shift = pad_to_multiple(ids, n, value=pad_token_id), pad_to_multiple(shift, n, value=IGNORE)
     local_ids = shard_of(ids, layout, rank, world, dim=1)
     local_shift = shard_of(shift, layout, rank, world, dim=1)
     pos = layout_positions(layout, rank, world, local_ids.shape[1]).to(ids.device).expand(ids.shape[0], -1)

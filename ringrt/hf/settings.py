@@ -38,7 +38,6 @@ class SequenceParallel:
 
 
 _SETTINGS: "weakref.WeakKeyDictionary[torch.nn.Module, SequenceParallel]" = weakref.WeakKeyDictionary()
-_DEFAULTS: dict[int, SequenceParallel] = {}
 
 
 def has_sliding_layers(config) -> bool:
@@ -91,13 +90,10 @@ def settings_of(module: torch.nn.Module) -> SequenceParallel:
     """The settings a module of a patched model runs with; for a model loaded with
     ``attn_implementation="ringrt"`` and never patched, the defaults for its config."""
     sp = _SETTINGS.get(module)
-    if sp is not None:
-        return sp
-    config = getattr(module, "config", None)
-    key = id(config)
-    if key not in _DEFAULTS:
-        _DEFAULTS[key] = SequenceParallel(layout="contiguous" if config is not None and has_sliding_layers(config) else "zigzag")
-    return _DEFAULTS[key]
+    if sp is None:  # remembered per module, like a patch's settings (a config's id could be reused)
+        config = getattr(module, "config", None)
+        sp = _SETTINGS[module] = SequenceParallel(layout="contiguous" if config is not None and has_sliding_layers(config) else "zigzag")
+    return sp
 
 
 def _rotary_of(model: torch.nn.Module):

@@ -214,7 +214,6 @@ def checked_plan(q, k, v, *, base, rank: int, world: int, problem: str | None, t
     rank's inputs are valid and alike (else the same ValueError on every rank). ``problem``: found
     by the caller first (its timeout), ``checks`` as in :func:`_run`; ``requires_grad``: whether a
     backward follows."""
-    to = timeout
     problem = problem or local_problem(
         q, k, v, causal=True, algorithm="ring", algorithms=ALGORITHMS, layout="contiguous",
         topology="full", topologies=("full",), softmax_scale=softmax_scale, world=world,
@@ -240,10 +239,10 @@ def checked_plan(q, k, v, *, base, rank: int, world: int, problem: str | None, t
         ("block_size", block_size if ok and block_size is not None else -1),
         ("requires_grad", requires_grad if ok else -1),
     ]
-    agree_fields(base, rank, world, problem, fields, what, to, q.device if isinstance(q, torch.Tensor) else None, show=show_field)
+    agree_fields(base, rank, world, problem, fields, what, timeout, q.device if isinstance(q, torch.Tensor) else None, show=show_field)
     # after the agreement: creating groups needs every rank present (a bounded rendezvous first)
-    groups = ring_groups(base, timeout_s=to, device=q.device)
-    return lambda_plan(q, groups, mask, kern, softmax_scale, algorithm, block_size, to)
+    groups = ring_groups(base, timeout_s=timeout, device=q.device)
+    return lambda_plan(q, groups, mask, kern, softmax_scale, algorithm, block_size, timeout)
 
 
 def lambda_plan(q, groups, mask: LambdaMask, kern, softmax_scale, algorithm: str, block_size, timeout: float) -> LambdaPlan:
