@@ -12,10 +12,11 @@ first use. ``import ringrt.hf`` makes ringrt a transformers attention backend (a
 sequence-parallel).
 """
 
-from .api import ALGORITHMS, attention, shard, unshard
+from .api import ALGORITHMS, attention, positions, shard, unshard
 from .distributed.comm import CommError, CommTimeout
 from .lm_infinite import LambdaKVCache, LambdaMask, lambda_attention, sliding_window, sliding_window_attention
-from .ops.layout import pad_to_multiple, positions
+from .ops.documents import cu_seqlens_from_positions, document_positions
+from .ops.layout import pad_to_multiple
 
 _LAZY = {"load_pretrained": "model.hf", "save_pretrained": "model.hf", "sequence_loss": "model.parallel", "sum_gradients": "model.parallel"}
 """Public names imported on first use (``ringrt.load_pretrained``), and their modules."""
@@ -35,5 +36,5 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 
-__all__ = ["ALGORITHMS", "CommError", "CommTimeout", "LambdaKVCache", "LambdaMask", "attention", "lambda_attention", "load_pretrained", "pad_to_multiple", "positions", "save_pretrained", "sequence_loss", "shard", "sliding_window", "sliding_window_attention", "sum_gradients", "unshard"]
+__all__ = ["ALGORITHMS", "CommError", "CommTimeout", "cu_seqlens_from_positions", "document_positions", "LambdaKVCache", "LambdaMask", "attention", "lambda_attention", "load_pretrained", "pad_to_multiple", "positions", "save_pretrained", "sequence_loss", "shard", "sliding_window", "sliding_window_attention", "sum_gradients", "unshard"]
 __version__ = "0.1.0"

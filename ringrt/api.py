@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.distributed as dist
 
@@ -12,11 +14,13 @@ from .lm_infinite import LambdaMask, sliding_window
 from .lm_infinite import route as _window_route
 from .lm_infinite.attention import rotated_lambda_attention
 from .ops import layout as _layout
+from .ops.documents import Documents, assemble_documents, lengths_of, lengths_problem, shard_documents
 from .ops.kernels import get_kernel
 from .schedules import ALGORITHMS
 from .schedules import op as _op
 from .schedules.base import TOPOLOGIES
 from .schedules.call import Call
+from .schedules.documents import DOCUMENTS
 
 
 def attention(
@@ -35,6 +39,7 @@ def attention(
     group: dist.ProcessGroup | None = None,
     window: int | LambdaMask | None = None,
     inv_freq: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact softmax attention over a sequence sharded across the ranks of ``group``.
 
@@ -79,6 +84,16 @@ def attention(
         inv_freq: (head_dim/2,) the RoPE frequencies q and k were rotated with, token i of the full
             sequence at position i; needed only by a LambdaMask with n_global > 0 (its global branch
             re-rotates q to min(limit_distance, i) and k to 0), ignored otherwise.
+        cu_seqlens: packed documents: a 1-D integer tensor [0, L_0, L_0 + L_1, ..., S] of document
+            boundaries in the full packed sequence (flash-attn's ``cu_seqlens``; the same on every
+            rank; from positions that restart per document: :func:`ringrt.cu_seqlens_from_positions`).
+            No token attends across a boundary, and each block the ranks compute holds only whole
+            documents' pieces, so the work scales with sum L_i^2. The shards must be cut per document
+            (``ringrt.shard(x, layout=..., cu_seqlens=cu_seqlens)``: every document padded to a multiple
+            of 2W, or W for ``"contiguous"``); lengths may be anything under ``causal=True``, and must be
+            multiples of 2W (W) otherwise. Every algorithm; not with ``window``. q, k, v may then also be
+            3-D (local_tokens, heads, head_dim) (flash-attn's varlen "THD" format): out is 3-D too and lse
+            (heads, local_tokens).
 
     Returns:
         out (batch, local_seq, heads, head_dim): this rank's output shard, dtype of q, differentiable
@@ -104,6 +119,9 @@ def attention(
     ``fullgraph=True`` traces this function without a graph break; eager calls run the same passes
     without the op's dispatch.
     """
+    if cu_seqlens is not None:
+        return _packed(q, k, v, cu_seqlens, causal=causal, algorithm=algorithm, layout=layout, softmax_scale=softmax_scale,
+                       topology=topology, kernel=kernel, timeout=timeout, return_lse=return_lse, group=group, window=window)
     if window is not None:
         return _windowed(q, k, v, causal=causal, algorithm=algorithm, layout=layout, softmax_scale=softmax_scale, topology=topology,
                          kernel=kernel, timeout=timeout, group=group, window=window, inv_freq=inv_freq, return_lse=return_lse)
@@ -116,6 +134,32 @@ def attention(
     if not _encodable(q, k, v, call):
         q, k, v, call = _placeholders(q, k, v, call)
     out, lse = _op.attention(q, k, v, call)
+    return (out, lse) if return_lse else out
+
+
+def _packed(q, k, v, cu_seqlens, *, causal, algorithm, layout, softmax_scale, topology, kernel, timeout, return_lse, group,
+            window):
+    """``attention(..., cu_seqlens=...)``: the schedules over packed documents (``ringrt/schedules/documents.py``)."""
+    thd = all(isinstance(t, torch.Tensor) and t.dim() == 3 for t in (q, k, v))
+    if thd:
+        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+    if layout is None:
+        layout = "zigzag" if causal else "contiguous"
+    bad = comm.timeout_problem(timeout)
+    if not bad and window is not None:
+        bad = f"window={window!r} cannot be used with cu_seqlens; valid: None"
+    if not bad and not isinstance(cu_seqlens, torch.Tensor):
+        bad = lengths_problem(cu_seqlens)
+        cu_seqlens = torch.zeros(2, dtype=torch.int64)  # a placeholder the op's schema takes; the problem stops every rank
+    call = Call(algorithm=algorithm, causal=causal, layout=layout, softmax_scale=_as_float(softmax_scale), topology=topology,
+                kernel=kernel, timeout=None if bad else _as_float(timeout), group=group_name(group),
+                backward=needs_backward(q, k, v), return_lse=return_lse, options=(DOCUMENTS,), problem=bad or "")
+    if not _encodable(q, k, v, call):
+        q, k, v, call = _placeholders(q, k, v, call)
+        call = replace(call, options=(DOCUMENTS,))
+    out, lse = _op.attention(q, k, v, call, [cu_seqlens])
+    if thd:
+        out, lse = out.squeeze(0), lse.squeeze(0)
     return (out, lse) if return_lse else out
 
 
@@ -209,32 +253,68 @@ def _kernel_problem(kernel) -> str | None:
     return f"kernel={kernel!r} must be a str"
 
 
-def shard(x: torch.Tensor, *, layout: str, dim: int = 1, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+def shard(x: torch.Tensor, *, layout: str, dim: int = 1, group: dist.ProcessGroup | None = None,
+          cu_seqlens: torch.Tensor | None = None, value: float = 0) -> torch.Tensor:
     """This rank's shard of the full tensor ``x`` (every rank passes the same full tensor).
 
     The length of ``dim`` must be a multiple of W (contiguous) or 2W (zigzag); see
     :func:`ringrt.pad_to_multiple`. A DTensor is refused (pass the full tensor, ``x.full_tensor()``).
+
+    With ``cu_seqlens`` (document boundaries of the packed sequence ``x``, as for :func:`attention`)
+    each document is cut on its own: padded at its end to a multiple of 2W (W) with ``value`` and
+    rank r takes chunks r and 2W-1-r of every document (chunk r), document by document
+    (ring-flash-attention's varlen zigzag layout where every length is a multiple of 2W). Positions
+    of the shard: :func:`ringrt.positions` with the same ``cu_seqlens``.
     """
     if is_dtensor(x):
         raise ValueError(f"ringrt.shard: x is a DTensor (placements {tuple(x.placements)!r}); pass the full tensor every rank "
                          f"holds (x.full_tensor()), or use x.to_local() of a Shard(1) DTensor directly with layout='contiguous'")
     _, rank, world = base_group(group)
+    if cu_seqlens is not None:
+        return shard_documents(x, _documents(cu_seqlens, layout, world, "ringrt.shard"), rank, dim, value)
     return _layout.shard_of(x, layout, rank, world, dim)
 
 
-def unshard(x_local: torch.Tensor, *, layout: str, dim: int = 1, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+def _documents(cu_seqlens, layout: str, world: int, what: str) -> Documents:
+    _layout.check_layout(layout)
+    problem = lengths_problem(cu_seqlens)
+    if problem:
+        raise ValueError(f"{what}: {problem}")
+    return Documents(lengths_of(cu_seqlens), layout, world)
+
+
+def unshard(x_local: torch.Tensor, *, layout: str, dim: int = 1, group: dist.ProcessGroup | None = None,
+            cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """The full tensor from every rank's shard (an all_gather; not differentiable). Waits at most
     ``RINGRT_P2P_TIMEOUT`` (or 300) seconds on gloo; failures raise ``ringrt.CommError``. A DTensor
-    is refused (its ``full_tensor()`` is the whole tensor already)."""
+    is refused (its ``full_tensor()`` is the whole tensor already). With ``cu_seqlens``: the inverse
+    of ``shard(..., cu_seqlens=)``, the packed sequence of S tokens, padding dropped."""
     if is_dtensor(x_local):
         raise ValueError(f"ringrt.unshard: x_local is a DTensor (placements {tuple(x_local.placements)!r}); pass this rank's "
                          f"plain shard, or take x_local.full_tensor()")
     _layout.check_layout(layout)
     g, _, world = base_group(group)
+    docs = _documents(cu_seqlens, layout, world, "ringrt.unshard") if cu_seqlens is not None else None
+    if docs is not None and x_local.shape[dim] != docs.local_len:
+        raise ValueError(f"ringrt.unshard: x_local has {x_local.shape[dim]} rows along dim {dim}, the shards of cu_seqlens "
+                         f"have {docs.local_len} (layout={layout!r}, world size {world})")
     if world == 1:
-        return x_local
+        return x_local if docs is None else assemble_documents([x_local], docs, dim)
     parts = [torch.empty_like(x_local) for _ in range(world)]
     local = x_local.contiguous()
     comm.collective("all_gather", lambda: dist.all_gather(parts, local, group=g, async_op=True), group=g,
                     device=local.device, timeout_s=None, channel="unshard")
-    return _layout.assemble(parts, layout, dim)
+    return _layout.assemble(parts, layout, dim) if docs is None else assemble_documents(parts, docs, dim)
+
+
+def positions(layout: str, rank: int, world: int, local_len: int, *, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """Positions (int64, (local_len,)) of the tokens ``rank`` holds: their global indices, or with
+    ``cu_seqlens`` their positions within their documents (restarting at 0 in each; padding continues
+    its document), as ``shard(..., cu_seqlens=)`` cut them. RoPE takes these."""
+    if cu_seqlens is None:
+        return _layout.positions(layout, rank, world, local_len)
+    docs = _documents(cu_seqlens, layout, world, "ringrt.positions")
+    if local_len != docs.local_len:
+        raise ValueError(f"ringrt.positions: local_len={local_len}, but the shards of cu_seqlens have {docs.local_len} rows "
+                         f"(layout={layout!r}, world size {world})")
+    return docs.local_positions(rank).clone()

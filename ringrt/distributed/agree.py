@@ -53,7 +53,8 @@ from ..ops.layout import LAYOUTS, local_chunks
 _DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "meta")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FIELDS = ("batch", "local_seq", "heads", "kv_heads", "head_dim", "dtype", "device type", "causal",
-           "algorithm", "layout", "topology", "softmax_scale", "requires_grad", "return_lse")
+           "algorithm", "layout", "topology", "softmax_scale", "requires_grad", "return_lse", "documents",
+           "document lengths (checksum)")
 _HINTS = {
     "requires_grad": " (torch.is_grad_enabled() and any of q, k, v requiring grad: the backward exchanges data "
                      "too, so every rank or none must run it)",
@@ -170,7 +171,7 @@ def _layout_problem(q, layout: str, world: int) -> str | None:
 
 
 def _meta(q, k, causal, algorithm, algorithms, layout, topology, topologies, softmax_scale, backward: bool, return_lse: bool,
-          ok: bool) -> list[float]:
+          documents: tuple[int, int] = (0, 0), *, ok: bool) -> list[float]:
     dims = list(q.shape[:2]) + [q.shape[2], k.shape[2], q.shape[3]] if ok else [-1] * 5
     return [
         1.0 if ok else 0.0, *map(float, dims),
@@ -183,6 +184,7 @@ def _meta(q, k, causal, algorithm, algorithms, layout, topology, topologies, sof
         float(softmax_scale) if (ok and softmax_scale is not None) else -1.0,
         float(backward) if ok else -1.0,
         float(return_lse) if ok else -1.0,
+        *((float(x) for x in documents) if ok else (-1.0, -1.0)),
     ]
 
 
@@ -193,7 +195,8 @@ def agree(group: dist.ProcessGroup | None, rank: int, world: int, problem: str |
     the group carries CPU tensors (see :func:`ringrt.distributed.comm.metadata_device`). A rank that never
     arrives makes the others raise ``CommTimeout`` after ``timeout_s`` on gloo; on a plain NCCL
     group the wait is the process group's own (its timeout and watchdog). ``meta_args``: (q, k,
-    causal, algorithm, algorithms, layout, topology, topologies, softmax_scale, backward, return_lse).
+    causal, algorithm, algorithms, layout, topology, topologies, softmax_scale, backward, return_lse[,
+    documents]), ``documents`` = (count, checksum) of packed documents, (0, 0) without.
     """
     fields = [] if world == 1 else list(zip(_FIELDS, _meta(*meta_args, ok=problem is None)[1:], strict=True))
     agree_fields(group, rank, world, problem, fields, what, timeout_s, device, show=show_field)

@@ -36,6 +36,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from ..distributed.groups import RingGroups
+from ..ops.documents import Documents
 from ..ops.kernels import BlockKernel
 from ..ops.merge import merge_
 from .blocks import Block, rows
@@ -57,6 +58,7 @@ class RingPlan:
     backward: bool = False  # a backward will follow (``auto`` prices and measures with it)
     return_lse: bool = False  # the caller wants lse: passes that would have to move it do
     dlse: torch.Tensor | None = None  # backward only: the gradient of lse (B, H, S_l), or None
+    documents: Documents | None = None  # packed documents (the kernel is then a DocumentKernel), or None
 
 
 Forward = Callable[..., Sequence[torch.Tensor]]

@@ -21,10 +21,14 @@ import torch
 from ..distributed import comm
 from ..distributed.agree import agree, agreed, local_problem, remember, signature
 from ..distributed.groups import by_name, cached, nccl_problem, ring_groups
+from ..ops.document_kernel import DocumentKernel
+from ..ops.documents import Documents
 from ..ops.kernels import get_kernel
 from ..ops.lse_grad import LseGradKernel
 from . import ALGORITHMS
 from .base import TOPOLOGIES, RingPlan
+from .documents import documents_of
+from .documents import problem as docs_problem
 from .hybrid import runtime_degree
 
 
@@ -42,7 +46,7 @@ class Call:
     group: str  # the process group's name; "" without distributed
     backward: bool  # a backward will follow (grad mode on and an input requires grad)
     return_lse: bool
-    options: tuple[int, ...] = ()  # integer settings of a route that needs them; none for the schedules here
+    options: tuple[int, ...] = ()  # integer settings: a route's, or (documents.DOCUMENTS,) for packed documents
     problem: str = ""  # what the caller found wrong with its arguments ("" = nothing): agreed on, then raised
 
     def args(self) -> tuple:
@@ -56,8 +60,9 @@ class Call:
         return cls(*args[:-2], tuple(args[-2]), args[-1])
 
 
-def setup(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Call) -> RingPlan:
+def setup(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Call, extra: list[torch.Tensor] | None = None) -> RingPlan:
     """The plan of a forward, after every rank agreed that every rank's inputs are valid and alike.
+    ``extra``: [cu_seqlens] for a call over packed documents (``documents.py``), else empty.
 
     Raises ValueError on every rank otherwise (see ``ringrt.attention``)."""
     base, rank, world = by_name(call.group)
@@ -66,7 +71,10 @@ def setup(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Call) -> Ring
         q, k, v, causal=call.causal, algorithm=call.algorithm, algorithms=ALGORITHMS, layout=call.layout,
         topology=call.topology, topologies=TOPOLOGIES, softmax_scale=call.softmax_scale, world=world,
     )
-    kern = None
+    kern = docs = None
+    if problem is None:
+        docs, problem = documents_of(call.options, extra or [], call.layout, world)
+        problem = problem or (docs_problem(q, docs, call.causal) if docs is not None else None)
     if problem is None:
         try:
             kern = get_kernel(q.device, call.kernel)
@@ -74,7 +82,7 @@ def setup(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Call) -> Ring
         except ValueError as e:
             problem = str(e)
     meta = (q, k, call.causal, call.algorithm, ALGORITHMS, call.layout, call.topology, TOPOLOGIES, call.softmax_scale,
-            call.backward, call.return_lse)
+            call.backward, call.return_lse, (len(docs.lengths), docs.checksum()) if docs is not None else (0, 0))
     sig = signature(meta) if problem is None and world > 1 else None
     known = cached(base) if world > 1 else None
     lane = known.agree if known is not None else None
@@ -84,10 +92,10 @@ def setup(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Call) -> Ring
     groups = ring_groups(base, timeout_s=to, device=q.device)
     if sig is not None:
         remember(groups.agree, sig)
-    return _plan(q, call, kern, groups, to)
+    return _plan(q, call, kern, groups, to, docs=docs)
 
 
-def backward_plan(q: torch.Tensor, call: Call, dlse: torch.Tensor | None) -> RingPlan:
+def backward_plan(q: torch.Tensor, call: Call, dlse: torch.Tensor | None, extra: list[torch.Tensor] | None = None) -> RingPlan:
     """The plan of the backward of a call whose forward passed :func:`setup`; ``dlse`` (B, H, S_l)
     is the gradient of lse or None. With ``return_lse`` the kernel takes delta as given
     (:class:`ringrt.ops.lse_grad.LseGradKernel`), on every rank alike, whatever its own dlse: the
@@ -96,13 +104,17 @@ def backward_plan(q: torch.Tensor, call: Call, dlse: torch.Tensor | None) -> Rin
     to = comm.resolve_timeout(call.timeout)
     kern = get_kernel(q.device, call.kernel)
     groups = ring_groups(base, timeout_s=to, device=q.device)
-    return _plan(q, call, LseGradKernel(kern) if call.return_lse else kern, groups, to, dlse)
+    docs, _ = documents_of(call.options, extra or [], call.layout, groups.world)
+    return _plan(q, call, LseGradKernel(kern) if call.return_lse else kern, groups, to, dlse, docs)
 
 
-def _plan(q, call: Call, kern, groups, to: float, dlse=None) -> RingPlan:
+def _plan(q, call: Call, kern, groups, to: float, dlse=None, docs: Documents | None = None) -> RingPlan:
     scale = call.softmax_scale if call.softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if docs is not None:
+        kern = DocumentKernel(kern, docs.slots)
     return RingPlan(causal=call.causal, layout=call.layout, scale=float(scale), kernel=kern, groups=groups,
-                    topology=call.topology, timeout=to, backward=call.backward, return_lse=call.return_lse, dlse=dlse)
+                    topology=call.topology, timeout=to, backward=call.backward, return_lse=call.return_lse, dlse=dlse,
+                    documents=docs)
 
 
 def _groups_problem(base, world: int, q, k, algorithm: str) -> str | None:

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..distributed.groups import by_name
 from ..ops.merge import acc_dtype
-from . import ALGORITHMS
+from . import ALGORITHMS, documents
 from .call import Call, backward_plan, setup
 from .routes import ROUTES
 
@@ -54,8 +54,8 @@ def run_forward(q: Tensor, k: Tensor, v: Tensor, extra: list[Tensor], call: Call
     if route is not None:  # a whole call of its own: checks, agreement and pass
         out, lse, kept = route.forward(q, k, v, list(extra), call)
     else:
-        plan = setup(q, k, v, call)
-        out, lse, kept = ALGORITHMS[call.algorithm].forward(q, k, v, plan)
+        plan = setup(q, k, v, call, extra)
+        out, lse, kept = documents.run(ALGORITHMS[call.algorithm], q, k, v, plan)
     if lse is None:
         lse = torch.full(_lse_shape(q), float("nan"), dtype=acc_dtype(q.dtype), device=q.device)
     out, lse, *kept = _owned([out, lse, *kept], [q, k, v, *extra])
@@ -72,7 +72,8 @@ def run_backward(dout: Tensor | None, dlse: Tensor | None, q: Tensor, k: Tensor,
     if route is not None:
         grads = route.backward(dout, dlse, q, k, v, list(extra), out, lse, list(kept), call)
     else:
-        grads = ALGORITHMS[call.algorithm].backward(dout, q, k, v, out, lse, list(kept), backward_plan(q, call, dlse))
+        grads = documents.run_backward(ALGORITHMS[call.algorithm], dout, q, k, v, out, lse, list(kept),
+                                       backward_plan(q, call, dlse, extra))
     dq, dk, dv = _owned(list(grads), [dout, q, k, v, out, lse, *extra, *kept, *([dlse] if dlse is not None else [])])
     return dq, dk, dv
 
