@@ -40,6 +40,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -120,7 +121,17 @@ def problem_of(q: torch.Tensor, k: torch.Tensor, plan: RingPlan, world: int, bac
     return costmodel.Problem(
         batch=q.shape[0], seq=q.shape[1] * world, heads=q.shape[2], kv_heads=k.shape[2], head_dim=q.shape[3],
         dtype_bytes=q.element_size(), causal=plan.causal, backward=backward, layout=plan.layout,
+        work_fraction=_work_fraction(plan),
     )
+
+
+def _work_fraction(plan: RingPlan) -> float:
+    """The cost model's ``work_fraction`` of packed documents, rounded to a power of 2: batches of
+    similar documents then share one problem (one choice, one tuning), not one each."""
+    docs = plan.documents
+    if docs is None:
+        return 1.0
+    return 2.0 ** round(math.log2(sum(c * c for c in docs.slots) / docs.chunk**2))
 
 
 def choose(p: costmodel.Problem, m: costmodel.Machine, world: int, topology: str = "full",
@@ -229,7 +240,8 @@ def _choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan) -
     p = problem_of(q, k, plan, g.world, plan.backward)
     m = machine_for(q.device)
     key = (g.rank, g.world, id(g.base), q.device.type, plan.topology,
-           *(getattr(p, f) for f in ("batch", "seq", "heads", "kv_heads", "head_dim", "dtype_bytes", "causal", "backward", "layout")))
+           *(getattr(p, f) for f in ("batch", "seq", "heads", "kv_heads", "head_dim", "dtype_bytes", "causal", "backward", "layout",
+                                     "work_fraction")))
     if key not in _CHOICES:
         _CHOICES[key] = _decide(q, k, v, plan, p, m)
     name, ests, measured = _CHOICES[key]

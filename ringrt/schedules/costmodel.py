@@ -69,6 +69,9 @@ class Problem:
     """Estimate forward + backward (True) or forward only."""
     layout: Literal["contiguous", "zigzag"] | None = None
     """Shard layout; default zigzag when causal, contiguous otherwise."""
+    work_fraction: float = 1.0
+    """Share of each block's score entries the kernel computes: sum c_i^2 / C^2 over packed
+    documents (``ringrt/ops/documents.py``: each block splits into its documents), 1 for one sequence."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -280,7 +283,7 @@ def rate_at(m: Machine, head_dim: int) -> KernelRate:
 
 def kernel_time(m: Machine, p: Problem, sq: int, sk: int, heads: int, *, diagonal: bool, backward: bool, share: float = 1.0) -> float:
     """Seconds of one block-kernel call over sq x sk tokens and ``heads`` query heads."""
-    flops = 4.0 * p.batch * heads * p.head_dim * computed_area(sq, sk, causal=diagonal, tiling=m.tiling)
+    flops = 4.0 * p.batch * heads * p.head_dim * computed_area(sq, sk, causal=diagonal, tiling=m.tiling) * p.work_fraction
     r = rate_at(m, p.head_dim)
     mm = min(sq, sk)
     eff = mm / (mm + r.m_half)
