@@ -37,7 +37,8 @@ def _plain(q, k, v, do, causal: bool, upcast: bool):
 
 
 def schedules_worker(rank: int, world: int, cfg: dict) -> list[dict]:
-    """Every algorithm of ``ringrt.ALGORITHMS`` x dtype x causal, then Λ (both ring algorithms)."""
+    """Every algorithm of ``ringrt.ALGORITHMS`` x dtype x causal, then Λ (both ring algorithms), then
+    packed documents (every algorithm)."""
     import ringrt
     from ..distributed.device import job_device
 
@@ -62,6 +63,32 @@ def schedules_worker(rank: int, world: int, cfg: dict) -> list[dict]:
                 got = [out.detach(), ql.grad, kl.grad, vl.grad]
                 rows.append(_row(f"{algo} {'causal' if causal else 'full'} {heads}/{kv_heads} heads", dtype, got, ref_l, base_l))
         rows += _lambda_rows(rank, world, q, k, v, do, full, dtype)
+        rows += _document_rows(q, k, v, do, full, dtype, heads, kv_heads)
+    return rows
+
+
+def _document_rows(q, k, v, do, full, dtype, heads, kv_heads) -> list[dict]:
+    """Packed documents (``cu_seqlens``: odd lengths, a single-token one) with every algorithm, causal,
+    against each document attended alone (fp64 reference, same-precision baseline)."""
+    import ringrt
+
+    s = q.shape[1]
+    lengths = [s // 4 + 1, 1, s // 2 - 3]
+    lengths.append(s - sum(lengths))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+
+    def per_document(x, upcast):
+        parts = [_plain(*(t[:, a:b] for t in x), True, upcast=upcast) for a, b in zip(cu.tolist(), cu.tolist()[1:], strict=False)]
+        return [torch.cat(ts, dim=1) for ts in zip(*parts, strict=True)]
+
+    ref, base = per_document(full, True), per_document((q, k, v, do), False)
+    rows = []
+    for algo in ringrt.ALGORITHMS:
+        ql, kl, vl = (ringrt.shard(x, layout="zigzag", cu_seqlens=cu).detach().clone().requires_grad_() for x in (q, k, v))
+        out = ringrt.attention(ql, kl, vl, cu_seqlens=cu, algorithm=algo)
+        out.backward(ringrt.shard(do, layout="zigzag", cu_seqlens=cu))
+        got = [ringrt.unshard(t, layout="zigzag", cu_seqlens=cu) for t in (out.detach(), ql.grad, kl.grad, vl.grad)]
+        rows.append(_row(f"{algo} packed documents {lengths} {heads}/{kv_heads} heads", dtype, got, ref, base))
     return rows
 
 
