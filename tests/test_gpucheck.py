@@ -37,7 +37,7 @@ def test_quick_cpu_run_passes_every_check(tmp_path, capsys, monkeypatch):
     assert rc == 0 and res["verdict"] == "PASS" and line.startswith("gpucheck: PASS on cpu"), line
     assert len(res["kernels"]) == len(kernels.cases(True)) * len(cli.DTYPES["cpu"])
     assert {r["check"].split()[0] for r in res["schedules"]} == set(ringrt.ALGORITHMS) | {"lambda"}
-    assert sum("packed documents" in r["check"] for r in res["schedules"]) == len(ringrt.ALGORITHMS) * len(cli.DTYPES["cpu"])
+    assert sum("packed documents" in r["check"] for r in res["schedules"]) == len(ringrt.ALGORITHMS)  # quick: fp32 only
     assert res["probe"]["ok"] and res["probe"]["world_size"] == 2
     assert res["demo"]["final_loss"] < res["demo"]["first_loss"]
     assert res["throughput"]["fwd_bwd_tflops"] > 0 and res["throughput"]["fraction_of_peak"] is None
