@@ -14,7 +14,9 @@ c_i go to the inner kernel together, stacked on the batch dim: one call per dist
 
 Forward, backward and the NaN rule are the inner kernel's (``kernels.py``), per sub-block; rows
 of different documents never meet. :attr:`DocumentKernel.scores` counts the score entries the
-masks keep, for the benchmarks (a diagonal block of m rows keeps m (m + 1) / 2 per batch row and head).
+masks keep, for the benchmarks (a diagonal block of m rows keeps m (m + 1) / 2 per batch row and head);
+:func:`scores_counted` adds up every instance's forwards in this process since :func:`reset_scores`
+(``ringrt bench varlen`` reads it: a kernel lives for one call only). Backward is not counted.
 """
 
 from __future__ import annotations
@@ -22,6 +24,18 @@ from __future__ import annotations
 import torch
 
 from .kernels import BlockKernel
+
+_SCORES = [0]  # score entries kept by every DocumentKernel forward in this process since reset_scores()
+
+
+def scores_counted() -> int:
+    """Score entries the masks kept in every :class:`DocumentKernel` forward of this process since
+    :func:`reset_scores` (the sum of their :attr:`DocumentKernel.scores`)."""
+    return _SCORES[0]
+
+
+def reset_scores() -> None:
+    _SCORES[0] = 0
 
 
 class DocumentKernel:
@@ -72,6 +86,7 @@ class DocumentKernel:
         mq, mk = self._chunks(q) * c, self._chunks(k) * c
         per = mq * (mq + 1) // 2 if causal and mq == mk else mq * mk
         self.scores += batch * q.shape[1] * per
+        _SCORES[0] += batch * q.shape[1] * per
 
     def forward(self, q, k, v, *, causal, mask, scale):
         """q (B, H, n_q C, D), k/v (B, H_kv, n_k C, D) -> out (B, H, n_q C, D), lse (B, H, n_q C)."""
