@@ -10,6 +10,10 @@
     loss = ringrt.hf.sequence_loss(logits, inputs["shift_labels"])  # the whole sequence's mean, every rank
     loss.backward(); ringrt.hf.sum_gradients(model.parameters())     # the full gradient on every rank
 
+Packed documents (one row, e.g. ``transformers.DataCollatorWithFlattening``): ``shard_inputs`` also
+returns ``cu_seq_lens_q/k``; pass everything, ``model(**inputs, use_cache=False)``, and no token
+attends across a document boundary (docs/hf.md, "Packed documents").
+
 ``import ringrt.hf`` also registers ``attn_implementation="ringrt"`` with transformers, so
 ``from_pretrained(..., attn_implementation="ringrt")`` works (default settings: tokenring, zigzag
 shards, or contiguous ones for models with sliding windows).
