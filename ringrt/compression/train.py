@@ -53,6 +53,9 @@ def validate_train(cfg) -> None:
                          "Llama directory or a training out_dir (e.g. outputs/demo/train)")
     if c.chunk_len < 2:
         raise ValueError(f"compression.chunk_len={c.chunk_len} must be at least 2 to have tokens to predict")
+    if cfg.data.pack_documents:
+        raise ValueError("data.pack_documents=true cannot be used with compression.enabled=true (the embedder trains on "
+                         "windows of the token stream); valid: data.pack_documents=false")
     for name in ("steps", "grad_accum"):
         if getattr(cfg.train, name) < 1:
             raise ValueError(f"train.{name}={getattr(cfg.train, name)} must be a positive integer")

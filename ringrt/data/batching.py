@@ -1,6 +1,7 @@
 """Token sequences and batches. Documents are tokenised, joined with <eos> and cut into windows
 of ``seq_len + 1`` tokens (inputs and next-token targets). The order is a function of
-(seed, epoch) alone, so a run resumes exactly by skipping the batches it already consumed."""
+(seed, epoch) alone, so a run resumes exactly by skipping the batches it already consumed.
+With ``data.pack_documents`` the rows keep their document boundaries (``packing.py``)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 
 from .config import DataConfig
 from .corpus import documents, resolve, split
+from .packing import PackedBatch, packed_rows, stack_rows
 
 
 def token_stream(files: list[Path], tok, jsonl_field: str = "text") -> Iterator[int]:
@@ -45,8 +47,10 @@ def val_files(cfg: DataConfig) -> list[Path]:
     return split(resolve(cfg.paths), cfg.val_percent)[1]
 
 
-def train_batches(cfg: DataConfig, tok, *, replicas: int = 1, replica: int = 0, skip: int = 0) -> Iterator[torch.Tensor]:
-    """Endless (batch_size, seq_len + 1) batches for data-parallel ``replica`` of ``replicas``.
+def train_batches(cfg: DataConfig, tok, *, replicas: int = 1, replica: int = 0, skip: int = 0) -> Iterator[torch.Tensor | PackedBatch]:
+    """Endless (batch_size, seq_len + 1) batches for data-parallel ``replica`` of ``replicas``;
+    with ``cfg.pack_documents`` :class:`~ringrt.data.packing.PackedBatch` es of as many rows, which
+    also carry each row's labels and document boundaries (Note [packed rows]).
 
     Epoch e visits the training files in the order of ``random.Random(seed + e)``; each global
     batch of ``replicas * batch_size`` sequences is split between replicas. ``skip`` global batches
@@ -58,14 +62,19 @@ def train_batches(cfg: DataConfig, tok, *, replicas: int = 1, replica: int = 0, 
     while True:
         order = list(files)
         random.Random(cfg.seed + epoch).shuffle(order)
-        group: list[torch.Tensor] = []
+        if cfg.pack_documents:
+            rows = packed_rows(order, tok, cfg.seq_len + 1, cfg.jsonl_field, _bos(cfg, tok))
+        else:
+            rows = sequences(order, tok, cfg.seq_len + 1, cfg.jsonl_field, _bos(cfg, tok))
+        group: list = []
         produced = False
-        for seq in sequences(order, tok, cfg.seq_len + 1, cfg.jsonl_field, _bos(cfg, tok)):
+        for seq in rows:
             group.append(seq)
             if len(group) == replicas * per:
                 produced = True
                 if seen >= skip:
-                    yield torch.stack(group[replica * per : (replica + 1) * per])
+                    mine = group[replica * per : (replica + 1) * per]
+                    yield stack_rows(mine) if cfg.pack_documents else torch.stack(mine)
                 seen += 1
                 group = []
         if not produced:

@@ -25,6 +25,13 @@ class DataConfig:
     it becomes the "attention sink" that the Λ-mask's global branch keeps in view."""
     seed: int = 0
     """Seeds the document order of each epoch."""
+    pack_documents: bool = False
+    """Training batches keep document boundaries (``ringrt/data/packing.py``): whole documents packed
+    into rows of ``seq_len + 1`` tokens, attention and RoPE positions restarting at every document, no
+    target crossing from one document into the next (a document cut at a row's end continues in the
+    next row as a document of its own, with its own <bos>). False: windows of the token stream, each
+    attending across the documents it holds. Training only (eval scores windows either way); not with
+    the Λ-mask or compression."""
 
     def validate(self) -> None:
         if self.seq_len < 2:

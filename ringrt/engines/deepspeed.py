@@ -154,7 +154,7 @@ def deepspeed_step(engine, batches, *, t: TrainConfig, lr: float, layout: str, a
     total = torch.zeros((), dtype=torch.float64, device=device)
     for _ in range(t.grad_accum):
         sh = shard_batch(next(batches), layout=layout, group=seq_group, device=device)
-        logits = engine(sh.input_ids, positions=sh.positions, attend=attend)  # (B, S_local, V)
+        logits = engine(sh.input_ids, positions=sh.positions, attend=attend, cu_seqlens=sh.cu_seqlens)  # (B, S_local, V)
         loss = sequence_loss(logits, sh.labels, seq_group)
         engine.backward(loss)  # DeepSpeed divides by grad_accum itself
         engine.step()

@@ -46,6 +46,11 @@ def validate(cfg: TrainJobConfig, sp: int) -> None:
     cfg.data.validate()
     layout = cfg.attention.resolved_layout()
     n = num_chunks(layout, sp)
+    if cfg.data.pack_documents:
+        if cfg.attention.lambda_mask:
+            raise ValueError("data.pack_documents=true cannot be used with attention.lambda_mask=true: the Λ-mask attention "
+                             "does not take document boundaries; valid: attention.lambda_mask=false")
+        return  # any length: every document is padded to a multiple of n on its own
     if cfg.data.seq_len % n:
         raise ValueError(
             f"data.seq_len={cfg.data.seq_len} cannot be split by layout={layout!r} over {sp} sequence-parallel "
@@ -70,8 +75,9 @@ def autocast_for(precision: str, device: torch.device):
 def train_step(model, opt, batches, *, t: TrainConfig, lr: float, layout: str, attend, seq_group, data_group,
                autocast=contextlib.nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over ``t.grad_accum`` micro-batches of ``batches`` (CPU (B, S + 1) token
-    batches); returns (mean loss over the data replicas, gradient norm before clipping), 0-dim
-    tensors on the model's device. Nothing is read back to the host here.
+    batches, or packed batches: ``ringrt.data.packing.PackedBatch``); returns (mean loss over the
+    data replicas, gradient norm before clipping), 0-dim tensors on the model's device. Nothing is
+    read back to the host here.
     """
     device = devices.module_device(model)
     for g in opt.param_groups:
@@ -80,7 +86,7 @@ def train_step(model, opt, batches, *, t: TrainConfig, lr: float, layout: str, a
     for _ in range(t.grad_accum):
         sh = shard_batch(next(batches), layout=layout, group=seq_group, device=device)
         with autocast():
-            logits = model(sh.input_ids, positions=sh.positions, attend=attend)  # (B, S_local, V)
+            logits = model(sh.input_ids, positions=sh.positions, attend=attend, cu_seqlens=sh.cu_seqlens)  # (B, S_local, V)
         loss = sequence_loss(logits, sh.labels, seq_group) / t.grad_accum
         loss.backward()
         total += loss.detach().double()

@@ -4,7 +4,9 @@ The model knows nothing about processes. It runs on one shard of a long sequence
 are the absolute positions of the shard's tokens (any layout, see ``ringrt.ops.layout.positions``), and
 the attention over the whole sequence is injected as ``attend`` (see ``ringrt/model/parallel.py``
 for TokenRing / the other ring algorithms / the Λ-mask / a sharded decode cache). Without
-``attend`` it is plain causal attention on one process.
+``attend`` it is plain causal attention on one process. With ``cu_seqlens`` the sequence is packed
+documents: positions restart in each (the caller's ``positions``), and no token attends across a
+document boundary (the attention is given ``cu_seqlens``; see ``ringrt/model/parallel.py``).
 
 Module names follow Hugging Face's ``LlamaForCausalLM`` (without its ``model.`` prefix), so a
 checkpoint maps onto it one name at a time (``ringrt/model/hf.py``).
@@ -29,6 +31,9 @@ class Attend(Protocol):
     ``rotates``: False -> called with q, k already rotated (RoPE at their absolute positions);
     True -> called with q, k before RoPE (the Λ-mask rotates them itself: its global branch needs
     unrotated keys) and ``positions``.
+
+    An attention with the class attribute ``documents = True`` also takes ``cu_seqlens=`` (packed
+    documents; it is passed only when the model is given one).
     """
 
     rotates: bool
@@ -39,11 +44,21 @@ class Attend(Protocol):
 
 
 class LocalAttention:
-    """Plain causal attention over an unsharded sequence (the one-process path and the reference)."""
+    """Plain causal attention over an unsharded sequence (the one-process path and the reference);
+    with ``cu_seqlens`` ([0, L_0, L_0 + L_1, ..., S] over the rows, the same for every batch row)
+    causal attention within each document, one document at a time."""
 
     rotates = False
+    documents = True
 
-    def __call__(self, q, k, v, *, layer, positions):
+    def __call__(self, q, k, v, *, layer, positions, cu_seqlens=None):
+        if cu_seqlens is not None:
+            bounds = [int(x) for x in cu_seqlens.tolist()]
+            if bounds[0] != 0 or bounds[-1] != q.shape[1] or any(b < a for a, b in zip(bounds, bounds[1:], strict=False)):
+                raise ValueError(f"cu_seqlens must run from 0 up to the {q.shape[1]} rows of the sequence, got {bounds}")
+            parts = [self(q[:, a:b], k[:, a:b], v[:, a:b], layer=layer, positions=positions[..., a:b])
+                     for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+            return torch.cat(parts, dim=1)
         groups = q.shape[2] // k.shape[2]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -72,14 +87,15 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_size, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_size, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, positions, attend: Attend) -> torch.Tensor:
+    def forward(self, x, cos, sin, positions, attend: Attend, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim)  # (B, S, H, D)
         k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim)  # (B, S, H_kv, D)
         v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim)  # (B, S, H_kv, D)
         if not attend.rotates:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = attend(q, k, v, layer=self.layer, positions=positions)  # (B, S, H, D)
+        docs = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+        y = attend(q, k, v, layer=self.layer, positions=positions, **docs)  # (B, S, H, D)
         return self.o_proj(y.reshape(B, S, self.n_heads * self.head_dim))
 
 
@@ -102,8 +118,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, positions, attend: Attend) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, attend)
+    def forward(self, x, cos, sin, positions, attend: Attend, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, attend, cu_seqlens)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -138,10 +154,13 @@ class Llama(nn.Module):
         attend: Attend | None = None,
         hidden_only: bool = False,
         inputs_embeds: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids (B, S): this shard's tokens; positions (S,) or (B, S): their absolute positions
         (default 0..S-1); attend: attention over the whole sequence (default one process, causal);
-        inputs_embeds (B, S, dim): read in place of ``embed_tokens(input_ids)`` (give one of the two).
+        inputs_embeds (B, S, dim): read in place of ``embed_tokens(input_ids)`` (give one of the two);
+        cu_seqlens: packed documents, passed to the attention (which must take it: ``documents = True``),
+        with ``positions`` restarting in each document (``Shard.positions`` of ``shard_batch``).
         Returns logits (B, S, vocab), or the final hidden states (B, S, dim) with ``hidden_only``."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Llama.forward takes exactly one of input_ids and inputs_embeds")
@@ -150,8 +169,11 @@ class Llama(nn.Module):
         if positions is None:
             positions = torch.arange(S, device=x.device)
         attend = LocalAttention() if attend is None else attend
+        if cu_seqlens is not None and not getattr(attend, "documents", False):
+            raise ValueError(f"{type(attend).__name__} does not take document boundaries (cu_seqlens); packed documents "
+                             f"need the plain ring attention or the one-process attention (not the Λ-mask or a KV cache)")
         cos, sin = cos_sin(positions, self.config.head_size, self.config.rope_theta)  # (S|B,S, D) fp32
         for block in self.layers:
-            x = block(x, cos, sin, positions, attend)
+            x = block(x, cos, sin, positions, attend, cu_seqlens)
         x = self.norm(x)  # (B, S, dim)
         return x if hidden_only else self.lm_head(x)  # (B, S, vocab)

@@ -6,6 +6,13 @@ Shapes: a batch of token sequences is (B, S + 1); the model reads tokens [0, S) 
 [1, S + 1). Both are sharded in the same layout, so every rank scores exactly its own tokens and
 no label crosses a shard boundary.
 
+Packed documents (``data.pack_documents``): a batch that is not a tensor but has ``packed()``
+(``ringrt.data.packing.PackedBatch``) is one packed sequence of documents, its B rows flattened into
+one (B = 1, as flash-attn's varlen users do: ``ringrt.attention`` takes one ``cu_seqlens`` for every
+batch row, and rows' boundaries differ). :func:`shard_batch` cuts it per document (Note [document
+layout] in ``ringrt/ops/documents.py``), the shard's positions restart in every document, and its
+``cu_seqlens`` goes to the attention (``Llama.forward(..., cu_seqlens=)``); padding rows are labelled -100.
+
 ``group`` everywhere here is what ``ringrt.attention`` takes: None (the default group), a
 ``ProcessGroup``, or a 1-D ``DeviceMesh`` (``mesh["sp"]`` of a larger one) meaning its process group.
 Under FSDP2 (``fully_shard``) the sequence shards' gradients must be summed, not averaged: see
@@ -25,7 +32,8 @@ import torch.nn.functional as F
 from .. import api
 from ..distributed import comm
 from ..distributed.groups import base_group, new_subgroups
-from ..ops.layout import num_chunks, positions as layout_positions, shard_of
+from ..ops.documents import Documents, lengths_of, shard_documents
+from ..ops.layout import check_layout, num_chunks, positions as layout_positions, shard_of
 from .config import AttentionConfig, ModelConfig
 
 if TYPE_CHECKING:
@@ -36,12 +44,14 @@ class RingAttend:
     """Exact causal attention over the sharded sequence with one of ``ringrt.ALGORITHMS``."""
 
     rotates = False
+    documents = True  # takes cu_seqlens: shards cut per document (shard_batch of a packed batch)
 
     def __init__(self, *, algorithm: str, layout: str, group: dist.ProcessGroup | DeviceMesh | None = None):
         self.algorithm, self.layout, self.group = algorithm, layout, group
 
-    def __call__(self, q, k, v, *, layer, positions):
-        return api.attention(q, k, v, causal=True, algorithm=self.algorithm, layout=self.layout, group=self.group)
+    def __call__(self, q, k, v, *, layer, positions, cu_seqlens=None):
+        return api.attention(q, k, v, causal=True, algorithm=self.algorithm, layout=self.layout, group=self.group,
+                             cu_seqlens=cu_seqlens)
 
 
 class LambdaAttend:
@@ -84,21 +94,29 @@ def make_attend(attn: AttentionConfig, model: ModelConfig, *, train_len: int, gr
 class Shard:
     input_ids: torch.Tensor  # (B, S_local) int64
     labels: torch.Tensor  # (B, S_local) int64, -100 where nothing is scored
-    positions: torch.Tensor  # (S_local,) int64 absolute positions
+    positions: torch.Tensor  # (S_local,) int64 absolute positions (in-document positions when packed)
+    cu_seqlens: torch.Tensor | None = None  # packed: (n + 1,) int64 on the CPU, documents of the whole sequence
 
     def to(self, device: torch.device | str) -> "Shard":
-        """The same shard on ``device`` (the model's): ids, labels and positions move together."""
-        return Shard(*(t.to(device) for t in (self.input_ids, self.labels, self.positions)))
+        """The same shard on ``device`` (the model's): ids, labels and positions move together
+        (``cu_seqlens`` stays on the CPU: the attention reads its values on the host)."""
+        return Shard(*(t.to(device) for t in (self.input_ids, self.labels, self.positions)), self.cu_seqlens)
 
 
-def shard_batch(tokens: torch.Tensor, *, layout: str, group: dist.ProcessGroup | DeviceMesh | None = None,
+def shard_batch(tokens, *, layout: str, group: dist.ProcessGroup | DeviceMesh | None = None,
                 device: torch.device | str | None = None) -> Shard:
     """This rank's shard of a batch ``tokens`` (B, S + 1) held in full by every rank of ``group``.
 
     The shard is cut where ``tokens`` lives (the data pipeline's CPU batch: only this rank's tokens
     then cross to the accelerator) and moved to ``device`` (the model's) when given; its positions
     are on the shard's device. S must be a multiple of W (contiguous) or 2W (zigzag); ValueError otherwise.
+
+    ``tokens`` may also be a packed batch (``ringrt.data.packing.PackedBatch``, anything whose
+    ``packed()`` returns (input_ids, labels, cu_seqlens)): see :func:`shard_packed`.
     """
+    if not isinstance(tokens, torch.Tensor):
+        ids, labels, cu = tokens.packed()
+        return shard_packed(ids, labels, cu, layout=layout, group=group, device=device)
     _, rank, world = base_group(group)
     seq = tokens.shape[1] - 1
     n = num_chunks(layout, world)
@@ -110,6 +128,28 @@ def shard_batch(tokens: torch.Tensor, *, layout: str, group: dist.ProcessGroup |
     ids = shard_of(tokens[:, :-1], layout, rank, world, dim=1)
     labels = shard_of(tokens[:, 1:], layout, rank, world, dim=1)
     sh = Shard(ids, labels, layout_positions(layout, rank, world, ids.shape[1]).to(tokens.device))
+    return sh if device is None else sh.to(device)
+
+
+def shard_packed(input_ids: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor, *, layout: str,
+                 group: dist.ProcessGroup | DeviceMesh | None = None, device: torch.device | str | None = None) -> Shard:
+    """This rank's shard of a packed sequence: input_ids and labels (B, N) (B = 1 for a flattened
+    batch) of documents ``cu_seqlens`` ([0, L_0, L_0 + L_1, ..., N]; one for every row).
+
+    Each document is cut on its own (``ringrt.shard(..., cu_seqlens=)``: padded at its end to a
+    multiple of 2W, or W, input 0 and label -100 there), positions restart at 0 in every document
+    (``ringrt.positions(..., cu_seqlens=)``), and the shard carries ``cu_seqlens`` for the attention.
+    On one rank the rows stay as they are (no padding), as the model's own attention reads them.
+    The shard's length depends on the documents (every rank's is the same)."""
+    check_layout(layout)
+    _, rank, world = base_group(group)
+    cu = cu_seqlens.detach().to("cpu", torch.int64)
+    docs = Documents(lengths_of(cu), layout if world > 1 else "contiguous", world)
+    if input_ids.shape != labels.shape or input_ids.dim() != 2:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} and labels {tuple(labels.shape)} must both be (B, N)")
+    ids = shard_documents(input_ids, docs, rank, dim=1, value=0)
+    lab = shard_documents(labels, docs, rank, dim=1, value=-100)
+    sh = Shard(ids, lab, docs.local_positions(rank).to(ids.device), cu)
     return sh if device is None else sh.to(device)
 
 
