@@ -18,6 +18,10 @@ and the fastest best round wins on every rank alike. The traffic this costs is c
 ``auto`` channel. ``RINGRT_AUTO_TUNE=0`` turns tuning off (the model's first choice runs); after
 ``TUNE_LIMIT`` tuned problems in a process, new problems use the model's choice (one warning).
 
+Packed documents (``cu_seqlens``) are one problem per power of 2 of the padded length and per power of
+2 of the work fraction their blocks leave (``costmodel.Problem.work_fraction``): each batch pads its
+documents differently, and deciding (or tuning) again for each would cost more than it saves.
+
 Every rank must run the same schedule, yet calibration files could differ between nodes, so without
 tuning the first call with a new problem broadcasts rank 0's choice (one small collective). Later
 calls with the same problem reuse the choice without communication (the backward finds the forward's
@@ -239,8 +243,10 @@ def _choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan) -
     g = plan.groups
     p = problem_of(q, k, plan, g.world, plan.backward)
     m = machine_for(q.device)
-    key = (g.rank, g.world, id(g.base), q.device.type, plan.topology,
-           *(getattr(p, f) for f in ("batch", "seq", "heads", "kv_heads", "head_dim", "dtype_bytes", "causal", "backward", "layout",
+    # packed documents: the shard's length moves with every batch's padding; one choice per power of 2 of it
+    seq = p.seq if plan.documents is None else 1 << (p.seq - 1).bit_length()
+    key = (g.rank, g.world, id(g.base), q.device.type, plan.topology, seq,
+           *(getattr(p, f) for f in ("batch", "heads", "kv_heads", "head_dim", "dtype_bytes", "causal", "backward", "layout",
                                      "work_fraction")))
     if key not in _CHOICES:
         _CHOICES[key] = _decide(q, k, v, plan, p, m)
