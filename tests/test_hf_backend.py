@@ -27,14 +27,15 @@ ALGS = ("tokenring", "ring", "allgather", "ulysses", "hybrid", "auto")
 WINDOWS = {"qwen2": 5, "mistral": 9}  # 5 < shard, 9 > shard at W = 4: the halo comes from two ranks
 
 
-def make_model(kind: str, dtype=torch.float64):
-    common = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+def make_model(kind: str, dtype=torch.float64, *, sliding: bool = True, layers: int = 3):
+    """A tiny random decoder: "llama", "qwen2" (its layers after the first slide unless ``sliding=False``) or "mistral"."""
+    common = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, attention_dropout=0.0)
     torch.manual_seed(0)
     if kind == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
     elif kind == "qwen2":  # biases on q/k/v; layers 1 and 2 slide, layer 0 is full attention
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, use_sliding_window=True, sliding_window=WINDOWS[kind],
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, use_sliding_window=sliding, sliding_window=WINDOWS[kind],
                                                                        max_window_layers=1))
     else:
         model = transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=WINDOWS[kind]))

@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from tests.distributed import run
+from tests.test_hf_backend import _caught
+from tests.test_hf_backend import make_model as _tiny_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -23,19 +25,8 @@ V = 97
 
 
 def make_model(kind: str, dtype=torch.float64, sliding: bool = False):
-    common = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, attention_dropout=0.0)
-    torch.manual_seed(0)
-    if kind == "llama":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
-    else:  # biases on q/k/v; sliding=True: layer 1 slides (window 3)
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, use_sliding_window=sliding, sliding_window=3,
-                                                                       max_window_layers=1))
-    with torch.no_grad():  # non-trivial norm weights and biases, so a swapped one would show
-        for n, p in model.named_parameters():
-            if n.endswith("norm.weight") or n.endswith(".bias"):
-                p.add_(0.1 * torch.randn_like(p))
-    return model.to(dtype)
+    """test_hf_backend's tiny random Llama or Qwen2 (q/k/v biases; no sliding window unless ``sliding``), 2 layers."""
+    return _tiny_model(kind, dtype, sliding=sliding, layers=2)
 
 
 def _documents():
@@ -114,14 +105,6 @@ def test_packed_parity_with_separate_documents():
     print(results[0])
 
 
-def _caught(fn):
-    try:
-        fn()
-    except ValueError as e:
-        return str(e)
-    return "no error"
-
-
 def _refusal_worker(rank, world):
     import ringrt
     import ringrt.hf
@@ -164,7 +147,7 @@ def test_packed_refusals():
     results = run(_refusal_worker, 2, timeout=100)
     for key, want in [("plain_positions", "in-document positions for cu_seq_lens_q"), ("q_ne_k", "cu_seq_lens_q != cu_seq_lens_k"),
                       ("q_only", "cu_seq_lens_q is given but cu_seq_lens_k is not"), ("one_rank", "ringrt.hf attention"),
-                      ("sliding", "cannot be used with sliding-window layers (sliding_window=3)"),
+                      ("sliding", "cannot be used with sliding-window layers (sliding_window=5)"),
                       ("lambda", "cannot be used with a lambda_mask")]:
         for r in results:
             assert want in r[key], (key, r[key])

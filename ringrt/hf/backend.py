@@ -137,15 +137,10 @@ def _data_problem(sp: SequenceParallel, query, attention_mask, position_ids, cu=
     if world == 1:
         return None
     seq = query.shape[2]
-    want = layout_positions(sp.layout, rank, world, seq)
-    if position_ids is None:
-        return "position_ids did not reach the attention; pass the shard's position_ids from ringrt.hf.shard_inputs"
-    got = position_ids.reshape(-1, position_ids.shape[-1])
-    if got.shape[-1] != seq or not bool((got.cpu() == want).all()):
-        return (f"position_ids {_show(got[0])} are not rank {rank}'s positions under layout={sp.layout!r} over {world} ranks "
-                f"({_show(want)}): pass position_ids=ringrt.hf.shard_inputs(...)['position_ids'] (without them each shard is "
-                f"numbered from 0 and RoPE is silently wrong; a packed batch also passes its cu_seq_lens_q/k)")
-    return None
+    return _positions_problem(position_ids, layout_positions(sp.layout, rank, world, seq),
+                              f"rank {rank}'s positions under layout={sp.layout!r} over {world} ranks",
+                              "without them each shard is numbered from 0 and RoPE is silently wrong; a packed batch also passes "
+                              "its cu_seq_lens_q/k")
 
 
 def _document_positions_problem(sp: SequenceParallel, query, position_ids, cu, rank: int, world: int) -> str | None:
@@ -155,15 +150,20 @@ def _document_positions_problem(sp: SequenceParallel, query, position_ids, cu, r
         return (f"this rank holds {seq} tokens, but cu_seq_lens_q ({len(docs.lengths)} documents, {docs.total} tokens) cut for "
                 f"layout={sp.layout!r} over {world} ranks gives every rank {docs.local_len}: cut the packed batch with "
                 f"ringrt.hf.shard_inputs(batch, layout={sp.layout!r}) and pass its cu_seq_lens_q/k (global boundaries)")
-    want = docs.local_positions(rank)
+    return _positions_problem(position_ids, docs.local_positions(rank),
+                              f"rank {rank}'s in-document positions for cu_seq_lens_q under layout={sp.layout!r} over {world} ranks",
+                              "positions restart at 0 in each document; otherwise RoPE is silently wrong")
+
+
+def _positions_problem(position_ids: torch.Tensor | None, want: torch.Tensor, what: str, why: str) -> str | None:
+    """Why ``position_ids`` (rows, S) are not ``want`` (S,) in every row (``what`` they should be), or None."""
     if position_ids is None:
         return "position_ids did not reach the attention; pass the shard's position_ids from ringrt.hf.shard_inputs"
     got = position_ids.reshape(-1, position_ids.shape[-1])
-    if got.shape[-1] != seq or not bool((got.cpu() == want).all()):
-        return (f"position_ids {_show(got[0])} are not rank {rank}'s in-document positions for cu_seq_lens_q under "
-                f"layout={sp.layout!r} over {world} ranks ({_show(want)}): pass position_ids=ringrt.hf.shard_inputs(...)"
-                f"['position_ids'] (positions restart at 0 in each document; otherwise RoPE is silently wrong)")
-    return None
+    if got.shape[-1] == want.shape[0] and bool((got.cpu() == want).all()):
+        return None
+    return (f"position_ids {_show(got[0])} are not {what} ({_show(want)}): pass position_ids=ringrt.hf.shard_inputs(...)"
+            f"['position_ids'] ({why})")
 
 
 def _show(x: torch.Tensor) -> str:
