@@ -180,6 +180,9 @@ def ring_groups(group: dist.ProcessGroup | None, *, timeout_s: float | None = No
             comm.rendezvous(g, device=device, timeout_s=timeout_s, channel="groups", step="setup of the ring groups")
             lanes = tuple(dist.new_group(list(key[1]), group_desc=f"ringrt_lane{i}") for i in range(2))
             rg = RingGroups(g, lanes, rank, world, agree=dist.new_group(list(key[1]), group_desc="ringrt_agree"))
+            # gloo finishes a group's connections on one rank before the others: without this second
+            # rendezvous a rank that exits right after could break a peer's creation with a raw error
+            comm.rendezvous(g, device=device, timeout_s=timeout_s, channel="groups", step="after setup of the ring groups")
         else:  # an unregistered subgroup: its channels share it, kept apart by tags (gloo only)
             rg = RingGroups(g, (g, g), rank, world, dedicated=False)
         _CACHE[key] = rg
