@@ -15,14 +15,21 @@ prediction (calibrated at the start of the run, per-call overheads included; ``a
 schedule it picks, ``single`` as one kernel call, DeepSpeed as ringrt's Ulysses) with its error per
 row and the share of rows within ±20 % in total and per world size, and the kernel's FLOP/s as a
 fraction of torch.mm's on the same thread (the roofline). Writes JSON + PNG under ``--out``.
+
+``--link rate=200mbit,burst=64kb --topology mesh|switch|ring`` puts every rank in a network namespace
+of its own joined by tbf-shaped links (``ringrt.simulate.links``; needs root), calibrates under the same
+links, and reports per contender the bytes of every link direction in its last round, the busiest
+one's bytes and its busy fraction (bytes / (rate x that round's time)) beside ringrt's own counts.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -41,6 +48,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seqs", type=int, nargs="+", default=None)
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--out", type=Path, default=Path("bench_results"))
+    p.add_argument("--heads", nargs="+", default=None, metavar="H/HKV/D",
+                   help="head cases, e.g. 12/12/64 (default 32/32/32 32/8/32; --quick 16/16/32 16/4/32)")
+    p.add_argument("--modes", nargs="+", choices=["fwd", "fwd+bwd"], default=["fwd", "fwd+bwd"])
+    p.add_argument("--masks", nargs="+", choices=["causal", "full"], default=["causal", "full"])
+    p.add_argument("--link", default=None, metavar="rate=R,burst=B[,latency=L][,delay=D]",
+                   help="emulate links: each rank in its own network namespace, links shaped with tbf (root only)")
+    p.add_argument("--topology", choices=["mesh", "switch", "ring"], default=None,
+                   help="how the emulated links join the ranks (with --link; default mesh)")
 
 
 class _PeakRSS:
@@ -128,22 +143,24 @@ def _deepspeed_attention(world):
         return repr(e)[:120]
 
 
-def _rounds(runnable, reps, world, rank, seq, heads, kv_heads, d, causal, grad, ds_attn) -> dict:
+def _rounds(runnable, reps, world, rank, seq, heads, kv_heads, d, causal, grad, ds_attn, links=False) -> dict:
     """Round 0 warms every contender up, then ``reps`` measured rounds, round-robin. Returns
     ``spans`` ((start, end) per measured round), ``rss`` (largest peak growth) and ``sent`` (bytes
     of the last round) per contender, ``errors`` (the first failure of a contender, which then sits
-    out the remaining rounds) and ``ran`` (what auto ran, and what it measured when it tuned)."""
+    out the remaining rounds), ``ran`` (what auto ran, and what it measured when it tuned) and, with
+    emulated ``links``, ``io`` ((rx, tx) bytes per link interface of this rank's namespace in the last round)."""
     times: dict[str, list[tuple[float, float]]] = {n: [] for n in runnable}  # (start, end) per round
     ran: dict = {}
     rss = dict.fromkeys(runnable, 0)
     sent = dict.fromkeys(runnable, 0)
+    io = dict.fromkeys(runnable)
     errors: dict[str, str] = {}
     for i in range(reps + 1):  # round 0 warms up every contender
         for name in runnable:
             if name in errors:
                 continue
             try:
-                span, peak, nbytes = _run_once(name, world, rank, seq, heads, kv_heads, d, causal, grad, ds_attn)
+                span, peak, nbytes, delta = _run_once(name, world, rank, seq, heads, kv_heads, d, causal, grad, ds_attn, links)
             except Exception as e:
                 errors[name] = f"error: {type(e).__name__}: {str(e)[:160]}"
                 continue
@@ -153,7 +170,8 @@ def _rounds(runnable, reps, world, rank, seq, heads, kv_heads, d, causal, grad, 
                 times[name].append(span)
                 rss[name] = max(rss[name], peak)
                 sent[name] = nbytes
-    return dict(spans=times, rss=rss, sent=sent, errors=errors, ran=ran)
+                io[name] = delta
+    return dict(spans=times, rss=rss, sent=sent, errors=errors, ran=ran, io=io)
 
 
 def _note_auto_choice(ran: dict) -> None:
@@ -166,7 +184,7 @@ def _note_auto_choice(ran: dict) -> None:
         ran.setdefault("auto_measured", choice[1])
 
 
-def _worker(rank, world, grid, reps):
+def _worker(rank, world, grid, reps, links=False):
     ds_attn = _deepspeed_attention(world)
     rows = []
     for seq, heads, kv_heads, d, causal, mode in grid:
@@ -179,14 +197,14 @@ def _worker(rank, world, grid, reps):
                 rows.append(dict(cfg, name=name, skipped=skip))
             else:
                 runnable.append(name)
-        got = _rounds(runnable, reps, world, rank, seq, heads, kv_heads, d, causal, mode == "fwd+bwd", ds_attn)
+        got = _rounds(runnable, reps, world, rank, seq, heads, kv_heads, d, causal, mode == "fwd+bwd", ds_attn, links)
         for name in runnable:
             if name in got["errors"]:
                 rows.append(dict(cfg, name=name, skipped=got["errors"][name]))
                 continue
             rows.append(dict(cfg, name=name, spans=got["spans"][name], rss=got["rss"][name],
                              bytes_sent=got["sent"][name] if name not in ("deepspeed", "torch_cp") else None,
-                             **(got["ran"] if name == "auto" else {})))
+                             **(got["ran"] if name == "auto" else {}), **({"link_io": {rank: got["io"][name]}} if links else {})))
     return rows
 
 
@@ -200,9 +218,12 @@ def _skip_reason(name, world, heads, kv_heads, causal, mode, ds_attn) -> str | N
     return None
 
 
-def _run_once(name, world, rank, seq, heads, kv_heads, d, causal, grad, ds_attn) -> tuple[tuple[float, float], int, int]:
-    """((start, end) on the host's monotonic clock, peak RSS growth, bytes sent by ringrt) of one call
-    of ``name`` on fresh inputs."""
+def _run_once(name, world, rank, seq, heads, kv_heads, d, causal, grad, ds_attn, links=False):
+    """((start, end) on the host's monotonic clock, peak RSS growth, bytes sent by ringrt, and with
+    emulated ``links`` the (rx, tx) bytes of this rank's link interfaces, else None) of one call of
+    ``name`` on fresh inputs."""
+    from ringrt.simulate.links import interface_bytes, io_delta
+
     import torch.distributed as dist
 
     from ringrt.distributed import comm
@@ -217,6 +238,7 @@ def _run_once(name, world, rank, seq, heads, kv_heads, d, causal, grad, ds_attn)
     if world > 1:
         dist.barrier()
     comm.reset_stats()
+    io0 = interface_bytes() if links else None
     with _PeakRSS() as mem:
         t0 = time.perf_counter()
         out = _call(name, q, k, v, causal, world, ds_attn)
@@ -224,7 +246,7 @@ def _run_once(name, world, rank, seq, heads, kv_heads, d, causal, grad, ds_attn)
             out.backward(torch.ones_like(out))
         t1 = time.perf_counter()
     sent = sum(c.bytes_sent for n, c in comm.stats().items() if n != "auto")
-    return (t0, t1), mem.peak - mem.base, sent
+    return (t0, t1), mem.peak - mem.base, sent, io_delta(io0, interface_bytes()) if links else None
 
 
 def _causal_local(causal):
@@ -248,24 +270,48 @@ def main(args: argparse.Namespace) -> int:
     from ringrt.schedules import costmodel as cm
     from ringrt.simulate.calibrate import calibrate, write
     from ringrt.distributed.spawn import run_local
+    from ringrt.simulate import links as ln
 
     worlds = args.worlds or [1, 2, 4]
     seqs = args.seqs or ([1024, 2048] if args.quick else [1024, 2048, 4096])
     reps = args.reps or 5
-    heads_cases = [(16, 16, 32), (16, 4, 32)] if args.quick else [(32, 32, 32), (32, 8, 32)]
-    modes = ["fwd", "fwd+bwd"]
-    grid = [(s, h, hk, d, c, mo) for s in seqs for (h, hk, d) in heads_cases for c in (True, False) for mo in modes
+    heads_cases = ([tuple(int(x) for x in h.split("/")) for h in args.heads] if args.heads else
+                   [(16, 16, 32), (16, 4, 32)] if args.quick else [(32, 32, 32), (32, 8, 32)])
+    modes = args.modes
+    masks = [c == "causal" for c in args.masks]
+    grid = [(s, h, hk, d, c, mo) for s in seqs for (h, hk, d) in heads_cases for c in masks for mo in modes
             if not (args.quick and not c and mo == "fwd+bwd")]
+    link = topology = None
+    if args.link or args.topology:
+        try:
+            if not args.link:
+                raise ln.LinkError("--topology needs --link (e.g. --link rate=200mbit,burst=64kb)")
+            link, topology = ln.parse_link(args.link), args.topology or "mesh"
+            ln.check_privileges(link)
+        except ln.LinkError as e:
+            print(f"ringrt bench compare: {e}", file=sys.stderr)
+            return 2
+
+    def network(w):  # the emulated links for w ranks, or nothing
+        return ln.Network(w, topology, link) if link and w > 1 else contextlib.nullcontext()
+
     args.out.mkdir(parents=True, exist_ok=True)
-    print("calibrating ...", flush=True)
-    machine, measured = calibrate(1, 3, tuple(w for w in worlds if w > 1))
+    print("calibrating ..." + (f" (under {topology} links, {args.link})" if link else ""), flush=True)
+    with network(max([2, *worlds])):
+        machine, measured = calibrate(1, 3, tuple(w for w in worlds if w > 1))
     write(args.out / "calibration.json", machine, measured)
     os.environ["RINGRT_CALIBRATION"] = str((args.out / "calibration.json").resolve())  # what auto reads in the ranks
     roof = _roofline(1)
     rows = []
     for w in worlds:
         print(f"W={w} ...", flush=True)
-        rows.extend(_merge_ranks(run_local(_worker, w, grid, reps, timeout=3600, threads=1)))
+        with network(w) as net:
+            got = _merge_ranks(run_local(_worker, w, grid, reps, net is not None, timeout=3600, threads=1))
+        for r in got:
+            io = r.pop("link_io", None)
+            if io is not None and "times" in r:  # counters of the last round: priced against that round's time
+                r.update(net.summary(io, r["times"][-1]))
+        rows.extend(got)
     single = {(r["seq"], r["heads"], r["kv_heads"], r["causal"], r["mode"]): r["time"] for r in rows if r["name"] == "single" and "time" in r}
     for r in rows:
         if "time" not in r:
@@ -274,7 +320,8 @@ def main(args: argparse.Namespace) -> int:
         r["efficiency"] = base / (r["world"] * r["time"]) if base else None
         _price(r, machine)
     result = {"machine": cm.machine_to_dict(machine), "calibration": measured, "roofline": roof, "rows": rows,
-              "targets": _targets(rows), "model_agreement": _agreement(rows)}
+              "targets": _targets(rows), "model_agreement": _agreement(rows),
+              "link_emulation": {"topology": topology, **link.to_dict()} if link else None}
     atomic_write_text(args.out / "compare.json", json.dumps(result, indent=1, default=str))
     _print(result)
     _plot(result, args.out / "compare.png")
@@ -297,6 +344,8 @@ def _merge_ranks(res: list[list[dict]]) -> list[dict]:
             if "spans" in r and "spans" in cur:
                 cur["spans"] = [(min(a[0], b[0]), max(a[1], b[1])) for a, b in zip(cur["spans"], r["spans"], strict=True)]
                 cur["rss"] = max(cur["rss"], r["rss"])
+                if "link_io" in r:
+                    cur["link_io"] = {**cur.get("link_io", {}), **r["link_io"]}
                 if r.get("bytes_sent") is not None:
                     cur["bytes_sent"] = max(cur["bytes_sent"], r["bytes_sent"])
             elif "skipped" in r:
@@ -388,7 +437,14 @@ def _print(result) -> None:
     roof = result["roofline"]
     print(f"\nroofline (1 thread): torch.mm {roof['mm_flops'] / 1e9:.1f} GFLOP/s; kernel fwd {roof['kernel_fwd_flops'] / 1e9:.1f} "
           f"({roof['fwd_fraction']:.2f} of mm), bwd {roof['kernel_bwd_flops'] / 1e9:.1f} ({roof['bwd_fraction']:.2f})")
+    em = result.get("link_emulation")
+    if em:
+        print(f"emulated links: {em['topology']}, tbf rate {em['rate']} ({em['bytes_per_s'] / 1e6:.1f} MB/s per direction), "
+              f"burst {em['burst']}, latency {em['latency']}" + (f", delay {em['delay']}" if em.get("delay") else "")
+              + "; link MB = busiest link direction's bytes in the last round, busy = those bytes / (rate x that round's time)")
     hdr = f"{'W':>2} {'seq':>5} {'H/Hkv':>6} {'causal':>6} {'mode':>7} {'schedule':>10} {'best ms':>9} {'median':>8} {'eff':>5} {'MB/rank':>8} {'RSS MB':>7} {'model ms':>9} {'err':>6}"
+    if em:
+        hdr += f"    {'link MB':>8} {'busy':>5} {'busiest':>7}"
     print(hdr)
     for r in result["rows"]:
         head = f"{r['world']:>2} {r['seq']:>5} {r['heads']:>3}/{r['kv_heads']:<2} {str(r['causal']):>6} {r['mode']:>7} {r['name']:>10}"
@@ -402,7 +458,12 @@ def _print(result) -> None:
         if r["name"] == "auto":
             tuned = " tuned" if r.get("auto_measured") else ""
             pick = f" -> {r.get('auto_ran', '?')}{tuned} (model: {r.get('model_pick', '?')})"
-        print(f"{head} {r['time'] * 1e3:9.1f} {r['median'] * 1e3:8.1f} {eff:>5} {mb:>8} {r['rss'] / 1e6:7.1f} {model}{pick}")
+        link = ""
+        if em:
+            link = (f" {r['busiest_link_bytes'] / 1e6:8.2f} {r['busy']:5.2f} {r['busiest_link']:>7}" if r.get("busiest_link")
+                    else f" {'-':>8} {'-':>5} {'-':>7}")
+            model = f"{model:<19}"
+        print(f"{head} {r['time'] * 1e3:9.1f} {r['median'] * 1e3:8.1f} {eff:>5} {mb:>8} {r['rss'] / 1e6:7.1f} {model}{link}{pick}")
     print("targets:", result["targets"])
     print("model within ±20 % of the best measured round:", result["model_agreement"])
 

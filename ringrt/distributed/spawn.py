@@ -7,6 +7,11 @@ No store port: the processes meet through a ``file://`` store, and their gloo (a
 listen on the loopback interface only (:func:`ringrt.distributed.launcher.pin_to_loopback`). Results come back
 through a queue; a worker that raises fails the caller with its traceback, and workers still
 running after ``timeout`` seconds are killed so a deadlock becomes an error instead of a hang.
+
+``enter``: a picklable callable run in each process with its rank after the loopback pinning and
+before ``init_process_group``, e.g. to move the rank into a network namespace of its own and point
+``GLOO_SOCKET_IFNAME`` at that namespace's interface (``ringrt.simulate.links``). Without one
+``run_local`` uses the hook of the innermost :func:`entering` block, if any.
 """
 
 from __future__ import annotations
@@ -17,14 +22,32 @@ import queue as _queue
 import tempfile
 import time
 import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.multiprocessing as mp
 
 _CTX = mp.get_context("spawn")
+_ENTER: list[Callable[[int], None]] = []  # the hooks of the open entering() blocks, innermost last
 
 
-def _worker(fn, rank, world, init_file, q, args, threads, backend):
+@contextmanager
+def entering(hook: Callable[[int], None]) -> Iterator[None]:
+    """Within the block, ``run_local`` calls without ``enter=`` run ``hook(rank)`` in each process
+    before it joins the group (benchmarks whose inner helpers spawn ranks themselves)."""
+    _ENTER.append(hook)
+    try:
+        yield
+    finally:
+        _ENTER.remove(hook)
+
+
+def _hook(enter):
+    return enter if enter is not None or not _ENTER else _ENTER[-1]
+
+
+def _worker(fn, rank, world, init_file, q, args, threads, backend, enter=None):
     try:
         torch.set_num_threads(threads)
         import torch.distributed as dist
@@ -32,6 +55,8 @@ def _worker(fn, rank, world, init_file, q, args, threads, backend):
         from .launcher import pin_to_loopback
 
         pin_to_loopback()  # every rank is on this machine: gloo/NCCL listen on loopback only
+        if enter is not None:
+            enter(rank)  # e.g. into this rank's network namespace: after the pinning, so it may override it
         extra = {}
         if "nccl" in backend:
             device = torch.device("cuda", rank % torch.cuda.device_count())
@@ -52,9 +77,11 @@ def _worker(fn, rank, world, init_file, q, args, threads, backend):
         os._exit(0)  # skip interpreter teardown, where gloo threads can abort the process
 
 
-def run_local(fn, world: int, *args, timeout: float = 240.0, threads: int = 1, backend: str = "gloo") -> list:
+def run_local(fn, world: int, *args, timeout: float = 240.0, threads: int = 1, backend: str = "gloo",
+              enter: Callable[[int], None] | None = None) -> list:
     """fn(rank, world, *args) on ``world`` processes (``threads`` intra-op threads each) joined by
-    ``backend`` (``gloo``, or ``cpu:gloo,cuda:nccl`` for one GPU per process).
+    ``backend`` (``gloo``, or ``cpu:gloo,cuda:nccl`` for one GPU per process). ``enter(rank)`` (default:
+    the innermost :func:`entering` hook) runs in each process before it joins the group.
 
     ``fn`` must be importable (module level) and return something picklable. Returns the results
     indexed by rank.
@@ -63,7 +90,9 @@ def run_local(fn, world: int, *args, timeout: float = 240.0, threads: int = 1, b
     os.close(fd)
     os.unlink(init_file)
     q = _CTX.Queue()
-    procs = [_CTX.Process(target=_worker, args=(fn, r, world, init_file, q, args, threads, backend), daemon=True) for r in range(world)]
+    enter = _hook(enter)
+    procs = [_CTX.Process(target=_worker, args=(fn, r, world, init_file, q, args, threads, backend, enter), daemon=True)
+             for r in range(world)]
     for p in procs:
         p.start()
     results: dict[int, object] = {}

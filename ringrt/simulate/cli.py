@@ -26,6 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--threads", type=int, default=1, help="intra-op threads per rank while measuring (default %(default)s)")
     c.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement; the best is kept (default %(default)s)")
     c.add_argument("--worlds", type=int, nargs="+", default=[2, 4], help="world sizes whose per-call overheads are measured")
+    c.add_argument("--link", default=None, metavar="rate=R,burst=B[,latency=L][,delay=D]",
+                   help="measure gloo over emulated links: each rank in its own network namespace, tbf-shaped (root only)")
+    c.add_argument("--topology", choices=["mesh", "switch", "ring"], default=None,
+                   help="how the emulated links join the ranks (with --link; default mesh)")
     sub.add_parser("anchors", help="reproduce the published anchors (simulation)")
     pr = sub.add_parser("project", help="project 8 -> 1024 GPUs, MHA and GQA (simulation)")
     pr.add_argument("--machine", choices=sorted(cm.PRESETS), default="h100",
@@ -36,9 +40,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if args.action == "calibrate":
+        import contextlib
+        import sys
+
+        from . import links as ln
         from .calibrate import calibrate, write
 
-        m, measured = calibrate(args.threads, args.reps, tuple(args.worlds))
+        net = contextlib.nullcontext()
+        if args.link or args.topology:
+            try:
+                if not args.link:
+                    raise ln.LinkError("--topology needs --link (e.g. --link rate=200mbit,burst=64kb)")
+                net = ln.Network(max([2, *args.worlds]), args.topology or "mesh", ln.parse_link(args.link))
+                ln.check_privileges(net.link)
+            except ln.LinkError as e:
+                print(f"ringrt simulate calibrate: {e}", file=sys.stderr)
+                return 2
+        with net:  # the ranks' gloo traffic runs over the emulated links
+            m, measured = calibrate(args.threads, args.reps, tuple(args.worlds))
+        if args.link:
+            measured["link_emulation"] = {"topology": net.topology, **net.link.to_dict()}
+            m.source += f" over emulated {net.topology} links ({args.link})"
         path = args.out or calibration_path()
         write(path, m, measured)
         loc, link = measured["local"], measured["link"]
