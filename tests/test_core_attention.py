@@ -89,13 +89,13 @@ def _bytes_direct(rank, world, causal, heads, kv_heads, elt, acc, batch=2):
     def q_rows_sent(s):
         if not causal:
             return s_l
-        o = (rank + s) % world  # owner of the query forwarded at step s
-        return 2 * c if (rank - 1) % world < o else c  # whole query while the receiver is below its owner
+        t = (rank - s - 1) % world  # own queries go straight to the rank visiting them at step s + 1
+        return 2 * c if t < rank else c  # a rank below the owner needs the whole query
 
     def q_rows_recv(s):
         if not causal:
             return s_l
-        o = (rank + s + 1) % world
+        o = (rank + s + 1) % world  # straight from their owner
         return 2 * c if rank < o else c
 
     def out_rows_sent(s):

@@ -54,9 +54,10 @@ def test_transfers_match_between_sender_and_receiver(world, causal, layout):
         for st in scheds[r]:
             if st.q_send is not None:
                 peer = st.q_send.peer
-                assert peer == (r - 1) % world
+                assert peer == (r - st.step - 1) % world  # own queries, straight to the rank visiting them next
                 assert scheds[peer][st.step].q_recv == type(st.q_send)(r, st.q_send.rows)
                 assert scheds[peer][st.step + 1].held == st.q_send.rows
+                assert scheds[peer][st.step + 1].owner == r
             if st.out_send is not None:
                 o = st.out_send.peer
                 assert o == st.owner and st.step > 0
@@ -78,6 +79,21 @@ def test_zigzag_w2_table():
     # rank 0 ships only the back half of its query; rank 1 ships all of its own
     assert r0[0].q_send.rows == (1, 2) and r1[0].q_send.rows == (0, 2)
     assert r0[1].out_send.rows == (0, 2) and r1[1].out_send.rows == (1, 2)
+
+
+@pytest.mark.parametrize("world", range(2, 8))
+def test_zigzag_causal_loads_every_link_direction_alike(world):
+    """Queries go straight from their owner: the link a -> b carries a's queries to b (whole when b < a,
+    back half when b > a) and the partial of b's queries over a's keys (back half when b < a, whole when
+    b > a): 3 chunks of rows each way of every link, forward and backward alike."""
+    q, out = {}, {}
+    for r in range(world):
+        for st in tokenring_schedule(r, world, True, "zigzag"):
+            for load, t in ((q, st.q_send), (out, st.out_send)):
+                if t is not None:
+                    load[(r, t.peer)] = load.get((r, t.peer), 0) + t.rows[1] - t.rows[0]
+    for a, b in itertools.permutations(range(world), 2):
+        assert (q[(a, b)], out[(a, b)]) == ((2, 1) if b < a else (1, 2)), (a, b)
 
 
 def test_causal_contiguous_skips_empty_pairs_and_stops_forwarding():

@@ -144,7 +144,7 @@ def _bytes_tokenring(rank, world, s_l, heads, elt=8, acc=8):
     c = s_l // 2
     q_fwd, out_fwd = B * heads * D * elt, B * heads * (D * elt + acc)
     q_bwd, out_bwd = B * heads * (2 * D * elt + 2 * acc), B * heads * D * elt
-    qs = sum(2 * c if (rank - 1) % world < (rank + s) % world else c for s in range(world - 1))
+    qs = sum(2 * c if (rank - s - 1) % world < rank else c for s in range(world - 1))  # own q, straight to its visitor
     qr = sum(2 * c if rank < (rank + s + 1) % world else c for s in range(world - 1))
     os_ = sum(2 * c if (rank + s) % world > rank else c for s in range(1, world))
     or_ = sum(2 * c if rank > (rank - s) % world else c for s in range(1, world))

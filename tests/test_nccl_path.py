@@ -149,13 +149,14 @@ def _overlaps(rec: Recorder) -> list[tuple[str, int, int]]:
 
 
 @pytest.mark.parametrize("topology", ["ring", "full"])
-def test_every_tokenring_transfer_but_the_last_overlaps_a_kernel_call(monkeypatch, topology):
+def test_every_tokenring_transfer_overlaps_a_kernel_call_but_the_last_relayed_one(monkeypatch, topology):
     world = 3
     for rank, rec in _record(monkeypatch, lambda: _attention("tokenring", s=12, topology=topology), world=world).items():
         spans = _overlaps(rec)
         assert spans
-        # forward and backward each run steps 0..W-1; nothing is left to compute after the last one
-        idle = [(c, s) for c, s, k in spans if k == 0 and s < world - 1]
+        # forward and backward each run steps 0..W-1; in the relay topology nothing is left to compute
+        # after the last one, in the full one the second head half of the own block runs under the last return
+        idle = [(c, s) for c, s, k in spans if k == 0 and (topology == "full" or s < world - 1)]
         assert not idle, (rank, topology, "transfers that overlap no compute", idle)
 
 
@@ -195,12 +196,30 @@ def test_a_failed_coalesced_batch_names_all_its_peers_and_is_not_called_a_timeou
 def test_gloo_keeps_per_transfer_timeouts_and_tells_a_closed_connection_from_a_timeout(monkeypatch):
     err, rec = _fail(monkeypatch, RuntimeError(GLOO_TIMEOUT), nccl=False)
     assert isinstance(err, comm.CommTimeout)
-    assert "rank 1 (of 4) on channel 'q', step 3: send to peer 0 did not complete within 1.5 s" in str(err), str(err)
-    assert rec.direct == ["send", "recv"] and _p2p_waits(rec) == [datetime.timedelta(seconds=1.5)]
+    # gloo posts the receive first (see test_gloo_posts_every_receive_before_its_sends), so it is waited first
+    assert "rank 1 (of 4) on channel 'q', step 3: receive from peer 2 did not complete within 1.5 s" in str(err), str(err)
+    assert rec.direct == ["recv", "send"] and _p2p_waits(rec) == [datetime.timedelta(seconds=1.5)]
 
     err, _ = _fail(monkeypatch, RuntimeError(GLOO_CLOSED), nccl=False)
-    assert "send to peer 0 failed: the connection to the peer was closed" in str(err), str(err)
+    assert "receive from peer 2 failed: the connection to the peer was closed" in str(err), str(err)
     assert type(err).__name__ == "CommError" and not isinstance(err, comm.CommTimeout), str(err)
+
+
+@pytest.mark.parametrize("name", [n for n in CALLS if n not in ("allgather", "ulysses")])
+def test_gloo_posts_every_receive_before_its_sends(monkeypatch, name):
+    """gloo runs an exchange with one peer half-duplex when the send is posted before the receive
+    (Note [NCCL and gloo]): every post issues its irecvs first, then its isends."""
+    both = 0
+    for rank, rec in _record(monkeypatch, CALLS[name], nccl=False).items():
+        at = 0
+        for p in rec.posts:
+            n_recv, n_send = len(p.recvs), len(p.sends)
+            got = rec.direct[at : at + n_recv + n_send]
+            assert got == ["recv"] * n_recv + ["send"] * n_send, (rank, p.channel, p.step, got)
+            at += n_recv + n_send
+            both += bool(n_recv and n_send)
+        assert at == len(rec.direct), (rank, name)
+    assert both, name
 
 
 def _subgroups():

@@ -4,8 +4,9 @@ Every ring schedule has two streams of traffic in flight at once, so it gets two
 groups over the same ranks as the base group, each its own communicator (and stream, on NCCL), so
 neither stream queues behind the other. Who uses them for what:
 
-* TokenRing: queries on lane 0 (r -> r-1), partial results on lane 1 (back to their owner); in the
-  relay topology one head half travels each way, lane 0 downwards and lane 1 upwards;
+* TokenRing: queries on lane 0 (each owner's straight to the rank visiting them next), partial
+  results on lane 1 (back to their owner); in the relay topology one head half travels each way,
+  lane 0 downwards and lane 1 upwards;
 * KV-ring: K/V on lane 0, dK/dV on lane 1 (both r -> r+1, the gradients one step behind);
 * Λ-mask pass: the halo exchanges on lane 0, the global-token relay on lane 1;
 * hybrid: Ulysses rows and two column rings (a "grid"; u = 1 is the KV-ring on the two lanes).

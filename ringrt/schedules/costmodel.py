@@ -508,8 +508,9 @@ def tokenring_traffic(rank: int, world: int, causal: bool, layout: str) -> list[
 
     Closed form of ``tokenring_plan.tokenring_schedule`` for the contiguous and zigzag layouts (O(W) instead
     of O(W^2) per rank, so 1024 ranks price in seconds); the tests check both agree.
-    Owner o's queries are needed after step s by some rank below o (whole shard) iff s + 1 <= o, else
-    (causal zigzag) only the back half by the ranks above o; non-causal: always the whole shard.
+    At step s the rank sends its own queries to rank t = rank - s - 1 (mod W), which is below it (and
+    needs the whole shard) iff s + 1 <= rank, else (causal zigzag) needs only the back half (causal
+    contiguous: nothing); non-causal: always the whole shard.
     """
     n = local_chunks(layout)
     out = []
@@ -520,7 +521,7 @@ def tokenring_traffic(rank: int, world: int, causal: bool, layout: str) -> list[
         if s < world - 1:
             if not causal:
                 q_rows = (0, n)
-            elif s + 1 <= o:
+            elif s + 1 <= rank:
                 q_rows = (0, n)
             elif layout == "zigzag":
                 q_rows = (1, 2)
@@ -548,7 +549,7 @@ def _tokenring(m, p, world, layout, chunk, share, bwd):
         tq = tout = 0.0
         if q_rows is not None:
             nb = n_rows(q_rows) * q_bytes_per_chunk
-            tq = msg_time(_link(m, r, (r - 1) % world), nb) + copy_time(m, nb, share)
+            tq = msg_time(_link(m, r, (r - s - 1) % world), nb) + copy_time(m, nb, share)
         if out_rows is not None:
             nb = n_rows(out_rows) * out_bytes_per_chunk
             tout = msg_time(_link(m, r, owner), nb) + copy_time(m, nb, share)

@@ -55,62 +55,114 @@ def _accumulate(acc: list[torch.Tensor], parts: list[torch.Tensor], dtype: torch
 # The direct pass: queries (or the backward's query bundle) one way, partials straight back.
 # ----------------------------------------------------------------------------------------------
 
-Compute = Callable[[Block, list[torch.Tensor]], list[torch.Tensor]]
-Absorb = Callable[[Rows, list[torch.Tensor]], None]
+Heads = tuple[tuple[int, int], tuple[int, int]] | None  # (query heads, kv heads) of a split block; None: all
+Compute = Callable[[Block, list[torch.Tensor], Heads], list[torch.Tensor]]
+Absorb = Callable[[Rows, list[torch.Tensor], Heads], None]
 
 
 def _direct_pass(
-    plan: RingPlan, bundle: list[torch.Tensor], partial_like: list[torch.Tensor], compute: Compute, absorb: Absorb
+    plan: RingPlan, bundle: list[torch.Tensor], partial_like: list[torch.Tensor], kv_heads: int, compute: Compute,
+    absorb: Absorb,
 ) -> None:
     """Run the W steps of one rank.
 
     bundle: tensors (B, H, S, ...) of this rank's queries that travel (q; or q, dout, lse, delta).
     partial_like: tensors shaped like one partial result over all S rows (for receive sizes).
-    compute(block, bundle rows) -> partial over block.q_rows; absorb(rows, partial) folds a partial
-    result of this rank's own queries into its accumulators.
+    kv_heads: this rank's kv heads (the own block splits its heads on a kv-group boundary).
+    compute(block, bundle rows, heads) -> partial over block.q_rows (of the query heads ``heads[0]``
+    against the kv heads ``heads[1]``; all heads when None); absorb(rows, partial, heads) folds a
+    partial result of this rank's own queries into its accumulators.
+
+    Overlap: the query transfers run one step ahead of the plan (step 0 posts the plan's transfers
+    of steps 0 and 1, step s > 0 the one of step s + 1: at W = 3 the queries and the partials then
+    never share a link within a step), and the own block of step 0 runs in two head halves, the second
+    after the last partials are posted, so the last return is in flight while it computes.
     """
-    g = plan.groups
-    chunk = bundle[0].shape[2] // local_chunks(plan.layout)
-    dev = bundle[0].device
-    qc = P2P(g.lanes[0], "q", plan.timeout) if g.world > 1 else None
-    oc = P2P(g.lanes[1], "out", plan.timeout) if g.world > 1 else None
-    held, held_rows = bundle, (0, local_chunks(plan.layout))
-    out_pending: tuple[Pending, Rows | None] | None = None
-    for st in tokenring_schedule(g.rank, g.world, plan.causal, plan.layout):
-        q_pending = None
-        if st.q_send is not None or st.q_recv is not None:
-            sends = [(st.q_send.peer, pack([rows(t, st.q_send.rows, chunk, held_rows[0]) for t in held]))] if st.q_send else []
-            recv_n = nbytes(_specs(bundle, n_rows(st.q_recv.rows) * chunk)) if st.q_recv else 0
-            recvs = [(st.q_recv.peer, recv_n)] if st.q_recv else []
-            q_pending = qc.post(step=st.step, sends=sends, recvs=recvs, device=dev)
-        partial = None
-        if st.block is not None:
-            partial = compute(st.block, [rows(t, st.block.q_rows, chunk, held_rows[0]) for t in held])
-            if st.step == 0:
-                absorb(st.block.q_rows, partial)
-        if out_pending is not None:
-            _absorb_received(out_pending, partial_like, chunk, absorb)
-            out_pending = None
-        if st.out_send is not None or st.out_recv is not None:
-            sends = [(st.out_send.peer, pack(partial))] if st.out_send else []
-            recvs = []
-            if st.out_recv:
-                recvs = [(st.out_recv.peer, nbytes(_specs(partial_like, n_rows(st.out_recv.rows) * chunk)))]
-            out_pending = (oc.post(step=st.step, sends=sends, recvs=recvs, device=dev), st.out_recv.rows if st.out_recv else None)
-        if q_pending is not None:
-            bufs = q_pending.wait()
+    _DirectPass(plan, bundle, partial_like, kv_heads, compute, absorb).run()
+
+
+class _DirectPass:
+    def __init__(self, plan: RingPlan, bundle: list[torch.Tensor], partial_like: list[torch.Tensor], kv_heads: int,
+                 compute: Compute, absorb: Absorb):
+        g = plan.groups
+        self.world, self.bundle, self.partial_like = g.world, bundle, partial_like
+        self.compute, self.absorb = compute, absorb
+        self.chunk = bundle[0].shape[2] // local_chunks(plan.layout)
+        self.dev = bundle[0].device
+        self.qc = P2P(g.lanes[0], "q", plan.timeout) if g.world > 1 else None
+        self.oc = P2P(g.lanes[1], "out", plan.timeout) if g.world > 1 else None
+        self.steps = tokenring_schedule(g.rank, g.world, plan.causal, plan.layout)
+        split = head_split(bundle[0].shape[1], kv_heads)
+        # the own block in two head halves (one before the transfers, one under the last return)
+        self.halves: list[Heads] = list(split) if g.world > 1 and len(split) == 2 else [None]
+        self.received: dict[int, list[torch.Tensor]] = {}  # plan step -> the queries held there
+
+    def post_q(self, step: int) -> tuple[Pending, list[int]] | None:
+        """Post the query transfers of step ``step``: the plan's of steps 0 and 1 at step 0, else of step + 1."""
+        sends, recvs, into = [], [], []
+        for k in [0, 1] if step == 0 else [step + 1]:
+            if k >= self.world - 1:
+                continue
+            st = self.steps[k]
+            if st.q_send is not None:
+                sends.append((st.q_send.peer, pack([rows(t, st.q_send.rows, self.chunk) for t in self.bundle])))
             if st.q_recv is not None:
-                held_rows = st.q_recv.rows
-                held = unpack(bufs[0], _specs(bundle, n_rows(held_rows) * chunk))
-    if out_pending is not None:
-        _absorb_received(out_pending, partial_like, chunk, absorb)
+                recvs.append((st.q_recv.peer, nbytes(_specs(self.bundle, n_rows(st.q_recv.rows) * self.chunk))))
+                into.append(k + 1)
+        if not sends and not recvs:
+            return None
+        return self.qc.post(step=step, sends=sends, recvs=recvs, device=self.dev), into
+
+    def take_q(self, pending: tuple[Pending, list[int]] | None) -> None:
+        if pending is not None:
+            p, into = pending
+            for k, buf in zip(into, p.wait(), strict=True):
+                self.received[k] = unpack(buf, _specs(self.bundle, n_rows(self.steps[k].held) * self.chunk))
+
+    def block(self, block: Block, held: list[torch.Tensor], held_rows: Rows, heads: Heads) -> list[torch.Tensor]:
+        part = [rows(t, block.q_rows, self.chunk, held_rows[0]) for t in held]
+        if heads is not None:
+            part = [t[:, heads[0][0] : heads[0][1]] for t in part]
+        return self.compute(block, part, heads)
+
+    def own_half(self, i: int) -> None:
+        own = self.steps[0]
+        if own.block is not None and i < len(self.halves):
+            self.absorb(own.block.q_rows, self.block(own.block, self.bundle, own.held, self.halves[i]), self.halves[i])
+
+    def post_out(self, st, partial: list[torch.Tensor] | None) -> tuple[Pending, Rows | None] | None:
+        if st.out_send is None and st.out_recv is None:
+            return None
+        sends = [(st.out_send.peer, pack(partial))] if st.out_send else []
+        recvs = []
+        if st.out_recv:
+            recvs = [(st.out_recv.peer, nbytes(_specs(self.partial_like, n_rows(st.out_recv.rows) * self.chunk)))]
+        return self.oc.post(step=st.step, sends=sends, recvs=recvs, device=self.dev), st.out_recv.rows if st.out_recv else None
+
+    def run(self) -> None:
+        out_pending: tuple[Pending, Rows | None] | None = None
+        for st in self.steps:
+            q_pending = self.post_q(st.step) if st.step < self.world - 1 else None
+            partial = None
+            if st.step == 0:
+                self.own_half(0)
+            elif st.block is not None:
+                partial = self.block(st.block, self.received.pop(st.step), st.held, None)
+            if out_pending is not None:
+                _absorb_received(out_pending, self.partial_like, self.chunk, self.absorb)
+            out_pending = self.post_out(st, partial)
+            if st.step == self.world - 1 and st.step > 0:
+                self.own_half(1)
+            self.take_q(q_pending)
+        if out_pending is not None:
+            _absorb_received(out_pending, self.partial_like, self.chunk, self.absorb)
 
 
 def _absorb_received(pending: tuple[Pending, Rows | None], partial_like, chunk: int, absorb: Absorb) -> None:
     p, r = pending
     bufs = p.wait()
     if r is not None:
-        absorb(r, unpack(bufs[0], _specs(partial_like, n_rows(r) * chunk)))
+        absorb(r, unpack(bufs[0], _specs(partial_like, n_rows(r) * chunk)), None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,17 +284,22 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPl
     chunk, adt = own.chunk, acc_dtype(q.dtype)
     acc: list[torch.Tensor] = []  # [out, lse], fp32/fp64
 
-    def compute(block: Block, qb: list[torch.Tensor]) -> list[torch.Tensor]:
-        kk, vv = (rows(x, block.k_rows, chunk) for x in (k, v))
+    def compute(block: Block, qb: list[torch.Tensor], heads: Heads) -> list[torch.Tensor]:
+        kk, vv = (rows(x, block.k_rows, chunk) for x in own.heads(heads and heads[1]))
         o, lse = plan.kernel.forward(qb[0], kk, vv, causal=block.diagonal, mask=None, scale=plan.scale)
         return [o, lse.to(adt)]
 
-    def absorb(r: Rows, part: list[torch.Tensor]) -> None:
-        _accumulate(acc, part, adt, r == own.all_rows, lambda: list(empty_accumulator(q)),
-                    lambda: merge_(rows(acc[0], r, chunk), rows(acc[1], r, chunk), part[0], part[1]))
+    def absorb(r: Rows, part: list[torch.Tensor], heads: Heads) -> None:
+        def fold() -> None:
+            o, lse = acc
+            if heads is not None:
+                o, lse = o[:, heads[0][0] : heads[0][1]], lse[:, heads[0][0] : heads[0][1]]
+            merge_(rows(o, r, chunk), rows(lse, r, chunk), part[0], part[1])
+
+        _accumulate(acc, part, adt, heads is None and r == own.all_rows, lambda: list(empty_accumulator(q)), fold)
 
     partial_like = [q, torch.empty(q.shape[:-1], dtype=adt, device="meta")]
-    _direct_pass(plan, [q], partial_like, compute, absorb)
+    _direct_pass(plan, [q], partial_like, k.shape[1], compute, absorb)
     if not acc:
         acc.extend(empty_accumulator(q))
     return acc[0].to(q.dtype), acc[1]
@@ -282,16 +339,22 @@ def _direct_backward(plan: RingPlan, bundle: list[torch.Tensor], out: torch.Tens
     q, chunk, adt = bundle[0], own.chunk, acc_dtype(bundle[0].dtype)
     dq_acc: list[torch.Tensor] = []
 
-    def compute(block: Block, b: list[torch.Tensor]) -> list[torch.Tensor]:
+    def compute(block: Block, b: list[torch.Tensor], heads: Heads) -> list[torch.Tensor]:
         # this rank's own queries (the diagonal block): the real output is here, no surrogate needed
         out_rows = rows(out, block.q_rows, chunk) if block.diagonal else None
-        return [own.grad(block, *b, out=out_rows)]
+        if out_rows is not None and heads is not None:
+            out_rows = out_rows[:, heads[0][0] : heads[0][1]]
+        return [own.grad(block, *b, heads=heads and heads[1], out=out_rows)]
 
-    def absorb(r: Rows, part: list[torch.Tensor]) -> None:
-        _accumulate(dq_acc, part, adt, r == own.all_rows, lambda: [torch.zeros(q.shape, dtype=adt, device=q.device)],
-                    lambda: rows(dq_acc[0], r, chunk).add_(part[0]))
+    def absorb(r: Rows, part: list[torch.Tensor], heads: Heads) -> None:
+        def fold() -> None:
+            dq = dq_acc[0] if heads is None else dq_acc[0][:, heads[0][0] : heads[0][1]]
+            rows(dq, r, chunk).add_(part[0])
 
-    _direct_pass(plan, bundle, [q], compute, absorb)
+        _accumulate(dq_acc, part, adt, heads is None and r == own.all_rows,
+                    lambda: [torch.zeros(q.shape, dtype=adt, device=q.device)], fold)
+
+    _direct_pass(plan, bundle, [q], own.k.shape[1], compute, absorb)
     return dq_acc[0] if dq_acc else torch.zeros(q.shape, dtype=adt, device=q.device)
 
 
