@@ -56,6 +56,9 @@ def _accumulate(acc: list[torch.Tensor], parts: list[torch.Tensor], dtype: torch
 # ----------------------------------------------------------------------------------------------
 
 Heads = tuple[tuple[int, int], tuple[int, int]] | None  # (query heads, kv heads) of a split block; None: all
+SPLIT_MIN_SCORES = 1 << 18
+"""The own block splits in two head halves only from B*H*S_l^2 of this many scores (about 1 ms of
+CPU kernel at D = 64): below it one more kernel call (~50 us) costs more than the overlap it buys."""
 Compute = Callable[[Block, list[torch.Tensor], Heads], list[torch.Tensor]]
 Absorb = Callable[[Rows, list[torch.Tensor], Heads], None]
 
@@ -93,8 +96,11 @@ class _DirectPass:
         self.oc = P2P(g.lanes[1], "out", plan.timeout) if g.world > 1 else None
         self.steps = tokenring_schedule(g.rank, g.world, plan.causal, plan.layout)
         split = head_split(bundle[0].shape[1], kv_heads)
-        # the own block in two head halves (one before the transfers, one under the last return)
-        self.halves: list[Heads] = list(split) if g.world > 1 and len(split) == 2 else [None]
+        # the own block in two head halves (one before the transfers, one under the last return), where
+        # it is big enough for the overlap to beat the cost of one more kernel call
+        b, h, s = bundle[0].shape[:3]
+        big = b * h * s * s >= SPLIT_MIN_SCORES
+        self.halves: list[Heads] = list(split) if g.world > 1 and len(split) == 2 and big else [None]
         self.received: dict[int, list[torch.Tensor]] = {}  # plan step -> the queries held there
 
     def post_q(self, step: int) -> tuple[Pending, list[int]] | None:

@@ -38,6 +38,7 @@ goes home. Every transfer is then between neighbours and both link directions st
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from ..ops.layout import local_chunks, rank_chunks
@@ -94,7 +95,8 @@ def rows_needed_by(owner: int, rank: int, world: int, causal: bool, layout: str)
     return None if b is None else b.q_rows
 
 
-def tokenring_schedule(rank: int, world: int, causal: bool, layout: str) -> list[Step]:
+@functools.lru_cache(maxsize=256)
+def tokenring_schedule(rank: int, world: int, causal: bool, layout: str) -> tuple[Step, ...]:
     """The W steps of rank ``rank`` (direct topology: every rank sends its own queries straight to the
     ranks that need them, and partials go straight back to their owner)."""
     steps = []
@@ -124,7 +126,7 @@ def tokenring_schedule(rank: int, world: int, causal: bool, layout: str) -> list
                 out_recv = Transfer(src, back.q_rows)
         steps.append(Step(s, owner, held, block, q_send, q_recv, out_send, out_recv))
         held = q_recv.rows if q_recv is not None else None
-    return steps
+    return tuple(steps)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +145,8 @@ class RelayStep:
     recv_from: int
 
 
-def relay_schedule(rank: int, world: int, causal: bool, layout: str, direction: int) -> list[RelayStep]:
+@functools.lru_cache(maxsize=256)
+def relay_schedule(rank: int, world: int, causal: bool, layout: str, direction: int) -> tuple[RelayStep, ...]:
     """Steps of one direction (-1: bundles move r -> r-1; +1: r -> r+1)."""
     if direction not in (-1, 1):
         raise ValueError(f"direction={direction} must be -1 or +1")
@@ -159,4 +162,4 @@ def relay_schedule(rank: int, world: int, causal: bool, layout: str, direction: 
                 (rank - direction) % world,
             )
         )
-    return out
+    return tuple(out)

@@ -29,7 +29,7 @@ from ..schedules import costmodel as cm
 TINY_CHUNK = 16
 TINY_HEAD_DIM = 32
 FIT_TOKENS_PER_RANK = 768
-FIT_HEADS = 8
+FIT_HEADS = 12  # divisible by every world size Ulysses is fitted at (1, 2, 3, 4, 6)
 FIT_HEAD_DIM = 64
 
 
