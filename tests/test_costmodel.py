@@ -218,3 +218,32 @@ def test_linear_cost_adds_seconds_per_byte_of_the_query_shard():
     assert cm.estimate("ring", p, m, 4).total == cm.estimate("ring", p, plain, 4).total
     assert cm.estimate("tokenring", p, m, 1).total == cm.estimate("tokenring", p, plain, 1).total
     assert cm.machine_from_dict(cm.machine_to_dict(m)) == m
+
+
+def test_regime_link_rates_give_this_cpu_the_gpus_flops_per_byte():
+    from ringrt.simulate.regimes import equivalent_rate, link_spec, regimes, table
+
+    m = cm.PRESETS["cpu"]
+    rows = table(m)
+    assert [r["topology"] for r in rows] == ["switch", "mesh", "switch"]
+    for reg, row in zip(regimes(), rows, strict=True):
+        rate = equivalent_rate(reg, m.peak)
+        assert abs(m.peak / rate - reg.flops / reg.link_bytes) < 1e-6 * reg.ratio  # same FLOPs per byte
+        assert row["link"] == link_spec(rate) and row["link"].startswith("rate=")
+    a10 = regimes()[0]
+    assert round(a10.ratio) == round(70e12 / 13.2e9)
+    assert link_spec(15.81e6) == "rate=126mbit,burst=64kb"
+
+
+def test_mesh_links_carry_an_all_to_all_at_once_and_a_switch_shares_a_ranks_sends():
+    base = cm.PRESETS["cpu"]
+    p = cm.Problem(seq=3 * 1024, heads=12, kv_heads=12, head_dim=64, dtype_bytes=4, causal=True, backward=True)
+    times = {}
+    for name, link in {"one-by-one": cm.Link(bandwidth=25e6, latency=1e-4),
+                       "mesh": cm.Link(bandwidth=25e6, latency=1e-4, per_peer=True),
+                       "switch": cm.Link(bandwidth=25e6, latency=1e-4, shared_egress=True)}.items():
+        m = cm.Machine(**{**{f: getattr(base, f) for f in base.__dataclass_fields__}, "intra": link})
+        times[name] = {s: cm.estimate(s, p, m, 3).total for s in ("ulysses", "tokenring", "ring")}
+    assert times["mesh"]["ulysses"] < times["one-by-one"]["ulysses"]  # two pieces at once instead of in turn
+    assert times["switch"]["tokenring"] > times["one-by-one"]["tokenring"]  # q and partials share the uplink
+    assert times["mesh"]["ring"] == times["one-by-one"]["ring"] == times["switch"]["ring"]  # one peer per step

@@ -298,7 +298,7 @@ def main(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     print("calibrating ..." + (f" (under {topology} links, {args.link})" if link else ""), flush=True)
     with network(max([2, *worlds])):
-        machine, measured = calibrate(1, 3, tuple(w for w in worlds if w > 1))
+        machine, measured = calibrate(1, 3, tuple(w for w in worlds if w > 1), topology)
     write(args.out / "calibration.json", machine, measured)
     os.environ["RINGRT_CALIBRATION"] = str((args.out / "calibration.json").resolve())  # what auto reads in the ranks
     roof = _roofline(1)

@@ -82,6 +82,12 @@ class Link:
     """Seconds per message."""
     duplex: bool = True
     """Both directions at full bandwidth at once."""
+    per_peer: bool = False
+    """Every pair of ranks has a link of its own (a full mesh of links): an all-to-all's pieces to
+    different peers travel at once. False: they go one after another at ``bandwidth``."""
+    shared_egress: bool = False
+    """One uplink per rank (a NIC behind a switch): a rank's concurrent sends to different peers
+    share ``bandwidth``. False: sends to different peers do not slow each other."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -414,9 +420,17 @@ def _a2a_time(m: Machine, members: list[int], nbytes: float, share: float) -> fl
     r0 = members[0]
     intra = sum(1 for r in members[1:] if _link(m, r0, r) is m.intra)
     inter = (u - 1) - intra
-    t_intra = intra * m.intra.latency + intra * piece / m.intra.bandwidth if intra else 0.0
-    t_inter = inter * m.inter.latency + inter * piece / m.inter.bandwidth if inter and m.inter else 0.0
+    t_intra = _pieces_time(m.intra, intra, piece)
+    t_inter = _pieces_time(m.inter, inter, piece) if inter and m.inter else 0.0
     return max(t_intra, t_inter) + copy_time(m, nbytes, share)
+
+
+def _pieces_time(link: Link, n: int, piece: float) -> float:
+    """``n`` pieces of ``piece`` bytes to ``n`` different peers over ``link``: at once on a mesh of
+    per-pair links, else one after another."""
+    if not n:
+        return 0.0
+    return link.latency + piece / link.bandwidth if link.per_peer else n * link.latency + n * piece / link.bandwidth
 
 
 def _ring_collective(m: Machine, world: int, piece_bytes: float, share: float) -> float:
@@ -555,7 +569,10 @@ def _tokenring(m, p, world, layout, chunk, share, bwd):
             tout = msg_time(_link(m, r, owner), nb) + copy_time(m, nb, share)
             if not bwd:  # the owner's merge of this partial
                 comp += merge_time(m, p, n_rows(out_rows) * chunk, p.heads, share)
-        return comp, (max(tq, tout) if m.intra.duplex else tq + tout)
+        # q and the partial leave for different peers: at once, unless they share one uplink (or one
+        # half-duplex link)
+        together = m.intra.duplex and not m.intra.shared_egress
+        return comp, (max(tq, tout) if together else tq + tout)
 
     return (*_slowest_steps(m, world, ranks, cost), "")
 

@@ -142,16 +142,20 @@ def _link_worker(rank: int, world: int, reps: int) -> dict:
     return dict(latency=lat, bandwidth=bw, t_comp=t_comp, t_comm=t_comm, t_both=t_both, overlap=min(1.0, max(0.0, overlap)))
 
 
-def calibrate(threads: int = 1, reps: int = 5, worlds: tuple[int, ...] = (2, 4)) -> tuple[costmodel.Machine, dict]:
+def calibrate(threads: int = 1, reps: int = 5, worlds: tuple[int, ...] = (2, 4),
+              topology: str | None = None) -> tuple[costmodel.Machine, dict]:
     """This machine's description (kernel rates per head_dim, link, overlap, per-call overheads at
-    each W of ``worlds``) and the raw measurements."""
+    each W of ``worlds``) and the raw measurements. ``topology``: how emulated links join the ranks
+    (``links.py``; None: loopback): "mesh" gives every pair its own link (``Link.per_peer``),
+    "switch" and "ring" one link per rank that its sends share (``Link.shared_egress``)."""
     local = measure_local(threads, reps)
     link = run_local(_link_worker, 2, reps, timeout=300, threads=threads)[0]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     m = costmodel.Machine(
         name=f"this machine ({cores} cores, gloo, {threads} thread(s) per rank, calibrated)",
         peak=local["peak"], bwd_peak=local["bwd_peak"], m_half=local["m_half"], overhead=local["overhead"],
-        mem_bw=local["mem_bw"], intra=costmodel.Link(bandwidth=link["bandwidth"], latency=link["latency"]),
+        mem_bw=local["mem_bw"], intra=costmodel.Link(bandwidth=link["bandwidth"], latency=link["latency"],
+                                                      per_peer=topology == "mesh", shared_egress=topology in ("switch", "ring")),
         ranks_per_node=1024, overlap=link["overlap"], cores=cores, threads=threads, simulated=False,
         source="ringrt simulate calibrate", tiling="aten_cpu",
         kernel_rates=tuple(costmodel.KernelRate(head_dim=r["head_dim"], peak=r["peak"], bwd_peak=r["bwd_peak"],
