@@ -555,15 +555,23 @@ def _tokenring(m, p, world, layout, chunk, share, bwd):
         out_bytes_per_chunk = row * (p.head_dim * e + a)  # out partial + lse
     ranks = sample_ranks(world, m.ranks_per_node)
     traffic = {r: tokenring_traffic(r, world, p.causal, layout) for r in ranks}
+    def q_time(k: int, r: int) -> float:
+        q_rows = traffic[r][k][1] if k < world else None
+        if q_rows is None:
+            return 0.0
+        nb = n_rows(q_rows) * q_bytes_per_chunk
+        return msg_time(_link(m, r, (r - k - 1) % world), nb) + copy_time(m, nb, share)
+
     def cost(s: int, r: int) -> tuple[float, float]:
-        block, q_rows, out_rows, owner = traffic[r][s]
+        block, _, out_rows, owner = traffic[r][s]
         comp = 0.0
         if block is not None:
             comp = blocks_time(m, p, [block], chunk, p.heads, backward=bwd, share=share)
-        tq = tout = 0.0
-        if q_rows is not None:
-            nb = n_rows(q_rows) * q_bytes_per_chunk
-            tq = msg_time(_link(m, r, (r - s - 1) % world), nb) + copy_time(m, nb, share)
+        # the query transfers run a step ahead (``tokenring._DirectPass``): step 0 posts those of
+        # plan steps 0 and 1 (to two different peers), step s that of plan step s + 1
+        tqs = [q_time(0, r), q_time(1, r)] if s == 0 else [q_time(s + 1, r)]
+        tq = sum(tqs) if m.intra.shared_egress else max(tqs)
+        tout = 0.0
         if out_rows is not None:
             nb = n_rows(out_rows) * out_bytes_per_chunk
             tout = msg_time(_link(m, r, owner), nb) + copy_time(m, nb, share)
