@@ -63,10 +63,21 @@ def all_to_all_packed(pieces: list[list[torch.Tensor]], group, channel: str, tim
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     specs = [spec_of(t) for t in pieces[rank]]
     buf = pack([t for ts in pieces for t in ts])
+    n = buf.numel() // world
+    if not comm.is_nccl(group, buf.device):
+        # gloo: as point-to-point transfers, every receive posted before the sends. gloo's own
+        # all-to-all sends first, which runs the exchange with the peer W/2 away (even W) half-duplex:
+        # 5 MB per rank at W = 4 over 200 mbit links, 0.34-0.37 s against 0.21 s (Note [NCCL and gloo]).
+        peers = [j for j in range(world) if j != rank]
+        got = comm.P2P(group, channel, timeout).post(
+            step=f"{step} (all_to_all)", sends=[(j, buf[j * n : (j + 1) * n]) for j in peers], recvs=[(j, n) for j in peers],
+            device=buf.device).wait()
+        parts = dict(zip(peers, got, strict=True))
+        parts[rank] = buf[rank * n : (rank + 1) * n]
+        return [unpack(parts[i], specs) for i in range(world)]
     got = torch.empty_like(buf)
     comm.collective("all_to_all_single", lambda: dist.all_to_all_single(got, buf, group=group, async_op=True), group=group,
                     device=buf.device, timeout_s=timeout, channel=channel, step=step)
-    n = buf.numel() // world
     count(channel, sent=(world - 1) * n, recv=(world - 1) * n, sends=world - 1, recvs=world - 1)
     return [unpack(got[i * n : (i + 1) * n], specs) for i in range(world)]
 
