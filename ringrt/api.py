@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 import torch.distributed as dist
 
@@ -119,45 +117,30 @@ def attention(
     ``fullgraph=True`` traces this function without a graph break; eager calls run the same passes
     without the op's dispatch.
     """
-    if cu_seqlens is not None:
-        return _packed(q, k, v, cu_seqlens, causal=causal, algorithm=algorithm, layout=layout, softmax_scale=softmax_scale,
-                       topology=topology, kernel=kernel, timeout=timeout, return_lse=return_lse, group=group, window=window)
-    if window is not None:
+    if window is not None and cu_seqlens is None:
         return _windowed(q, k, v, causal=causal, algorithm=algorithm, layout=layout, softmax_scale=softmax_scale, topology=topology,
                          kernel=kernel, timeout=timeout, group=group, window=window, inv_freq=inv_freq, return_lse=return_lse)
     if layout is None:
         layout = "zigzag" if causal else "contiguous"
-    bad_timeout = comm.timeout_problem(timeout)  # agreed on like any problem; the agreement then waits the default
+    problem = comm.timeout_problem(timeout)  # agreed on like any problem; the agreement then waits the default
+    options, extra, thd = (), [], False
+    if cu_seqlens is not None:  # packed documents: the schedules over them (ringrt/schedules/documents.py)
+        options = (DOCUMENTS,)
+        thd = all(isinstance(t, torch.Tensor) and t.dim() == 3 for t in (q, k, v))
+        if thd:
+            q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+        if not problem and window is not None:
+            problem = f"window={window!r} cannot be used with cu_seqlens; valid: None"
+        if not problem and not isinstance(cu_seqlens, torch.Tensor):
+            problem = lengths_problem(cu_seqlens)
+            cu_seqlens = torch.zeros(2, dtype=torch.int64)  # a placeholder the op's schema takes; the problem stops every rank
+        extra = [cu_seqlens]
     call = Call(algorithm=algorithm, causal=causal, layout=layout, softmax_scale=_as_float(softmax_scale), topology=topology,
-                kernel=kernel, timeout=None if bad_timeout else _as_float(timeout), group=group_name(group),
-                backward=needs_backward(q, k, v), return_lse=return_lse, problem=bad_timeout or "")
+                kernel=kernel, timeout=None if problem else _as_float(timeout), group=group_name(group),
+                backward=needs_backward(q, k, v), return_lse=return_lse, options=options, problem=problem or "")
     if not _encodable(q, k, v, call):
         q, k, v, call = _placeholders(q, k, v, call)
-    out, lse = _op.attention(q, k, v, call)
-    return (out, lse) if return_lse else out
-
-
-def _packed(q, k, v, cu_seqlens, *, causal, algorithm, layout, softmax_scale, topology, kernel, timeout, return_lse, group,
-            window):
-    """``attention(..., cu_seqlens=...)``: the schedules over packed documents (``ringrt/schedules/documents.py``)."""
-    thd = all(isinstance(t, torch.Tensor) and t.dim() == 3 for t in (q, k, v))
-    if thd:
-        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-    if layout is None:
-        layout = "zigzag" if causal else "contiguous"
-    bad = comm.timeout_problem(timeout)
-    if not bad and window is not None:
-        bad = f"window={window!r} cannot be used with cu_seqlens; valid: None"
-    if not bad and not isinstance(cu_seqlens, torch.Tensor):
-        bad = lengths_problem(cu_seqlens)
-        cu_seqlens = torch.zeros(2, dtype=torch.int64)  # a placeholder the op's schema takes; the problem stops every rank
-    call = Call(algorithm=algorithm, causal=causal, layout=layout, softmax_scale=_as_float(softmax_scale), topology=topology,
-                kernel=kernel, timeout=None if bad else _as_float(timeout), group=group_name(group),
-                backward=needs_backward(q, k, v), return_lse=return_lse, options=(DOCUMENTS,), problem=bad or "")
-    if not _encodable(q, k, v, call):
-        q, k, v, call = _placeholders(q, k, v, call)
-        call = replace(call, options=(DOCUMENTS,))
-    out, lse = _op.attention(q, k, v, call, [cu_seqlens])
+    out, lse = _op.attention(q, k, v, call, extra)
     if thd:
         out, lse = out.squeeze(0), lse.squeeze(0)
     return (out, lse) if return_lse else out
@@ -240,7 +223,7 @@ def _placeholders(q, k, v, call: Call):
     ) or _kernel_problem(call.kernel) or f"return_lse={call.return_lse!r} must be True or False"
     dev = next((t.device for t in (q, k, v) if isinstance(t, torch.Tensor)), torch.device("cpu"))
     q, k, v = (t if isinstance(t, torch.Tensor) else torch.empty(0, device=dev) for t in (q, k, v))
-    return q, k, v, Call("", False, "", None, "", "", None, call.group, call.backward, False, (), problem)
+    return q, k, v, Call("", False, "", None, "", "", None, call.group, call.backward, False, call.options, problem)
 
 
 def _kernel_problem(kernel) -> str | None:

@@ -21,6 +21,8 @@ masks keep, for the benchmarks (a diagonal block of m rows keeps m (m + 1) / 2 p
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from .kernels import BlockKernel
@@ -44,15 +46,22 @@ class DocumentKernel:
     def __init__(self, inner: BlockKernel, slots: tuple[int, ...]):
         self.inner, self.name = inner, inner.name
         self.chunk = sum(slots)
-        offsets = [sum(slots[:i]) for i in range(len(slots))]
+        offsets = itertools.accumulate(slots, initial=0)
         by_size: dict[int, list[int]] = {}
-        for c, o in zip(slots, offsets, strict=True):
+        for c, o in zip(slots, offsets, strict=False):
             if c:
                 by_size.setdefault(c, []).append(o)
         # (c, (n_docs, c) column index within a chunk, or the start of one document: a slice, no copy)
         self.groups = [(c, offs[0] if len(offs) == 1 else torch.tensor([list(range(o, o + c)) for o in offs]))
                        for c, offs in sorted(by_size.items())]
         self.scores = 0
+        self._on: dict[torch.device, dict[int, torch.Tensor]] = {}  # the column indexes, moved to a device once
+
+    def _cols(self, cols: torch.Tensor, device: torch.device) -> torch.Tensor:
+        on = self._on.setdefault(device, {})
+        if id(cols) not in on:
+            on[id(cols)] = cols.to(device)
+        return on[id(cols)]
 
     def _chunks(self, x: torch.Tensor) -> int:
         n, rest = divmod(x.shape[2], self.chunk)
@@ -69,7 +78,7 @@ class DocumentKernel:
         if isinstance(cols, int):
             return x if c == self.chunk else x5[:, :, :, cols : cols + c].reshape(b, h, n * c, *x.shape[3:])
         d = cols.shape[0]
-        g = x5[:, :, :, cols.to(x.device)].movedim(3, 1)  # (B, d, H, n, c, ...)
+        g = x5[:, :, :, self._cols(cols, x.device)].movedim(3, 1)  # (B, d, H, n, c, ...)
         return g.reshape(b * d, h, n * c, *x.shape[3:])
 
     def _scatter(self, dst: torch.Tensor, y: torch.Tensor, c: int, cols) -> None:
@@ -80,7 +89,7 @@ class DocumentKernel:
             d5[:, :, :, cols : cols + c] = y.reshape(b, h, n, c, *y.shape[3:])
             return
         d = cols.shape[0]
-        d5[:, :, :, cols.to(dst.device)] = y.reshape(b, d, h, n, c, *y.shape[3:]).movedim(1, 3)
+        d5[:, :, :, self._cols(cols, dst.device)] = y.reshape(b, d, h, n, c, *y.shape[3:]).movedim(1, 3)
 
     def _count(self, q, k, c: int, causal: bool, batch: int) -> None:
         mq, mk = self._chunks(q) * c, self._chunks(k) * c
