@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.documents import lengths_problem
 from ..ops.rope import apply_rope, cos_sin
 from .config import ModelConfig
 
@@ -53,9 +54,12 @@ class LocalAttention:
 
     def __call__(self, q, k, v, *, layer, positions, cu_seqlens=None):
         if cu_seqlens is not None:
-            bounds = [int(x) for x in cu_seqlens.tolist()]
-            if bounds[0] != 0 or bounds[-1] != q.shape[1] or any(b < a for a, b in zip(bounds, bounds[1:], strict=False)):
-                raise ValueError(f"cu_seqlens must run from 0 up to the {q.shape[1]} rows of the sequence, got {bounds}")
+            problem = lengths_problem(cu_seqlens)
+            bounds = cu_seqlens.tolist() if problem is None else []
+            if problem is None and bounds[-1] != q.shape[1]:
+                problem = f"cu_seqlens must end at the {q.shape[1]} rows of the sequence, got {bounds}"
+            if problem:
+                raise ValueError(problem)
             parts = [self(q[:, a:b], k[:, a:b], v[:, a:b], layer=layer, positions=positions[..., a:b])
                      for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
             return torch.cat(parts, dim=1)
