@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import ringrt
 from ringrt.distributed import comm
+from ringrt.schedules import tokenring_plan as tokenring
 from tests.distributed import run
 from tests.reference import reference_attention
 
@@ -70,6 +71,16 @@ def _worker_exactness(rank, world):
     for causal, dtype in ((True, torch.bfloat16), (False, torch.bfloat16), (True, torch.float16)):
         full, _, _ = _ring_case(causal, 4, 2, "full", dtype)
         results[(causal, 4, 2, "full", str(dtype))] = ([t.double() for t in full], None, None)
+    # queries cut into one piece per query head, and at most one unit posted ahead (Note [TokenRing overlap])
+    saved = tokenring.PIECE_BYTES, tokenring.INFLIGHT_BYTES
+    tokenring.PIECE_BYTES = tokenring.INFLIGHT_BYTES = 1
+    try:
+        for causal in (True, False):
+            for heads, kv_heads in HEADS:
+                full, fwd, bwd = _ring_case(causal, heads, kv_heads, "full", torch.float64)
+                results[(causal, heads, kv_heads, "pieces", "torch.float64")] = ([t.double() for t in full], fwd, bwd)
+    finally:
+        tokenring.PIECE_BYTES, tokenring.INFLIGHT_BYTES = saved
     return results if rank == 0 else {k: (None, v[1], v[2]) for k, v in results.items()}
 
 
@@ -164,15 +175,16 @@ def test_tokenring_matches_fp64_reference(world):
                 continue
             elt = 8 if dt == "torch.float64" else 4
             acc = 8 if dt == "torch.float64" else 4
-            if topology == "full":
+            if topology in ("full", "pieces"):  # pieces move the same bytes in more messages
                 want_f, want_b = _bytes_direct(rank, world, causal, heads, kv_heads, elt, acc)
             else:
                 want_f, want_b = _bytes_relay(world, heads, kv_heads, elt, acc)
             _check_bytes(fwd, want_f, world)
             _check_bytes(bwd, want_b, world)
             if world > 1:
-                ops = world - 1 if topology == "full" else world
-                assert all(v.sends == ops and v.recvs == ops for v in fwd.values()), fwd
+                ops = {"full": world - 1, "pieces": (world - 1) * heads, "ring": world}[topology]
+                for v in (*fwd.values(), *bwd.values()):
+                    assert v.sends == ops and v.recvs == ops, (topology, heads, fwd, bwd)
 
 
 def _worker_groups(rank, world):

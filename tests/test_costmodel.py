@@ -239,11 +239,16 @@ def test_mesh_links_carry_an_all_to_all_at_once_and_a_switch_shares_a_ranks_send
     base = cm.PRESETS["cpu"]
     p = cm.Problem(seq=3 * 1024, heads=12, kv_heads=12, head_dim=64, dtype_bytes=4, causal=True, backward=True)
     times = {}
-    for name, link in {"one-by-one": cm.Link(bandwidth=25e6, latency=1e-4),
-                       "mesh": cm.Link(bandwidth=25e6, latency=1e-4, per_peer=True),
-                       "switch": cm.Link(bandwidth=25e6, latency=1e-4, shared_egress=True)}.items():
-        m = cm.Machine(**{**{f: getattr(base, f) for f in base.__dataclass_fields__}, "intra": link})
-        times[name] = {s: cm.estimate(s, p, m, 3).total for s in ("ulysses", "tokenring", "ring")}
-    assert times["mesh"]["ulysses"] < times["one-by-one"]["ulysses"]  # two pieces at once instead of in turn
-    assert times["switch"]["tokenring"] > times["one-by-one"]["tokenring"]  # q and partials share the uplink
-    assert times["mesh"]["ring"] == times["one-by-one"]["ring"] == times["switch"]["ring"]  # one peer per step
+    for bw in (25e6, 2.5e6):  # 2.5e6: slow enough that TokenRing waits on its links
+        for name, link in {"one-by-one": cm.Link(bandwidth=bw, latency=1e-4),
+                           "mesh": cm.Link(bandwidth=bw, latency=1e-4, per_peer=True),
+                           "switch": cm.Link(bandwidth=bw, latency=1e-4, shared_egress=True)}.items():
+            m = cm.Machine(**{**{f: getattr(base, f) for f in base.__dataclass_fields__}, "intra": link})
+            times[name, bw] = {s: cm.estimate(s, p, m, 3).total for s in ("ulysses", "tokenring", "ring")}
+    for bw in (25e6, 2.5e6):
+        assert times["mesh", bw]["ulysses"] < times["one-by-one", bw]["ulysses"]  # two pieces at once instead of in turn
+        assert times["mesh", bw]["ring"] == times["one-by-one", bw]["ring"] == times["switch", bw]["ring"]  # one peer per step
+        # TokenRing's W - 1 query streams come in at once over a mesh, share one downlink otherwise
+        assert times["mesh", bw]["tokenring"] <= times["one-by-one", bw]["tokenring"]
+    assert times["mesh", 2.5e6]["tokenring"] < times["one-by-one", 2.5e6]["tokenring"]
+    assert times["switch", 2.5e6]["tokenring"] > times["one-by-one", 2.5e6]["tokenring"]  # q and partials share the uplink

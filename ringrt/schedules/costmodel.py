@@ -44,7 +44,7 @@ from ..ops.layout import local_chunks, rank_chunks
 from .blocks import Block, Rows, chunk_blocks, n_rows
 from .hybrid import hybrid_degree
 from .tiling import Tiling, computed_area
-from .tokenring_plan import block_for
+from .tokenring_plan import SPLIT_MIN_SCORES, block_for, head_pieces, n_pieces
 from .ulysses import ulysses_problem
 
 ScheduleName = Literal["tokenring", "ring", "allgather", "ulysses", "hybrid"]
@@ -545,6 +545,10 @@ def tokenring_traffic(rank: int, world: int, causal: bool, layout: str) -> list[
 
 
 def _tokenring(m, p, world, layout, chunk, share, bwd):
+    """One pass as ``tokenring._DirectPass`` runs it (Note [TokenRing overlap]): every query piece
+    posted at once, units (piece, step) computed piece-major as their pieces arrive, each partial
+    sent home when its unit is done. Priced per sampled rank as a timeline; the pass ends when the
+    slowest rank has computed and sent its last partial."""
     e, a = p.dtype_bytes, _elem_acc(p)
     row = p.batch * p.heads * chunk  # (batch x heads) rows of one chunk
     if bwd:
@@ -553,36 +557,70 @@ def _tokenring(m, p, world, layout, chunk, share, bwd):
     else:
         q_bytes_per_chunk = row * p.head_dim * e
         out_bytes_per_chunk = row * (p.head_dim * e + a)  # out partial + lse
+    bundle = local_chunks(layout) * q_bytes_per_chunk
+    pieces = len(head_pieces(p.heads, p.kv_heads, n_pieces(bundle))) if world > 1 else 1
     ranks = sample_ranks(world, m.ranks_per_node)
-    traffic = {r: tokenring_traffic(r, world, p.causal, layout) for r in ranks}
-    def q_time(k: int, r: int) -> float:
-        q_rows = traffic[r][k][1] if k < world else None
-        if q_rows is None:
-            return 0.0
-        nb = n_rows(q_rows) * q_bytes_per_chunk
-        return msg_time(_link(m, r, (r - k - 1) % world), nb) + copy_time(m, nb, share)
+    runs = [_tokenring_rank(m, p, world, layout, chunk, share, bwd, r, pieces, q_bytes_per_chunk, out_bytes_per_chunk)
+            for r in ranks]
+    total, comp, comm, steps = max(runs, key=lambda x: x[0])
+    return total, comp, comm, steps, f"{pieces} piece{'s' if pieces > 1 else ''}"
 
-    def cost(s: int, r: int) -> tuple[float, float]:
-        block, _, out_rows, owner = traffic[r][s]
-        comp = 0.0
-        if block is not None:
-            comp = blocks_time(m, p, [block], chunk, p.heads, backward=bwd, share=share)
-        # the query transfers run a step ahead (``tokenring._DirectPass``): step 0 posts those of
-        # plan steps 0 and 1 (to two different peers), step s that of plan step s + 1
-        tqs = [q_time(0, r), q_time(1, r)] if s == 0 else [q_time(s + 1, r)]
-        tq = sum(tqs) if m.intra.shared_egress else max(tqs)
-        tout = 0.0
-        if out_rows is not None:
-            nb = n_rows(out_rows) * out_bytes_per_chunk
-            tout = msg_time(_link(m, r, owner), nb) + copy_time(m, nb, share)
-            if not bwd:  # the owner's merge of this partial
-                comp += merge_time(m, p, n_rows(out_rows) * chunk, p.heads, share)
-        # q and the partial leave for different peers: at once, unless they share one uplink (or one
-        # half-duplex link)
-        together = m.intra.duplex and not m.intra.shared_egress
-        return comp, (max(tq, tout) if together else tq + tout)
 
-    return (*_slowest_steps(m, world, ranks, cost), "")
+def _tokenring_rank(m, p, world, layout, chunk, share, bwd, r, pieces, q_chunk_bytes, out_chunk_bytes):
+    """(end, compute, comm, [(compute, comm) per step]) of rank ``r``'s timeline in one pass."""
+    mine = tokenring_traffic(r, world, p.causal, layout)
+    # query bytes rank r receives at step s (from r + s) and sends to r - s (for that rank's step s)
+    q_in = [0.0] * world
+    q_out = {}  # peer -> bytes of this rank's queries sent to it
+    for s in range(1, world):
+        o = (r + s) % world
+        rows_in = tokenring_traffic(o, world, p.causal, layout)[s - 1][1]
+        q_in[s] = n_rows(rows_in) * q_chunk_bytes if rows_in else 0.0
+        rows_out = mine[s - 1][1]
+        if rows_out:
+            q_out[(r - s) % world] = n_rows(rows_out) * q_chunk_bytes
+    comp_of = [blocks_time(m, p, [b], chunk, p.heads, backward=bwd, share=share) if b is not None else 0.0
+               for b, _, _, _ in mine]
+    link_in = _link(m, (r + 1) % world, r)
+    t = copy_time(m, sum(q_out.values()), share) if world > 1 else 0.0  # packing every query piece up front
+    split = 2 if world > 1 and p.heads > 1 and p.batch * p.heads * (n_rows(mine[0][0].q_rows) * chunk) ** 2 >= SPLIT_MIN_SCORES else 1
+    t += comp_of[0] / split
+    # incoming streams share the rank's downlink unless every pair has its own link; outgoing ones
+    # share its uplink behind a switch (``Link.shared_egress``), else each link is free on its own
+    shared, uplink = not link_in.per_peer, link_in.shared_egress
+    free = {peer: link_in.latency + nb / link_in.bandwidth for peer, nb in q_out.items()}
+    up_free = link_in.latency + sum(q_out.values()) / link_in.bandwidth
+    in_total = sum(q_in)
+    sent_done, comm, steps = 0.0, 0.0, [(comp_of[0], 0.0)]
+    for k in range(pieces):
+        for s in range(1, world):
+            # piece k of step s has arrived: alone on its link, or sharing the downlink with every stream
+            arrive = link_in.latency + (k + 1) / pieces * ((in_total if shared else q_in[s]) / link_in.bandwidth)
+            block, _, out_rows, owner = mine[s]
+            t = max(t, arrive) + comp_of[s] / pieces
+            if out_rows is not None:
+                nb = n_rows(out_rows) * out_chunk_bytes / pieces
+                t += copy_time(m, nb, share)
+                link = _link(m, r, owner)
+                if uplink:
+                    up_free = max(up_free, t) + nb / link.bandwidth
+                    done = up_free + link.latency
+                else:
+                    free[owner] = max(free.get(owner, 0.0), t) + nb / link.bandwidth
+                    done = free[owner] + link.latency
+                sent_done = max(sent_done, done)
+                comm += nb / link.bandwidth
+    t += comp_of[0] - comp_of[0] / split  # the own block's second half
+    if not bwd:  # merging the partials that came back
+        t += sum(merge_time(m, p, n_rows(x[2]) * chunk, p.heads, share) for x in mine if x[2] is not None)
+    comm += sum(q_in) / link_in.bandwidth
+    for s in range(1, world):
+        steps.append((comp_of[s], q_in[s] / link_in.bandwidth))
+    compute = sum(comp_of)
+    end = max(t, sent_done)
+    # compute and transfers share the cores: what the machine cannot overlap comes on top
+    end += (1.0 - m.overlap) * min(compute, comm)
+    return end, compute, comm, steps
 
 
 def single_device(p: Problem, m: Machine) -> float:

@@ -17,6 +17,32 @@ rather than out (B, H, S, D) keeps the query-path message at 2 x q plus two scal
 The query path runs on the first lane of ``RingGroups`` (channel "q"), the result path on the second
 (channel "out"); in the relay topology the two head halves take one lane each.
 
+Note [TokenRing overlap]
+------------------------
+A rank's work after its own block is W - 1 blocks, each on queries that come straight from their
+owner over a different link (step s: from r + s), each giving a partial that goes straight back
+(to r + s) over yet another. In lock step (step s's queries posted one step ahead) every link is
+idle while the others carry their step, the first block waits for a whole query bundle, and the
+last partial returns alone. Instead, the queries are cut into head pieces (``head_pieces``, about
+PIECE_BYTES each) and the units (piece k, step s) run piece-major::
+
+    post: every unit's query receive + send (and, on gloo, its partial receive), in unit order,
+          within INFLIGHT_BYTES of receive buffers
+    compute: own block, first head half
+             for k in pieces: for s in 1 .. W-1: wait q(k, s); block; post partial(k, s)
+             own block, second head half (under the last partials' return)
+    absorb: partials of piece k - 1 after piece k's blocks, the rest at the end (fixed order:
+            results do not depend on timing)
+
+so all W - 1 query streams move at once (one per link on a full mesh, sharing a rank's uplink
+behind a switch), a block starts when its first piece is in, and a partial leaves as soon as its
+piece is done. Every rank posts the units in the same order and each unit pairs a send to
+r - s with a receive from r + s (queries) or a send to r + s with a receive from r - s (partials),
+so on NCCL, where each post is one group, the posts of all ranks match one for one. On gloo the
+partial receives are posted ahead (a receive posted after the peer's send turns the link
+half-duplex); on NCCL a receive posted alone would hold up its stream, so there it goes with its
+send.
+
 All tensors here are (B, H, S, D) (heads before sequence); lse and delta are (B, H, S).
 """
 
@@ -31,11 +57,8 @@ from ..ops.layout import local_chunks
 from ..ops.merge import acc_dtype, empty_accumulator, grad_delta, merge_
 from .base import RingPlan, attend_blocks, seq_first_pass
 from .blocks import Block, Rows, n_rows, rows
-from .tokenring_plan import relay_schedule, tokenring_schedule
-
-
-def _specs(like: list[torch.Tensor], tokens: int) -> list:
-    return [((t.shape[0], t.shape[1], tokens, *t.shape[3:]), t.dtype) for t in like]
+from . import tokenring_plan
+from .tokenring_plan import head_pieces, relay_schedule, tokenring_schedule
 
 
 def _accumulate(acc: list[torch.Tensor], parts: list[torch.Tensor], dtype: torch.dtype, covers_all: bool,
@@ -56,9 +79,6 @@ def _accumulate(acc: list[torch.Tensor], parts: list[torch.Tensor], dtype: torch
 # ----------------------------------------------------------------------------------------------
 
 Heads = tuple[tuple[int, int], tuple[int, int]] | None  # (query heads, kv heads) of a split block; None: all
-SPLIT_MIN_SCORES = 1 << 18
-"""The own block splits in two head halves only from B*H*S_l^2 of this many scores (about 1 ms of
-CPU kernel at D = 64): below it one more kernel call (~50 us) costs more than the overlap it buys."""
 Compute = Callable[[Block, list[torch.Tensor], Heads], list[torch.Tensor]]
 Absorb = Callable[[Rows, list[torch.Tensor], Heads], None]
 
@@ -71,17 +91,25 @@ def _direct_pass(
 
     bundle: tensors (B, H, S, ...) of this rank's queries that travel (q; or q, dout, lse, delta).
     partial_like: tensors shaped like one partial result over all S rows (for receive sizes).
-    kv_heads: this rank's kv heads (the own block splits its heads on a kv-group boundary).
+    kv_heads: this rank's kv heads (pieces and the own block split heads on kv-group boundaries).
     compute(block, bundle rows, heads) -> partial over block.q_rows (of the query heads ``heads[0]``
     against the kv heads ``heads[1]``; all heads when None); absorb(rows, partial, heads) folds a
     partial result of this rank's own queries into its accumulators.
 
-    Overlap: the query transfers run one step ahead of the plan (step 0 posts the plan's transfers
-    of steps 0 and 1, step s > 0 the one of step s + 1: at W = 3 the queries and the partials then
-    never share a link within a step), and the own block of step 0 runs in two head halves, the second
-    after the last partials are posted, so the last return is in flight while it computes.
+    See Note [TokenRing overlap] for the order of transfers and compute.
     """
     _DirectPass(plan, bundle, partial_like, kv_heads, compute, absorb).run()
+
+
+class _Unit:
+    """Piece ``k`` of the queries held at step ``s``: its transfers in flight and where it lands."""
+
+    __slots__ = ("k", "s", "q", "out_recv")
+
+    def __init__(self, k: int, s: int):
+        self.k, self.s = k, s
+        self.q: Pending | None = None  # this unit's query send + receive
+        self.out_recv: Pending | None = None  # gloo: the partial of this rank's queries coming back
 
 
 class _DirectPass:
@@ -95,80 +123,126 @@ class _DirectPass:
         self.qc = P2P(g.lanes[0], "q", plan.timeout) if g.world > 1 else None
         self.oc = P2P(g.lanes[1], "out", plan.timeout) if g.world > 1 else None
         self.steps = tokenring_schedule(g.rank, g.world, plan.causal, plan.layout)
-        split = head_split(bundle[0].shape[1], kv_heads)
+        b, h, s = bundle[0].shape[:3]
+        split = head_split(h, kv_heads)
         # the own block in two head halves (one before the transfers, one under the last return), where
         # it is big enough for the overlap to beat the cost of one more kernel call
-        b, h, s = bundle[0].shape[:3]
-        big = b * h * s * s >= SPLIT_MIN_SCORES
+        big = b * h * s * s >= tokenring_plan.SPLIT_MIN_SCORES
         self.halves: list[Heads] = list(split) if g.world > 1 and len(split) == 2 and big else [None]
-        self.received: dict[int, list[torch.Tensor]] = {}  # plan step -> the queries held there
+        self.pieces = head_pieces(h, kv_heads, tokenring_plan.n_pieces(sum(t.numel() * t.element_size() for t in bundle)))
+        self.units = [_Unit(k, st) for k in range(len(self.pieces)) for st in range(1, g.world)
+                      if self.steps[st].held is not None or self.steps[st - 1].q_send is not None
+                      or self.steps[st].out_send is not None or self.steps[st].out_recv is not None]
+        self.early_out = g.world > 1 and not self.oc.is_nccl(self.dev)
+        self.posted = 0  # units whose transfers are posted
+        self.sends: list[Pending] = []  # partial sends (and NCCL pairs) still to finish
 
-    def post_q(self, step: int) -> tuple[Pending, list[int]] | None:
-        """Post the query transfers of step ``step``: the plan's of steps 0 and 1 at step 0, else of step + 1."""
-        sends, recvs, into = [], [], []
-        for k in [0, 1] if step == 0 else [step + 1]:
-            if k >= self.world - 1:
-                continue
-            st = self.steps[k]
-            if st.q_send is not None:
-                sends.append((st.q_send.peer, pack([rows(t, st.q_send.rows, self.chunk) for t in self.bundle])))
-            if st.q_recv is not None:
-                recvs.append((st.q_recv.peer, nbytes(_specs(self.bundle, n_rows(st.q_recv.rows) * self.chunk))))
-                into.append(k + 1)
-        if not sends and not recvs:
-            return None
-        return self.qc.post(step=step, sends=sends, recvs=recvs, device=self.dev), into
+    def piece_specs(self, like: list[torch.Tensor], k: int, r: Rows | None) -> list:
+        (h0, h1), _ = self.pieces[k]
+        n = 0 if r is None else n_rows(r) * self.chunk
+        return [((t.shape[0], h1 - h0, n, *t.shape[3:]), t.dtype) for t in like]
 
-    def take_q(self, pending: tuple[Pending, list[int]] | None) -> None:
-        if pending is not None:
-            p, into = pending
-            for k, buf in zip(into, p.wait(), strict=True):
-                self.received[k] = unpack(buf, _specs(self.bundle, n_rows(self.steps[k].held) * self.chunk))
+    def unit_bytes(self, u: _Unit) -> int:
+        st = self.steps[u.s]
+        n = nbytes(self.piece_specs(self.bundle, u.k, st.held)) if st.held is not None else 0
+        if self.early_out and st.out_recv is not None:
+            n += nbytes(self.piece_specs(self.partial_like, u.k, st.out_recv.rows))
+        return n
 
-    def block(self, block: Block, held: list[torch.Tensor], held_rows: Rows, heads: Heads) -> list[torch.Tensor]:
-        part = [rows(t, block.q_rows, self.chunk, held_rows[0]) for t in held]
-        if heads is not None:
-            part = [t[:, heads[0][0] : heads[0][1]] for t in part]
-        return self.compute(block, part, heads)
+    def post_units(self, consumed: int) -> None:
+        """Post units in order while their receive buffers stay within INFLIGHT_BYTES (at least one
+        unit beyond the ``consumed`` ones). On gloo every receive of the batch goes out before its sends."""
+        live = sum(self.unit_bytes(u) for u in self.units[consumed : self.posted])
+        batch = []
+        while self.posted < len(self.units):
+            u = self.units[self.posted]
+            size = self.unit_bytes(u)
+            if self.posted > consumed and live + size > tokenring_plan.INFLIGHT_BYTES:
+                break
+            batch.append(u)
+            live += size
+            self.posted += 1
+        sends = [self.post_receives(u) for u in batch]
+        for u, unit_sends in zip(batch, sends, strict=True):
+            if self.early_out and unit_sends:
+                self.sends.append(self.qc.post(step=u.s, sends=unit_sends, device=self.dev))
+
+    def post_receives(self, u: _Unit) -> list:
+        """Post the unit's receives (on NCCL with its query send, as one group); returns the query
+        sends still to post (gloo)."""
+        st, prev = self.steps[u.s], self.steps[u.s - 1]
+        (h0, h1), _ = self.pieces[u.k]
+        if self.early_out and st.out_recv is not None:
+            spec = self.piece_specs(self.partial_like, u.k, st.out_recv.rows)
+            u.out_recv = self.oc.post(step=u.s, recvs=[(st.out_recv.peer, nbytes(spec))], device=self.dev)
+        sends, recvs = [], []
+        if st.held is not None:
+            recvs.append((prev.q_recv.peer, nbytes(self.piece_specs(self.bundle, u.k, st.held))))
+        if prev.q_send is not None:
+            sends.append((prev.q_send.peer, pack([rows(t[:, h0:h1], prev.q_send.rows, self.chunk) for t in self.bundle])))
+        if self.early_out:
+            u.q = self.qc.post(step=u.s, recvs=recvs, device=self.dev) if recvs else None
+            return sends
+        if sends or recvs:
+            u.q = self.qc.post(step=u.s, sends=sends, recvs=recvs, device=self.dev)
+        return []
 
     def own_half(self, i: int) -> None:
         own = self.steps[0]
-        if own.block is not None and i < len(self.halves):
-            self.absorb(own.block.q_rows, self.block(own.block, self.bundle, own.held, self.halves[i]), self.halves[i])
+        if own.block is None or i >= len(self.halves):
+            return
+        heads = self.halves[i]
+        part = [rows(t, own.block.q_rows, self.chunk, own.held[0]) for t in self.bundle]
+        if heads is not None:
+            part = [t[:, heads[0][0] : heads[0][1]] for t in part]
+        self.absorb(own.block.q_rows, self.compute(own.block, part, heads), heads)
 
-    def post_out(self, st, partial: list[torch.Tensor] | None) -> tuple[Pending, Rows | None] | None:
-        if st.out_send is None and st.out_recv is None:
-            return None
-        sends = [(st.out_send.peer, pack(partial))] if st.out_send else []
+    def run_unit(self, u: _Unit) -> None:
+        """Wait for the unit's queries, compute its block, send the partial home."""
+        st = self.steps[u.s]
+        bufs = u.q.wait() if u.q is not None else []
+        held = unpack(bufs[0], self.piece_specs(self.bundle, u.k, st.held)) if st.held is not None else None
+        partial = None
+        if st.block is not None:
+            part = [rows(t, st.block.q_rows, self.chunk, st.held[0]) for t in held]
+            partial = self.compute(st.block, part, self.pieces[u.k])
+        sends = [(st.out_send.peer, pack(partial))] if st.out_send is not None else []
         recvs = []
-        if st.out_recv:
-            recvs = [(st.out_recv.peer, nbytes(_specs(self.partial_like, n_rows(st.out_recv.rows) * self.chunk)))]
-        return self.oc.post(step=st.step, sends=sends, recvs=recvs, device=self.dev), st.out_recv.rows if st.out_recv else None
+        if not self.early_out and st.out_recv is not None:
+            recvs = [(st.out_recv.peer, nbytes(self.piece_specs(self.partial_like, u.k, st.out_recv.rows)))]
+        if sends or recvs:
+            p = self.oc.post(step=u.s, sends=sends, recvs=recvs, device=self.dev)
+            if recvs:
+                u.out_recv = p
+            else:
+                self.sends.append(p)
+
+    def absorb_unit(self, u: _Unit) -> None:
+        st = self.steps[u.s]
+        if u.out_recv is not None:
+            bufs = u.out_recv.wait()
+            r = st.out_recv.rows
+            self.absorb(r, unpack(bufs[-1], self.piece_specs(self.partial_like, u.k, r)), self.pieces[u.k])
 
     def run(self) -> None:
-        out_pending: tuple[Pending, Rows | None] | None = None
-        for st in self.steps:
-            q_pending = self.post_q(st.step) if st.step < self.world - 1 else None
-            partial = None
-            if st.step == 0:
-                self.own_half(0)
-            elif st.block is not None:
-                partial = self.block(st.block, self.received.pop(st.step), st.held, None)
-            if out_pending is not None:
-                _absorb_received(out_pending, self.partial_like, self.chunk, self.absorb)
-            out_pending = self.post_out(st, partial)
-            if st.step == self.world - 1 and st.step > 0:
-                self.own_half(1)
-            self.take_q(q_pending)
-        if out_pending is not None:
-            _absorb_received(out_pending, self.partial_like, self.chunk, self.absorb)
-
-
-def _absorb_received(pending: tuple[Pending, Rows | None], partial_like, chunk: int, absorb: Absorb) -> None:
-    p, r = pending
-    bufs = p.wait()
-    if r is not None:
-        absorb(r, unpack(bufs[0], _specs(partial_like, n_rows(r) * chunk)), None)
+        if self.world > 1:
+            self.post_units(0)
+        self.own_half(0)
+        absorbed = 0
+        per_piece = len(self.units) // max(1, len(self.pieces))
+        for i, u in enumerate(self.units):
+            self.run_unit(u)
+            self.post_units(i + 1)
+            # after a piece's blocks, fold in the partials of the piece before (in order)
+            if per_piece and (i + 1) % per_piece == 0:
+                while absorbed < i + 1 - per_piece:
+                    self.absorb_unit(self.units[absorbed])
+                    absorbed += 1
+        self.own_half(1)
+        for u in self.units[absorbed:]:
+            self.absorb_unit(u)
+        for p in self.sends:
+            p.wait()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -163,3 +163,37 @@ def relay_schedule(rank: int, world: int, causal: bool, layout: str, direction: 
             )
         )
     return tuple(out)
+
+
+SPLIT_MIN_SCORES = 1 << 18
+"""The own block splits in two head halves only from B*H*S_l^2 of this many scores (about 1 ms of
+CPU kernel at D = 64): below it one more kernel call (~50 us) costs more than the overlap it buys."""
+PIECE_BYTES = 1 << 19
+"""Query transfers are cut into head pieces of about this many bytes (at most one per query head),
+so the first block starts when its first piece has arrived, not the whole bundle."""
+INFLIGHT_BYTES = 1 << 28
+"""Receive buffers (query pieces and partial results) in flight at once per rank, at most (but
+always at least the next unit): posting every step's transfers at once keeps every link busy, this
+bounds the memory it takes on long sequences (then later units are posted as earlier ones finish)."""
+
+
+def n_pieces(bundle_bytes: int) -> int:
+    """How many head pieces a query bundle of ``bundle_bytes`` is cut into (before ``head_pieces`` caps it)."""
+    return max(1, -(-bundle_bytes // PIECE_BYTES))
+
+
+def head_pieces(heads: int, kv_heads: int, n: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """About ``n`` contiguous pieces [(query heads, kv heads)] of ``heads`` query heads over ``kv_heads``
+    kv heads: whole kv groups while there are at least n of them, else each group's query heads cut
+    further (at most one piece per query head). Each piece is a valid attention problem on its own."""
+    g = heads // kv_heads
+    n = max(1, min(n, heads))
+    if n <= kv_heads:
+        kb = [round(i * kv_heads / n) for i in range(n + 1)]
+        return [((a * g, b * g), (a, b)) for a, b in zip(kb, kb[1:], strict=False)]
+    per = min(g, -(-n // kv_heads))
+    out = []
+    for kh in range(kv_heads):
+        qb = [kh * g + round(i * g / per) for i in range(per + 1)]
+        out += [((a, b), (kh, kh + 1)) for a, b in zip(qb, qb[1:], strict=False)]
+    return out
