@@ -9,6 +9,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "attention": ("ringrt.bench.attention", "TokenRing fwd+bwd at W ranks vs one process with W threads"),
     "compare": ("ringrt.bench.compare", "every schedule and the outside peers side by side: time, efficiency, bytes, memory, roofline"),
     "compression": ("ringrt.bench.compression", "Extensible Tokenization: train the embedder, last-chunk perplexity, attention vs k"),
+    "decode": ("ringrt.bench.decode", "decode tokens/s: the Λ-mask cache vs a full KV cache as the context grows"),
     "lambda": ("ringrt.bench.lambda_bench", "Λ-mask attention: time and bytes per rank as N and W grow, vs dense"),
     "varlen": ("ringrt.bench.varlen", "packed documents (cu_seqlens) vs one padded row per document vs one call per document"),
 }

@@ -134,3 +134,56 @@ class LambdaPrefillCache:
 
     def advance(self) -> None:
         self.decoding = True
+
+
+class FullKVCache:
+    """One-process full KV cache: every past token's K/V kept, in buffers preallocated for
+    ``capacity`` tokens per layer (no copy of the past per step). Injected as the model's ``attend``
+    (q, k rotated), for a prompt and then for each decoded token.
+
+    Per layer: k, v (B, H_kv, capacity, D), rows 0 .. length-1 filled. A call with T new tokens writes
+    them at rows length .. length+T-1 and attends causally; a decode call (T = 1) attends to every
+    filled row without a mask: grouped-query scores with one matmul (no repeat of K/V over the query
+    heads), a softmax, one matmul with V. The exact-causal baseline of ``ringrt bench decode``.
+    """
+
+    rotates = False
+
+    def __init__(self, *, n_layers: int, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"FullKVCache: capacity={capacity} must be a positive number of tokens")
+        self.capacity = capacity
+        self.k: list[torch.Tensor | None] = [None] * n_layers  # (B, H_kv, capacity, D)
+        self.v: list[torch.Tensor | None] = [None] * n_layers
+        self.length = [0] * n_layers
+
+    def load(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append rotated k/v (B, T, H_kv, D) to layer ``layer`` without attending (a prefilled prompt)."""
+        t, n = k.shape[1], self.length[layer]
+        if n + t > self.capacity:
+            raise ValueError(f"FullKVCache: {n} + {t} tokens exceed capacity={self.capacity}")
+        if self.k[layer] is None:
+            b, _, h, d = k.shape
+            self.k[layer], self.v[layer] = (k.new_empty(b, h, self.capacity, d) for _ in range(2))
+        self.k[layer][:, :, n : n + t] = k.transpose(1, 2)
+        self.v[layer][:, :, n : n + t] = v.transpose(1, 2)
+        self.length[layer] = n + t
+
+    def __call__(self, q, k, v, *, layer, positions):
+        """q (B, T, H, D), k/v (B, T, H_kv, D) rotated -> (B, T, H, D): causal over the cache + the T tokens."""
+        b, t, h, d = q.shape
+        self.load(layer, k, v)
+        n, hk = self.length[layer], k.shape[2]
+        g = h // hk
+        kk, vv = self.k[layer][:, :, :n], self.v[layer][:, :, :n]  # (B, H_kv, n, D)
+        qg = q.view(b, t, hk, g, d).permute(0, 2, 3, 1, 4).reshape(b, hk, g * t, d)  # (B, H_kv, g*T, D)
+        adt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        s = (qg @ kk.transpose(-1, -2)).to(adt) / d**0.5  # (B, H_kv, g*T, n)
+        if t > 1:  # query n-t+a sees keys 0 .. n-t+a
+            future = torch.arange(n - t, n, device=q.device).unsqueeze(1) < torch.arange(n, device=q.device)  # (T, n)
+            s = s.view(b, hk, g, t, n).masked_fill_(future, float("-inf")).view(b, hk, g * t, n)
+        o = torch.softmax(s, dim=-1).to(vv.dtype) @ vv  # (B, H_kv, g*T, D)
+        return o.view(b, hk, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, h, d)  # (B, T, H, D)
+
+    def advance(self) -> None:
+        """Nothing to do (the generation loop's protocol): rows are counted per layer."""
