@@ -58,16 +58,33 @@ class LambdaKVCache:
         self._freqs: torch.Tensor | None = None  # (D/2,) RoPE frequencies
         self._stationary: tuple | None = None  # (position, cos, sin) of the last global-branch query rotation
         self.seen = 0  # tokens appended so far
+        self._local_from = 0  # the window holds no token before this one (``skip_to``)
 
     @property
     def index(self) -> torch.Tensor:
         """(n,) token indices of the kept rows, increasing: the first n_global and the last n_local."""
         g = min(self.mask.n_global, self.seen)
-        return torch.cat([torch.arange(g), torch.arange(max(g, self.seen - self.mask.n_local), self.seen)])
+        return torch.cat([torch.arange(g), torch.arange(self._window_start(g), self.seen)])
 
     def __len__(self) -> int:
         g = min(self.mask.n_global, self.seen)
-        return g + self.seen - max(g, self.seen - self.mask.n_local)
+        return g + self.seen - self._window_start(g)
+
+    def _window_start(self, g: int) -> int:
+        return max(g, self.seen - self.mask.n_local, self._local_from)
+
+    def skip_to(self, seen: int) -> None:
+        """Forget the local window and continue at token ``seen`` (>= the tokens seen so far), as if
+        the tokens in between had been seen and dropped; the global tokens stay. The next n_local
+        tokens' queries then miss keys the full sequence would show them: what a caller that starts
+        mid-text must warm up over. Needs the global tokens first (seen >= n_global, or no skip)."""
+        if seen < self.seen:
+            raise ValueError(f"LambdaKVCache.skip_to({seen}): the cache has already seen {self.seen} tokens")
+        if seen > self.seen and self.seen < self.mask.n_global:
+            raise ValueError(f"LambdaKVCache.skip_to({seen}): only {self.seen} of the {self.mask.n_global} global "
+                             f"tokens were seen; stream them before skipping")
+        if seen > self.seen:
+            self.seen = self._local_from = int(seen)
 
     def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | None = None) -> None:
         """Store the next T tokens' pre-RoPE k/v (B, T, H_kv, D) without attending (e.g. a prompt that
@@ -108,7 +125,8 @@ class LambdaKVCache:
         self._check(k, v, positions)
         s, t = self.seen, k.shape[1]
         self._store_global(k, v, s)
-        if t == 1:  # decode: the ring after the write is exactly the local branch
+        if t == 1 and s + 1 - self._local_from >= min(s + 1, self.mask.n_local):
+            # decode: the ring after the write is exactly the local branch (no forgotten row in it)
             cos, sin = freq_cos_sin(torch.tensor([s + self.position_offset], device=k.device), self._freqs, q.dtype)
             self._write_ring(apply_rope(k, cos, sin).transpose(1, 2), v.transpose(1, 2), s)  # k, q share one rotation
             self.seen += 1
@@ -171,7 +189,8 @@ class LambdaKVCache:
         """(rows,) token index held by each valid ring row (before the current call's tokens)."""
         nl, s = self.mask.n_local, self.seen
         r = torch.arange(min(s, nl))
-        return r + (s - 1 - r).div(nl, rounding_mode="floor") * nl
+        idx = r + (s - 1 - r).div(nl, rounding_mode="floor") * nl
+        return idx.masked_fill(idx < self._local_from, -(1 << 40))  # rows forgotten by skip_to: never visible
 
     # -- attention ---------------------------------------------------------------------------------
 

@@ -31,8 +31,8 @@ PIECE_BYTES each) and the units (piece k, step s) run piece-major::
     compute: own block, first head half
              for k in pieces: for s in 1 .. W-1: wait q(k, s); block; post partial(k, s)
              own block, second head half (under the last partials' return)
-    absorb: partials of piece k - 1 after piece k's blocks, the rest at the end (fixed order:
-            results do not depend on timing)
+    absorb: at the end, in unit order (results do not depend on timing); when INFLIGHT_BYTES
+            holds units back, the partials of piece k - 1 after piece k's blocks
 
 so all W - 1 query streams move at once (one per link on a full mesh, sharing a rank's uplink
 behind a switch), a block starts when its first piece is in, and a partial leaves as soon as its
@@ -230,11 +230,14 @@ class _DirectPass:
         self.own_half(0)
         absorbed = 0
         per_piece = len(self.units) // max(1, len(self.pieces))
+        # with every unit in flight at once the partials are folded in at the end (a wait for a slow
+        # peer's partial would stall the blocks); when INFLIGHT_BYTES holds units back, piece by piece
+        lag = self.posted < len(self.units)
         for i, u in enumerate(self.units):
             self.run_unit(u)
             self.post_units(i + 1)
             # after a piece's blocks, fold in the partials of the piece before (in order)
-            if per_piece and (i + 1) % per_piece == 0:
+            if lag and per_piece and (i + 1) % per_piece == 0:
                 while absorbed < i + 1 - per_piece:
                     self.absorb_unit(self.units[absorbed])
                     absorbed += 1
