@@ -98,6 +98,15 @@ class EvalConfig:
     """``bf16``: run the model under bf16 autocast (scores are still summed in fp64)."""
     seed: int = 0
     """Seeds the passkeys and their filler text."""
+    stream_multiples: list[int] = field(default_factory=list)
+    """Λ-mask perplexity of one sequence of these multiples of ``train_len`` tokens, streamed window by
+    window through constant-memory caches, one contiguous segment per rank (``ringrt/jobs/stream_eval.py``);
+    e.g. ``[4096]`` = a million tokens for the demo model. Empty = skip."""
+    stream_window: int = 256
+    """Tokens per forward pass of the streaming evaluation (memory grows with it, not with the length)."""
+    stream_baseline: bool = True
+    """Also score the validation text in windows of ``train_len`` (the 1x reference the streamed
+    perplexity is compared with)."""
 
 
 @dataclass(kw_only=True, slots=True)

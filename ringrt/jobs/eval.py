@@ -30,6 +30,7 @@ from ..run.rundir import atomic_save_figure, atomic_write_json, resolve_checkpoi
 from .config import EvalJobConfig
 from .flags import add_dataclass_arguments, build
 from .passkey import passkey_example
+from .stream_eval import check_stream_settings, run_stream, stream_table
 from .train import autocast_for
 
 MODES = ("vanilla", "lambda")
@@ -214,6 +215,7 @@ def run_eval(cfg: EvalJobConfig, model=None, print_fn=print) -> dict:
     check_tokenizer(tok, model.config)
     world = _world()
     _check_lengths(e, train_len, world)
+    check_stream_settings(e, train_len, world)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     say = print_fn if rank0 else (lambda *a, **k: None)
     results: dict = {"train_len": train_len, "world": world, "checkpoint": hf_dir, "perplexity": {}, "passkey": {}}
@@ -227,7 +229,11 @@ def run_eval(cfg: EvalJobConfig, model=None, print_fn=print) -> dict:
         results["perplexity"][mode] = _perplexity_row(cfg, model, tok, attend, layout, **scoring)
         if e.passkey_multiples:
             results["passkey"][mode] = _passkey_row(cfg, model, tok, attend, layout, **scoring)
+    if e.stream_multiples:
+        results["stream"] = run_stream(cfg, model, tok, train_len=train_len, autocast=autocast, say=say)
     results["table"] = _tables(results, e, train_len)
+    if e.stream_multiples:
+        results["table"] += "\n\n" + stream_table(results["stream"])
     if rank0:
         _write_results(results, e.out_dir, print_fn)
     return results
