@@ -80,3 +80,31 @@ def test_load_of_the_kept_rows_equals_appending_the_whole_prompt():
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="covering the first 3 and last 5 of 17 tokens"):
         LambdaKVCache(mask=mask).load(k[:, keep[:-1]], v[:, keep[:-1]], keep[:-1], p)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+def test_skip_to_forgets_the_window_and_later_queries_match_again(chunk):
+    """After skip_to(t0) a query i sees exactly what the full sequence shows it once its window no
+    longer reaches before t0 (i >= t0 + n_local - 1); earlier ones miss only the skipped keys."""
+    torch.manual_seed(0)
+    mask = LambdaMask(n_global=3, n_local=5, limit_distance=5)
+    n, t0 = 40, 17
+    q, k, v = (torch.randn(1, n, h, 8, dtype=torch.float64) for h in (4, 2, 2))
+    full = LambdaKVCache(mask=mask)
+    want = torch.cat([full.attend(q[:, i : i + 1], k[:, i : i + 1], v[:, i : i + 1]) for i in range(n)], 1)
+    c = LambdaKVCache(mask=mask)
+    c.attend(q[:, :3], k[:, :3], v[:, :3])
+    with pytest.raises(ValueError, match="already seen"):
+        c.skip_to(2)
+    c.skip_to(t0)
+    assert c.index.tolist() == [0, 1, 2] and len(c) == 3
+    outs = [c.attend(q[:, i : i + chunk], k[:, i : i + chunk], v[:, i : i + chunk]) for i in range(t0, n, chunk)]
+    got = torch.cat(outs, 1)[:, : n - t0]
+    exact = t0 + mask.n_local - 1
+    assert (got[:, exact - t0 :] - want[:, exact:]).abs().max() < 1e-12
+    assert (got[:, 0] - want[:, t0]).abs().max() > 1e-3  # the first query really misses its window
+    assert c.index.tolist() == [0, 1, 2, *range(n - 5, n)]
+    early = LambdaKVCache(mask=mask)
+    early.attend(q[:, :2], k[:, :2], v[:, :2])
+    with pytest.raises(ValueError, match="global tokens"):
+        early.skip_to(10)

@@ -20,7 +20,7 @@ therefore be computed exactly, without the rest of the sequence, from::
              0                                                                       N
 
 After the globals, each layer's cache forgets everything but G and continues at token w
-(:meth:`_SegmentCache.skip_to`): the missing tokens n_global .. w - 1 change layer 1's outputs
+(:meth:`ringrt.LambdaKVCache.skip_to`): the missing tokens n_global .. w - 1 change layer 1's outputs
 only for queries i < w + n_local - 1, layer 2's for i < w + 2 (n_local - 1), ... and the logits
 only for i < w + L (n_local - 1) = a, none of which is scored. (The bound is tight: one warm-up
 token fewer changes token a's logits; ``tests/test_stream_eval.py`` checks both.) Every scored
@@ -96,24 +96,8 @@ def plan_segments(n: int, world: int, *, n_layers: int, mask: LambdaMask) -> lis
     return out
 
 
-class _SegmentCache(LambdaKVCache):
-    """A :class:`ringrt.LambdaKVCache` that can jump ahead: :meth:`skip_to` keeps the global tokens
-    and continues at a later token, as if the tokens in between had been seen and forgotten."""
-
-    def skip_to(self, seen: int) -> None:
-        """Forget every kept token but the first n_global and continue at token ``seen`` (>= the
-        tokens seen so far). Queries of the next n_local tokens then miss the skipped tokens that
-        the full sequence would show them: the warm-up absorbs that (Note [streaming Λ evaluation])."""
-        if seen < self.seen:
-            raise ValueError(f"skip_to({seen}): the cache has already seen {self.seen} tokens")
-        if self.k is not None:
-            keep = self.index < self.mask.n_global
-            self.k, self.v, self.index = self.k[:, keep], self.v[:, keep], self.index[keep]
-        self.seen = seen
-
-
 class StreamAttend:
-    """The model's ``attend`` for streaming: one :class:`_SegmentCache` per layer; each call appends
+    """The model's ``attend`` for streaming: one :class:`ringrt.LambdaKVCache` per layer; each call appends
     the window's k/v and returns its queries' Λ-mask attention. ``peak_rows`` is the largest number
     of K/V rows any layer attended over (cached + the window's own): at most
     n_global + n_local + window."""
@@ -121,7 +105,7 @@ class StreamAttend:
     rotates = True
 
     def __init__(self, *, n_layers: int, mask: LambdaMask, rope_theta: float):
-        self.caches = [_SegmentCache(mask=mask, rope_theta=rope_theta) for _ in range(n_layers)]
+        self.caches = [LambdaKVCache(mask=mask, rope_theta=rope_theta) for _ in range(n_layers)]
         self.peak_rows = 0
 
     def __call__(self, q, k, v, *, layer, positions):
