@@ -10,6 +10,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "compare": ("ringrt.bench.compare", "every schedule and the outside peers side by side: time, efficiency, bytes, memory, roofline"),
     "compression": ("ringrt.bench.compression", "Extensible Tokenization: train the embedder, last-chunk perplexity, attention vs k"),
     "lambda": ("ringrt.bench.lambda_bench", "Λ-mask attention: time and bytes per rank as N and W grow, vs dense"),
+    "scale": ("ringrt.bench.scale", "one sequence's fwd+bwd of the demo model: time, peak memory and bytes per rank as N grows"),
     "varlen": ("ringrt.bench.varlen", "packed documents (cu_seqlens) vs one padded row per document vs one call per document"),
 }
 
