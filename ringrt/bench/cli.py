@@ -11,6 +11,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "compression": ("ringrt.bench.compression", "Extensible Tokenization: train the embedder, last-chunk perplexity, attention vs k"),
     "decode": ("ringrt.bench.decode", "decode tokens/s: the Λ-mask cache vs a full KV cache as the context grows"),
     "lambda": ("ringrt.bench.lambda_bench", "Λ-mask attention: time and bytes per rank as N and W grow, vs dense"),
+    "scale": ("ringrt.bench.scale", "one sequence's fwd+bwd of the demo model: time, peak memory and bytes per rank as N grows"),
     "varlen": ("ringrt.bench.varlen", "packed documents (cu_seqlens) vs one padded row per document vs one call per document"),
 }
 

@@ -54,6 +54,13 @@ class TrainConfig:
     """Show a progress bar (rank 0, only on a terminal)."""
     seed: int = 0
     """Seeds the random initial weights (the data order has its own ``data.seed``)."""
+    activation_checkpointing: Literal["none", "layers"] = "none"
+    """``layers``: keep only each block's input for the backward and run the block again there (its
+    MLP a slice of tokens at a time); the same loss and gradients for about one more forward of time.
+    Bytes per token: Note [activation memory] in ``ringrt/model/memory.py``."""
+    loss_chunk: int = 0
+    """Tokens per chunk of the LM head + cross-entropy (the (S, vocab) logits never exist, forward
+    or backward); 0 = the whole shard's logits at once."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -26,7 +26,7 @@ from ..data.batching import train_batches
 from ..data.tokenizer import check_tokenizer, load_tokenizer
 from ..model.hf import load_pretrained, save_pretrained
 from ..model.llama import Llama
-from ..model.parallel import make_attend, mesh, sequence_loss, shard_batch, sum_gradients
+from ..model.parallel import chunked_sequence_loss, make_attend, mesh, sequence_loss, shard_batch, sum_gradients
 from . import interrupt
 from .config import TrainConfig, TrainJobConfig
 from .flags import add_dataclass_arguments, build
@@ -43,6 +43,7 @@ def validate(cfg: TrainJobConfig, sp: int) -> None:
         raise ValueError(f"train.precision={t.precision!r}; valid: 'fp32', 'bf16'")
     if not (t.lr > 0 and 0 <= t.min_lr <= t.lr):
         raise ValueError(f"train.lr={t.lr} and train.min_lr={t.min_lr} must satisfy 0 <= min_lr <= lr, lr > 0")
+    _validate_memory(t)
     cfg.data.validate()
     layout = cfg.attention.resolved_layout()
     n = num_chunks(layout, sp)
@@ -72,6 +73,25 @@ def autocast_for(precision: str, device: torch.device):
     return contextlib.nullcontext
 
 
+def _validate_memory(t: TrainConfig) -> None:
+    if t.activation_checkpointing not in ("none", "layers"):
+        raise ValueError(f"train.activation_checkpointing={t.activation_checkpointing!r}; valid: 'none', 'layers'")
+    if isinstance(t.loss_chunk, bool) or not isinstance(t.loss_chunk, int) or t.loss_chunk < 0:
+        raise ValueError(f"train.loss_chunk={t.loss_chunk!r} must be an int >= 0 (0 = the full logits)")
+
+
+def micro_loss(model, sh, *, t: TrainConfig, attend, seq_group, autocast=contextlib.nullcontext) -> torch.Tensor:
+    """The loss of one shard under ``t``'s memory settings: per-layer checkpointing
+    (``t.activation_checkpointing``) and the LM head + loss in chunks (``t.loss_chunk``)."""
+    ckpt = t.activation_checkpointing == "layers"
+    with autocast():
+        out = model(sh.input_ids, positions=sh.positions, attend=attend, cu_seqlens=sh.cu_seqlens, hidden_only=t.loss_chunk > 0,
+                    checkpoint=ckpt)  # (B, S_local, V), or (B, S_local, dim) hidden states
+        if t.loss_chunk > 0:
+            return chunked_sequence_loss(out, model.lm_head.weight, sh.labels, seq_group, chunk=t.loss_chunk)
+    return sequence_loss(out, sh.labels, seq_group)
+
+
 def train_step(model, opt, batches, *, t: TrainConfig, lr: float, layout: str, attend, seq_group, data_group,
                autocast=contextlib.nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over ``t.grad_accum`` micro-batches of ``batches`` (CPU (B, S + 1) token
@@ -85,9 +105,7 @@ def train_step(model, opt, batches, *, t: TrainConfig, lr: float, layout: str, a
     total = torch.zeros((), dtype=torch.float64, device=device)
     for _ in range(t.grad_accum):
         sh = shard_batch(next(batches), layout=layout, group=seq_group, device=device)
-        with autocast():
-            logits = model(sh.input_ids, positions=sh.positions, attend=attend, cu_seqlens=sh.cu_seqlens)  # (B, S_local, V)
-        loss = sequence_loss(logits, sh.labels, seq_group) / t.grad_accum
+        loss = micro_loss(model, sh, t=t, attend=attend, seq_group=seq_group, autocast=autocast) / t.grad_accum
         loss.backward()
         total += loss.detach().double()
     params = [p for p in model.parameters()]

@@ -12,9 +12,10 @@ from ..distributed.agree import DTYPES, agree_fields, local_problem, needs_backw
 from ..distributed.groups import base_group, nccl_problem, ring_groups
 from ..ops.kernels import get_kernel
 from ..ops.rope import apply_rope, inv_freq
+from ..schedules.base import swapped
 from .mask import LambdaMask, sliding_window, stationary_positions
 from .plan import halo_plan
-from .ring import LambdaPlan, lambda_ring
+from .ring import LambdaPlan, lambda_backward, lambda_forward
 
 ALGORITHMS = ("ring", "tokenring")
 DEFAULT_BLOCK = 512
@@ -116,7 +117,7 @@ def lambda_attention(
     check = lambda: _settings_problem(q, mask, rope_theta, algorithm, position_offset, block_size)  # noqa: E731
     extra = [("rope_theta", rope_theta), ("position_offset", position_offset)]
 
-    def rotate(index: torch.Tensor):
+    def rotate(index: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         d = q.shape[-1]
         cos, sin = rope_cos_sin(index + position_offset, d, rope_theta, q.dtype)  # (S, D)
         cos_s, sin_s = rope_cos_sin(stationary_positions(index, mask), d, rope_theta, q.dtype)
@@ -158,7 +159,7 @@ def rotated_lambda_attention(
     needs_freq = isinstance(mask, LambdaMask) and mask.n_global > 0
     extra = [("inv_freq", 1 if needs_freq else 0)]
 
-    def rotate(index: torch.Tensor):
+    def rotate(index: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         if not needs_freq:
             return q, q, k, k  # the global branch is empty: qs and the raw k are never read
         qs, k_raw = global_inputs(q, k, rotation_tables(index, mask, inv_freq, q.dtype))
@@ -193,7 +194,8 @@ def global_grads(dqs: torch.Tensor, dkraw: torch.Tensor, tables) -> tuple[torch.
 
 def _run(q, k, v, *, mask, rotate, checks, extra, softmax_scale, algorithm, block_size, kernel, timeout, group, what):
     """Validate and agree (every rank raises the same ValueError), then run the Λ ring on the
-    tensors ``rotate(token indices of this shard)`` returns: (q local, q global, k local, k global).
+    tensors ``rotate(token indices of this shard, q, k)`` returns: (q local, q global, k local, k
+    global); see :class:`_LambdaRing` for what the backward keeps.
     ``checks``: the caller's own checks (each returns a problem or None), run in order once the
     common input checks pass."""
     base, rank, world = base_group(group)
@@ -204,8 +206,51 @@ def _run(q, k, v, *, mask, rotate, checks, extra, softmax_scale, algorithm, bloc
                         requires_grad=needs_backward(q, k, v), what=what)
     s = q.shape[1]
     index = torch.arange(plan.groups.rank * s, (plan.groups.rank + 1) * s, device=q.device)  # token indices of this shard
-    qr, qs, kr, kraw = rotate(index)
-    return lambda_ring(qr, qs, kr, kraw, v, plan)
+    return _LambdaRing.apply(plan, rotate, index, q, k, v)
+
+
+class _LambdaRing(torch.autograd.Function):
+    """The eager Λ ring with RoPE inside: saves only q, k, v (as given), out and lse (and the few
+    received halo and global keys and values), not the rotated copies.
+
+    Note [Λ-mask saved tensors]: the four rotated inputs of the ring (q local, q global, k local, k
+    global; 2 x heads + 2 x kv_heads values per token) and their heads-first copies are made in the
+    forward and dropped at once; the backward makes them again from q and k (a few elementwise ops)
+    and pulls their gradients back through the same rotation with autograd (exact: the same ops).
+    ``out`` is saved in the layout it is returned in, so the caller's ``o_proj`` and this Function
+    share one copy. Per token and layer the backward keeps (2 heads + 2 kv_heads) x head_dim values
+    + heads lse values: 1.5 KiB in fp32 for the demo model (4 heads, 2 kv heads, head_dim 32), down
+    from 3.3 KiB (heads-first copies of the five ring inputs, the RoPE tables of their rotation, out
+    twice). The backward's own working set is counted in Note [activation memory]
+    (``ringrt/model/memory.py``).
+    """
+
+    @staticmethod
+    def forward(ctx, plan: LambdaPlan, rotate, index, q, k, v):
+        rotated = _rotate_heads_first(rotate, index, swapped(q), swapped(k))
+        out, lse, *kept = lambda_forward(*rotated[:2], *rotated[2:], swapped(v), plan)
+        del rotated
+        out = swapped(out)  # (B, S, H, D) contiguous: the caller's view of it is what it keeps
+        ctx.save_for_backward(q, k, v, out, lse, *kept)
+        ctx.plan, ctx.rotate, ctx.index = plan, rotate, index
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor):
+        q, k, v, out, lse, *kept = ctx.saved_tensors
+        with torch.enable_grad():
+            qd, kd = swapped(q).requires_grad_(), swapped(k).requires_grad_()  # (B, H|H_kv, S, D) leaves
+            rotated = _rotate_heads_first(ctx.rotate, ctx.index, qd, kd)  # (qr, qs, kr, kraw) heads-first
+            grads = lambda_backward(swapped(dout), *(x.detach() for x in rotated), swapped(v), out.transpose(1, 2), lse, *kept, ctx.plan)
+            dq, dk = torch.autograd.grad(rotated, (qd, kd), grads[:4])
+        return None, None, None, dq.transpose(1, 2), dk.transpose(1, 2), grads[4].transpose(1, 2)
+
+
+def _rotate_heads_first(rotate, index, q, k) -> list[torch.Tensor]:
+    """``rotate`` (written for (B, S, H, D)) on heads-first q, k (B, H, S, D): it runs on transposed
+    views, so its elementwise results keep the heads-first memory order and come back as contiguous
+    (B, H, S, D) tensors without a copy."""
+    return [x.transpose(1, 2).contiguous() for x in rotate(index, q.transpose(1, 2), k.transpose(1, 2))]
 
 
 def checked_plan(q, k, v, *, base, rank: int, world: int, problem: str | None, timeout: float, mask, checks, extra, softmax_scale,

@@ -43,7 +43,7 @@ from ..distributed.comm import P2P, Pending, nbytes, pack, unpack
 from ..distributed.groups import RingGroups
 from ..ops.kernels import BlockKernel
 from ..ops.merge import acc_dtype, empty_accumulator, grad_delta, merge_
-from ..schedules.base import attend_blocks, grad_blocks, seq_first
+from ..schedules.base import attend_blocks, grad_blocks
 from ..schedules.blocks import Block, rows
 from .mask import LambdaMask, Tile, global_bias, global_tiles, local_bias, local_tiles
 from .plan import HaloPlan
@@ -360,9 +360,3 @@ def _relay_global_grads(plan: LambdaPlan, kr, dkraw, dv, dglob: _Keys, up_pend: 
         rows(dkraw, (a, b), base=hp.q0).add_(dk_g)
         rows(dv, (a, b), base=hp.q0).add_(dv_g)
     return sent
-
-
-def lambda_ring(qr, qs, kr, kraw, v, plan: LambdaPlan) -> torch.Tensor:
-    """Differentiable Λ-mask attention over (B, S, H, D) shards (q rotated at its positions and at the
-    stationary ones, k rotated and raw, v) -> (B, S, H, D)."""
-    return seq_first(lambda_forward, lambda_backward, plan, qr, qs, kr, kraw, v)

@@ -10,6 +10,12 @@ document boundary (the attention is given ``cu_seqlens``; see ``ringrt/model/par
 
 Module names follow Hugging Face's ``LlamaForCausalLM`` (without its ``model.`` prefix), so a
 checkpoint maps onto it one name at a time (``ringrt/model/hf.py``).
+
+``forward(..., checkpoint=True)`` keeps only each block's input for the backward and runs the block
+again there (``torch.utils.checkpoint``, non-reentrant), the MLP in slices of ``MLP_SLICE`` tokens so
+its four (S, intermediate) tensors exist for one slice at a time; with ``hidden_only=True`` the
+caller computes the LM head and the loss in chunks (``ringrt.model.loss``). Note [activation
+memory] in ``ringrt/model/memory.py`` counts the bytes per token either way.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Protocol
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as _recompute
 
 from ..ops.documents import lengths_problem
 from ..ops.rope import apply_rope, cos_sin
@@ -103,6 +110,10 @@ class SelfAttention(nn.Module):
         return self.o_proj(y.reshape(B, S, self.n_heads * self.head_dim))
 
 
+MLP_SLICE = 8192
+"""Tokens per MLP slice under checkpointing (each slice recomputed on its own in the backward)."""
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -113,6 +124,14 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
+    def sliced(self, x: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        """forward(x) over ``size`` (default ``MLP_SLICE``) tokens at a time, each slice checkpointed: the
+        backward holds one slice's (size, intermediate) tensors, not the sequence's. x (B, S, dim)."""
+        size = MLP_SLICE if size is None else size
+        if x.shape[1] <= size:
+            return _recompute(self, x, use_reentrant=False)
+        return torch.cat([_recompute(self, x[:, a : a + size], use_reentrant=False) for a in range(0, x.shape[1], size)], dim=1)
+
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
@@ -122,9 +141,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, positions, attend: Attend, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x, cos, sin, positions, attend: Attend, cu_seqlens: torch.Tensor | None = None, sliced: bool = False) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, attend, cu_seqlens)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp.sliced(h) if sliced else self.mlp(h))
 
 
 class Llama(nn.Module):
@@ -159,12 +179,16 @@ class Llama(nn.Module):
         hidden_only: bool = False,
         inputs_embeds: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        checkpoint: bool = False,
     ) -> torch.Tensor:
         """input_ids (B, S): this shard's tokens; positions (S,) or (B, S): their absolute positions
         (default 0..S-1); attend: attention over the whole sequence (default one process, causal);
         inputs_embeds (B, S, dim): read in place of ``embed_tokens(input_ids)`` (give one of the two);
         cu_seqlens: packed documents, passed to the attention (which must take it: ``documents = True``),
         with ``positions`` restarting in each document (``Shard.positions`` of ``shard_batch``).
+        checkpoint: recompute each block in the backward (and its MLP a slice at a time) instead of
+        keeping its activations; values and gradients are the same. The attention then runs twice
+        per layer, forward and recompute, in the same order on every rank.
         Returns logits (B, S, vocab), or the final hidden states (B, S, dim) with ``hidden_only``."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Llama.forward takes exactly one of input_ids and inputs_embeds")
@@ -178,6 +202,9 @@ class Llama(nn.Module):
                              f"need the plain ring attention or the one-process attention (not the Λ-mask or a KV cache)")
         cos, sin = cos_sin(positions, self.config.head_size, self.config.rope_theta)  # (S|B,S, D) fp32
         for block in self.layers:
-            x = block(x, cos, sin, positions, attend, cu_seqlens)
+            if checkpoint and torch.is_grad_enabled():
+                x = _recompute(block, x, cos, sin, positions, attend, cu_seqlens, True, use_reentrant=False)  # keeps x only
+            else:
+                x = block(x, cos, sin, positions, attend, cu_seqlens)
         x = self.norm(x)  # (B, S, dim)
         return x if hidden_only else self.lm_head(x)  # (B, S, vocab)

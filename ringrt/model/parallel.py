@@ -35,6 +35,7 @@ from ..distributed.groups import base_group, new_subgroups
 from ..ops.documents import Documents, lengths_of, shard_documents
 from ..ops.layout import check_layout, num_chunks, positions as layout_positions, shard_of
 from .config import AttentionConfig, ModelConfig
+from .loss import chunked_cross_entropy
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -197,6 +198,22 @@ def sequence_loss(logits: torch.Tensor, labels: torch.Tensor, group: dist.Proces
     """
     logits = logits if logits.dtype == torch.float64 else logits.float()  # (B, S_local, V), at least fp32
     total = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    return _mean_over_group(total, labels, group)
+
+
+def chunked_sequence_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                          group: dist.ProcessGroup | DeviceMesh | None = None, *, chunk: int = 4096) -> torch.Tensor:
+    """:func:`sequence_loss` of ``hidden @ weight.T`` without the (S_local, V) logits: hidden (B,
+    S_local, dim) the model's final hidden states (``Llama.forward(..., hidden_only=True)``), weight
+    (V, dim) its ``lm_head.weight``, labels (B, S_local). The LM head and the cross-entropy run
+    ``chunk`` tokens at a time, forward and backward (``ringrt.model.loss``): at most chunk x V
+    logits exist at once. Same value and gradients as the unchunked loss, to rounding."""
+    total = chunked_cross_entropy(hidden.flatten(0, 1), weight, labels.flatten(), chunk=chunk)
+    return _mean_over_group(total, labels, group)
+
+
+def _mean_over_group(total: torch.Tensor, labels: torch.Tensor, group) -> torch.Tensor:
+    """Sum of the ranks' losses over the sum of their scored tokens (every rank gets the same value)."""
     count = (labels != -100).sum().to(total.dtype)
     return group_sum(total, group, channel="loss", step="sum of the loss") / group_sum(
         count, group, channel="loss", step="count of the scored tokens").clamp_min(1)
