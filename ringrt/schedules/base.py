@@ -20,8 +20,6 @@ In the backward, ``plan.dlse`` is the gradient of lse (or None): every schedule 
 Most schedules are written heads-first, on (B, H, S, D) tensors: :func:`seq_first_pass` turns a
 heads-first pair into a :class:`Pass` (contiguous heads-first copies in the forward, views of the
 saved tensors in the backward; the results back in (B, S_l, H, D)).
-:class:`ShardAttention` is the autograd Function over a heads-first pair, for callers outside the op
-(the Λ-mask pass of ``ringrt.lambda_attention``); it saves the inputs, out, lse and ``kept``.
 
 Inside a pass, :func:`attend_blocks` and :func:`grad_blocks` are the block loops: one kernel call
 per :class:`~.blocks.Block` on row slices, merged into fp32 (out, lse) accumulators (forward) or
@@ -101,28 +99,6 @@ def seq_first_pass(forward: Forward, backward: Backward, inner: Callable = lambd
         return tuple(swapped(g) for g in backward(dout, q, k, v, out, lse, *kept, inner(plan)))
 
     return Pass(seq_forward, seq_backward)
-
-
-class ShardAttention(torch.autograd.Function):
-    """Autograd over a schedule's raw passes (see the module note); tensors heads-first in and out."""
-
-    @staticmethod
-    def forward(ctx, forward: Forward, backward: Backward, plan, *inputs: torch.Tensor) -> torch.Tensor:
-        out, lse, *kept = forward(*inputs, plan)
-        ctx.save_for_backward(*inputs, out, lse, *kept)
-        ctx.backward_pass, ctx.plan = backward, plan
-        return out
-
-    @staticmethod
-    def backward(ctx, dout: torch.Tensor):
-        grads = ctx.backward_pass(dout.contiguous(), *ctx.saved_tensors, ctx.plan)
-        return (None, None, None, *grads)
-
-
-def seq_first(forward: Forward, backward: Backward, plan, *inputs: torch.Tensor) -> torch.Tensor:
-    """Differentiable ``forward`` on (B, S, H, D) inputs -> out (B, S, H, D), both contiguous."""
-    xs = [x.transpose(1, 2).contiguous() for x in inputs]  # (B, H, S, D)
-    return ShardAttention.apply(forward, backward, plan, *xs).transpose(1, 2).contiguous()
 
 
 def attend_blocks(
