@@ -45,12 +45,12 @@ class LambdaKVCache:
     """
 
     def __init__(self, *, mask: LambdaMask, rope_theta: float = 10000.0, softmax_scale: float | None = None,
-                 position_offset: int = 0, kernel: str = "auto"):
+                 position_offset: int = 0):
         p = mask.problem() if isinstance(mask, LambdaMask) else f"mask must be a ringrt.LambdaMask, got {type(mask).__name__}"
         if p:
             raise ValueError(f"LambdaKVCache: {p}")
         self.mask, self.rope_theta, self.softmax_scale = mask, float(rope_theta), softmax_scale
-        self.position_offset, self.kernel = position_offset, kernel  # kernel: kept for callers; the math is plain matmuls
+        self.position_offset = position_offset  # the math is plain matmuls on the inputs' device: no block kernel
         self._gk: torch.Tensor | None = None  # (B, H_kv, n_global, D) pre-RoPE
         self._gv: torch.Tensor | None = None  # (B, H_kv, n_global, D)
         self._lk: torch.Tensor | None = None  # (B, H_kv, n_local, D) rotated, ring
