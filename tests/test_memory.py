@@ -142,7 +142,7 @@ def test_formula_matches_measured_peak():
     mc = demo_model_config()
     n = 16384
     cfg = {"model": {f: getattr(mc, f) for f in ModelConfig.__slots__}, "checkpoint": None, "tokens": n, "attention": "lambda",
-           "n_global": 8, "n_local": 256, "checkpointing": True, "loss_chunk": 4096}
+           "n_global": 8, "n_local": 256, "checkpointing": True, "loss_chunk": 4096, "timing_pass": "none"}
     (r,) = run_local(_point, 1, cfg, timeout=100)
     measured = (r["peak_kib"] - r["base_kib"]) * 1024
     formula = activation_bytes_per_token(mc, checkpointing=True, loss_chunk=4096, tokens_per_rank=n) * n

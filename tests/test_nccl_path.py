@@ -182,9 +182,9 @@ def _overlaps(rec: Recorder) -> list[tuple[str, int, int]]:
 
 @pytest.mark.parametrize("topology", ["ring", "full"])
 def test_every_tokenring_transfer_overlaps_a_kernel_call_but_the_last_relayed_one(monkeypatch, topology):
-    from ringrt.schedules import tokenring
+    from ringrt.schedules import tokenring_plan
 
-    monkeypatch.setattr(tokenring, "SPLIT_MIN_SCORES", 0)  # these shards are tiny: split the own block all the same
+    monkeypatch.setattr(tokenring_plan, "SPLIT_MIN_SCORES", 0)  # these shards are tiny: split the own block all the same
     world = 3
     for rank, rec in _record(monkeypatch, lambda: _attention("tokenring", s=12, topology=topology), world=world).items():
         spans = _overlaps(rec)
