@@ -107,6 +107,19 @@ def test_checkpointed_chunked_equals_plain_one_process(kind, small_slices):
     assert _rel(lean32, ref) <= 2 * _rel(plain32, ref)
 
 
+def test_checkpointed_chunked_under_bf16_autocast_is_as_close_as_the_plain_path(small_slices):
+    """train.precision=bf16 runs the model under bf16 autocast: the lean path's loss and gradients are
+    no further from the fp64 plain path than the plain path's own under the same autocast (2x rule)."""
+    sh = shard_batch(_tokens(), layout="contiguous")
+    ref_loss, ref = _loss_and_grads(_plain, _model(torch.float64), sh, None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain_loss, plain = _loss_and_grads(_plain, _model(torch.float32), sh, None)
+        lean_loss, lean = _loss_and_grads(_lean, _model(torch.float32), sh, None)
+    assert abs(plain_loss - ref_loss) > 0 and _rel(plain, ref) > 1e-4  # bf16 really ran
+    assert abs(lean_loss - ref_loss) <= 2 * abs(plain_loss - ref_loss)
+    assert _rel(lean, ref) <= 2 * _rel(plain, ref)
+
+
 def _ranks(rank, world, ref):
     """Every sub-case in one spawn: each attention's lean path (checkpointing + chunked loss) in fp64
     against the one-process plain reference computed by the parent."""
