@@ -26,24 +26,16 @@ import argparse
 import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from ..jobs.config import DemoConfig
 from ..lm_infinite import LambdaMask
 from ..model.config import ModelConfig
-from ..model.hf import config_from_hf, read_config
+from ..model.hf import read_config
 from ..model.kvcache import FullKVCache, LambdaPrefillCache, ShardedKVCache
 from ..model.llama import Llama
 from .report import maybe_plot, write_json
-
-DEMO_CONFIG = "/work/demo_ckpt/train/hf"
-"""The demo model's Hugging Face directory; its config.json is read when present (``--config``)."""
-
-DEMO_HF = {"vocab_size": 259, "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4,
-           "num_key_value_heads": 2, "head_dim": 32, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": True,
-           "max_position_embeddings": 2048}
-"""The same model when that file is absent."""
 
 KINDS = ("full", "lambda", "sharded")
 
@@ -57,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--n-global", type=int, default=8, help="LambdaMask.n_global (ringrt's default)")
     p.add_argument("--n-local", type=int, default=None, help="LambdaMask.n_local (default: the model's max_position_embeddings)")
-    p.add_argument("--config", default=None, help=f"Hugging Face model directory whose config.json gives the model (default {DEMO_CONFIG} if present)")
+    p.add_argument("--config", default=None, help="Hugging Face model directory whose config.json gives the model (default: the demo's model, as `ringrt demo` trains it)")
     p.add_argument("--checkpoint", default=None, help="load these weights (an hf directory); default random init")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--with-sharded", action="store_true", help="also time ShardedKVCache (torch.cat per step)")
@@ -69,8 +61,7 @@ def _model(args: argparse.Namespace) -> Llama:
         from ..model.hf import load_pretrained
 
         return load_pretrained(args.checkpoint)
-    path = args.config or (DEMO_CONFIG if (Path(DEMO_CONFIG) / "config.json").is_file() else None)
-    cfg: ModelConfig = read_config(path) if path else config_from_hf(DEMO_HF)
+    cfg: ModelConfig = read_config(args.config) if args.config else DemoConfig().model
     torch.manual_seed(0)
     return Llama(cfg)
 

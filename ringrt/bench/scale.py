@@ -26,6 +26,7 @@ import torch
 
 from ..distributed import comm
 from ..distributed.spawn import run_local
+from ..jobs.config import DemoConfig
 from ..model.config import AttentionConfig, ModelConfig
 from ..model.memory import activation_bytes_per_token
 from ..model.parallel import chunked_sequence_loss, make_attend, sequence_loss, shard_batch
@@ -37,8 +38,9 @@ GIB = 2**30
 
 
 def demo_model_config() -> ModelConfig:
-    """The demo model: 4 layers, hidden 128, 4 heads / 2 kv heads, head_dim 32, SwiGLU 384, bytes."""
-    return ModelConfig(vocab_size=259, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, intermediate_size=384)
+    """The demo's model, as ``ringrt demo`` trains it: 4 layers, hidden 128, 4 heads / 2 kv heads,
+    head_dim 32, SwiGLU 384, bytes."""
+    return DemoConfig().model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
