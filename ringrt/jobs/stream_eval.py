@@ -69,6 +69,7 @@ import torch.nn.functional as F
 
 from ..data.batching import token_stream, val_files
 from ..data.config import DataConfig
+from ..distributed import device as devices
 from ..lm_infinite import LambdaKVCache, LambdaMask
 
 
@@ -211,7 +212,7 @@ def stream_segment(model, read: TokenReader, seg: Segment, *, mask: LambdaMask, 
     tokens' losses to ``score``. ``progress(done, total)`` after each scored window. Returns the
     attend (its caches, for inspection)."""
     cfg = model.config
-    device = next(model.parameters()).device
+    device = devices.module_device(model)
     attend = StreamAttend(n_layers=cfg.n_layers, mask=mask, rope_theta=cfg.rope_theta)
     if seg.warm and mask.n_global:  # the globals first, then jump to the warm-up start
         _forward(model, attend, read.take(0, mask.n_global)[None].to(device), 0)
@@ -237,7 +238,7 @@ def windowed_baseline(model, seqs: torch.Tensor, weights: torch.Tensor, *, mask:
     """(weighted nll sum, sum of the weights), fp64, of sequences (N, L + 1), each scored on its own
     (Λ-mask, fresh caches), ``batch`` sequences per forward; weights (N, L) per target token."""
     cfg = model.config
-    device = next(model.parameters()).device
+    device = devices.module_device(model)
     nll, count = 0.0, 0.0
     for i in range(0, seqs.shape[0], batch):
         s, w = seqs[i:i + batch].to(device), weights[i:i + batch].to(device, torch.float64)

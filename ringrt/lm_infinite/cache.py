@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from ..ops.merge import acc_dtype
 from ..ops.rope import apply_rope, inv_freq
 from .attention import freq_cos_sin
 from .mask import LambdaMask, stationary_positions
@@ -215,7 +216,7 @@ class LambdaKVCache:
         hk = self._lk.shape[1]
         g = h // hk
         scale = self._scale(d)
-        adt = torch.float64 if parts[0][0].dtype == torch.float64 else torch.float32
+        adt = acc_dtype(parts[0][0].dtype)
         scores = []
         for j, (qq, kk, _) in enumerate(parts):
             qg = qq.view(b, t, hk, g, d).permute(0, 2, 3, 1, 4).reshape(b, hk, g * t, d)  # (B, H_kv, g*T, D)
@@ -248,6 +249,6 @@ class LambdaKVCache:
         if n_g and s + t - 1 - m.n_local >= 0:  # some query may reach a global key through its global branch
             parts.append((self._rope(q, stationary_positions(qi, m)), self._gk[:, :, :n_g], self._gv))
             keep.append(qi.unsqueeze(1) - torch.arange(n_g, device=q.device) >= m.n_local)
-        adt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        adt = acc_dtype(q.dtype)
         bias = [torch.zeros(kp.shape, dtype=adt, device=q.device).masked_fill_(~kp, _NEG_INF) for kp in keep]
         return self._softmax_attention(parts, b, t, h, d, bias)

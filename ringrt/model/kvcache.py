@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from ..distributed.comm import count
 from ..distributed.groups import base_group
-from ..ops.merge import empty_accumulator, merge_
+from ..ops.merge import acc_dtype, empty_accumulator, merge_
 
 
 class ShardedKVCache:
@@ -177,8 +177,7 @@ class FullKVCache:
         g = h // hk
         kk, vv = self.k[layer][:, :, :n], self.v[layer][:, :, :n]  # (B, H_kv, n, D)
         qg = q.view(b, t, hk, g, d).permute(0, 2, 3, 1, 4).reshape(b, hk, g * t, d)  # (B, H_kv, g*T, D)
-        adt = torch.float64 if q.dtype == torch.float64 else torch.float32
-        s = (qg @ kk.transpose(-1, -2)).to(adt) / d**0.5  # (B, H_kv, g*T, n)
+        s = (qg @ kk.transpose(-1, -2)).to(acc_dtype(q.dtype)) / d**0.5  # (B, H_kv, g*T, n)
         if t > 1:  # query n-t+a sees keys 0 .. n-t+a
             future = torch.arange(n - t, n, device=q.device).unsqueeze(1) < torch.arange(n, device=q.device)  # (T, n)
             s = s.view(b, hk, g, t, n).masked_fill_(future, float("-inf")).view(b, hk, g * t, n)

@@ -14,22 +14,20 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.merge import acc_dtype
+
 IGNORE = -100
-
-
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """(c, dim) x (V, dim) -> (c, V) logits in fp32 (fp64 for fp64), the matmul in h's dtype."""
-    return (h @ weight.to(h.dtype).t()).to(_acc_dtype(h))
+    return (h @ weight.to(h.dtype).t()).to(acc_dtype(h.dtype))
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk: int):
-        total = torch.zeros((), dtype=_acc_dtype(hidden), device=hidden.device)
+        total = torch.zeros((), dtype=acc_dtype(hidden.dtype), device=hidden.device)
         for a in range(0, hidden.shape[0], chunk):
             logits = _chunk_logits(hidden[a : a + chunk], weight)  # (c, V)
             lab = labels[a : a + chunk]
@@ -44,7 +42,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     def backward(ctx, g):
         hidden, weight, labels = ctx.saved_tensors
         dh = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        dw = torch.zeros(weight.shape, dtype=_acc_dtype(hidden), device=weight.device) if ctx.needs_input_grad[1] else None
+        dw = torch.zeros(weight.shape, dtype=acc_dtype(hidden.dtype), device=weight.device) if ctx.needs_input_grad[1] else None
         w = weight.to(hidden.dtype)
         for a in range(0, hidden.shape[0], ctx.chunk):
             h, lab = hidden[a : a + ctx.chunk], labels[a : a + ctx.chunk]
