@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from ..ops.cached_attention import softmax_over_parts
 from ..ops.merge import acc_dtype
 from ..ops.rope import apply_rope, inv_freq
 from .attention import freq_cos_sin
@@ -201,7 +202,6 @@ class LambdaKVCache:
     def _attend_one(self, qr: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """One query, token i = seen - 1, after its k/v were stored: unmasked. qr: q rotated to i."""
         m, i = self.mask, self.seen - 1
-        b, _, h, d = q.shape
         n_far = max(0, min(m.n_global, i - m.n_local + 1))  # global keys its global branch sees: 0 .. n_far-1
         parts = [(qr, self._lk[:, :, : min(self.seen, m.n_local)], self._lv)]
         if n_far:
@@ -209,34 +209,12 @@ class LambdaKVCache:
             if self._stationary is None or self._stationary[0] != p or self._stationary[1].dtype != q.dtype:
                 self._stationary = (p, *freq_cos_sin(stationary_positions(torch.tensor([i], device=q.device), m), self._freqs, q.dtype))
             parts.append((apply_rope(q, *self._stationary[1:]), self._gk[:, :, :n_far], self._gv))
-        return self._softmax_attention(parts, b, 1, h, d)
-
-    def _softmax_attention(self, parts, b: int, t: int, h: int, d: int, bias: list | None = None) -> torch.Tensor:
-        """One softmax over every (q rotated for the branch, keys, values) part; GQA without copies."""
-        hk = self._lk.shape[1]
-        g = h // hk
-        scale = self._scale(d)
-        adt = acc_dtype(parts[0][0].dtype)
-        scores = []
-        for j, (qq, kk, _) in enumerate(parts):
-            qg = qq.view(b, t, hk, g, d).permute(0, 2, 3, 1, 4).reshape(b, hk, g * t, d)  # (B, H_kv, g*T, D)
-            s = (qg @ kk.transpose(-1, -2)).to(adt) * scale  # (B, H_kv, g*T, n_j)
-            if bias is not None:
-                s = s.view(b, hk, g, t, -1).add_(bias[j]).view(b, hk, g * t, -1)  # bias (T, n_j)
-            scores.append(s)
-        p = torch.softmax(torch.cat(scores, -1) if len(scores) > 1 else scores[0], dim=-1)
-        out, lo = None, 0
-        for (_, _kk, vv), s in zip(parts, scores, strict=True):
-            n = s.shape[-1]
-            o = p[..., lo : lo + n].to(vv.dtype) @ vv[:, :, :n]  # (B, H_kv, g*T, D)
-            out, lo = (o if out is None else out + o), lo + n
-        return out.view(b, hk, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, h, d)  # (B, T, H, D)
+        return softmax_over_parts(parts, scale=self._scale(q.shape[-1]))
 
     def _attend_chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """T > 1 queries (tokens seen .. seen + T - 1) over the ring before their write plus themselves
         (local branch) and the global rows (global branch), with masks from the token indices."""
-        m, s = self.mask, self.seen
-        b, t, h, d = q.shape
+        m, s, t = self.mask, self.seen, q.shape[1]
         qi = torch.arange(s, s + t, device=q.device)
         ri = self._ring_index().to(q.device)
         n_ring = ri.numel()
@@ -251,4 +229,4 @@ class LambdaKVCache:
             keep.append(qi.unsqueeze(1) - torch.arange(n_g, device=q.device) >= m.n_local)
         adt = acc_dtype(q.dtype)
         bias = [torch.zeros(kp.shape, dtype=adt, device=q.device).masked_fill_(~kp, _NEG_INF) for kp in keep]
-        return self._softmax_attention(parts, b, t, h, d, bias)
+        return softmax_over_parts(parts, scale=self._scale(q.shape[-1]), bias=bias)

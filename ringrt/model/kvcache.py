@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from ..distributed.comm import count
 from ..distributed.groups import base_group
+from ..ops.cached_attention import softmax_over_parts
 from ..ops.merge import acc_dtype, empty_accumulator, merge_
 
 
@@ -171,18 +172,14 @@ class FullKVCache:
 
     def __call__(self, q, k, v, *, layer, positions):
         """q (B, T, H, D), k/v (B, T, H_kv, D) rotated -> (B, T, H, D): causal over the cache + the T tokens."""
-        b, t, h, d = q.shape
+        t, d = q.shape[1], q.shape[-1]
         self.load(layer, k, v)
-        n, hk = self.length[layer], k.shape[2]
-        g = h // hk
-        kk, vv = self.k[layer][:, :, :n], self.v[layer][:, :, :n]  # (B, H_kv, n, D)
-        qg = q.view(b, t, hk, g, d).permute(0, 2, 3, 1, 4).reshape(b, hk, g * t, d)  # (B, H_kv, g*T, D)
-        s = (qg @ kk.transpose(-1, -2)).to(acc_dtype(q.dtype)) / d**0.5  # (B, H_kv, g*T, n)
+        n = self.length[layer]
+        bias = None
         if t > 1:  # query n-t+a sees keys 0 .. n-t+a
             future = torch.arange(n - t, n, device=q.device).unsqueeze(1) < torch.arange(n, device=q.device)  # (T, n)
-            s = s.view(b, hk, g, t, n).masked_fill_(future, float("-inf")).view(b, hk, g * t, n)
-        o = torch.softmax(s, dim=-1).to(vv.dtype) @ vv  # (B, H_kv, g*T, D)
-        return o.view(b, hk, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, h, d)  # (B, T, H, D)
+            bias = [torch.zeros(future.shape, dtype=acc_dtype(q.dtype), device=q.device).masked_fill_(future, float("-inf"))]
+        return softmax_over_parts([(q, self.k[layer][:, :, :n], self.v[layer])], scale=d**-0.5, bias=bias)  # (B, T, H, D)
 
     def advance(self) -> None:
         """Nothing to do (the generation loop's protocol): rows are counted per layer."""
