@@ -526,22 +526,22 @@ def tokenring_traffic(rank: int, world: int, causal: bool, layout: str) -> list[
     needs the whole shard) iff s + 1 <= rank, else (causal zigzag) needs only the back half (causal
     contiguous: nothing); non-causal: always the whole shard.
     """
-    n = local_chunks(layout)
     out = []
     for s in range(world):
         o = (rank + s) % world
         block = block_for(o, rank, world, causal, layout)
-        q_rows = None
-        if s < world - 1:
-            if not causal:
-                q_rows = (0, n)
-            elif s + 1 <= rank:
-                q_rows = (0, n)
-            elif layout == "zigzag":
-                q_rows = (1, 2)
         out_rows = block.q_rows if (s > 0 and block is not None) else None
-        out.append((block, q_rows, out_rows, o if out_rows else None))
+        out.append((block, q_rows_sent(rank, s, world, causal, layout), out_rows, o if out_rows else None))
     return out
+
+
+def q_rows_sent(rank: int, s: int, world: int, causal: bool, layout: str) -> Rows | None:
+    """Rows of its own queries ``rank`` sends at step s (to rank - s - 1), or None: O(1)."""
+    if s >= world - 1:
+        return None
+    if not causal or s + 1 <= rank:
+        return (0, local_chunks(layout))
+    return (1, 2) if layout == "zigzag" else None
 
 
 def _tokenring(m, p, world, layout, chunk, share, bwd):
@@ -574,7 +574,7 @@ def _tokenring_rank(m, p, world, layout, chunk, share, bwd, r, pieces, q_chunk_b
     q_out = {}  # peer -> bytes of this rank's queries sent to it
     for s in range(1, world):
         o = (r + s) % world
-        rows_in = tokenring_traffic(o, world, p.causal, layout)[s - 1][1]
+        rows_in = q_rows_sent(o, s - 1, world, p.causal, layout)
         q_in[s] = n_rows(rows_in) * q_chunk_bytes if rows_in else 0.0
         rows_out = mine[s - 1][1]
         if rows_out:
