@@ -125,8 +125,7 @@ def _warm_up(model, attend, cfg: dict, layout: str) -> None:
     world = dist.get_world_size() if dist.is_initialized() else 1
     n = min(cfg["tokens"], WARM_UP * world)
     sh = shard_batch(torch.randint(0, model.config.vocab_size, (1, n + 1), generator=torch.Generator().manual_seed(1)), layout=layout)
-    out = model(sh.input_ids, positions=sh.positions, attend=attend, hidden_only=True, checkpoint=cfg["checkpointing"])
-    chunked_sequence_loss(out, model.lm_head.weight, sh.labels, chunk=max(cfg["loss_chunk"], 1)).backward()
+    _pass(model, attend, sh, cfg)
     model.zero_grad(set_to_none=False)
 
 
